@@ -1,0 +1,1 @@
+"""The GPU worker daemon: wraps an inference engine and serves one worker queue."""

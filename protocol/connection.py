@@ -1,0 +1,45 @@
+"""Open Redis connections from settings (URL, ACL user/password, TLS)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from protocol.settings import CommonSettings
+
+
+def _options(settings: CommonSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
+    if settings.redis_username:
+        options["username"] = settings.redis_username
+    if settings.redis_password:
+        options["password"] = settings.redis_password
+    if settings.redis_url.startswith("rediss://"):
+        if settings.redis_ca_certs:
+            options["ssl_ca_certs"] = settings.redis_ca_certs
+        if settings.redis_certfile:
+            options["ssl_certfile"] = settings.redis_certfile
+        if settings.redis_keyfile:
+            options["ssl_keyfile"] = settings.redis_keyfile
+    return options
+
+
+def connect(settings: CommonSettings) -> redis.Redis:
+    """Open a client that decodes replies to str."""
+    return redis.Redis.from_url(settings.redis_url, **_options(settings))
+
+
+def connect_async(settings: CommonSettings) -> aioredis.Redis:
+    """Open an asyncio client that decodes replies to str."""
+    return aioredis.Redis.from_url(settings.redis_url, **_options(settings))
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Create a consumer group (and its stream) if it does not exist yet."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise

@@ -1,0 +1,21 @@
+"""Defaults shared by every process, each with its unit in the name."""
+
+HEARTBEAT_INTERVAL_S = 0.5  # a worker refreshes telemetry and its alive key this often
+HEARTBEAT_TTL_S = 3.0  # a worker whose alive key expired is dead; its queue is taken back
+JOB_TTL_S = 24 * 3600  # a terminal job hash expires this long after it finished
+REPLY_STREAM_TTL_S = 3600  # a client's reply stream expires when idle this long
+REPLY_STREAM_MAXLEN = 100_000  # approximate cap of one client's unread notices
+COMPLETIONS_MAXLEN = 1_000_000  # safety cap when no dispatcher consumes completions
+LEASE_TTL_MS = 3000  # a dispatcher that stops renewing its lease loses it after this long
+MAX_ATTEMPTS = 3  # a job whose worker died this many times ends failed
+REJECT_RETRY_AFTER_S = 1.0  # retry-after hint for requests shed under overload
+
+# Size limits on what a client controls.
+MAX_PROMPT_CHARS = 2_000_000
+MAX_PROMPT_TOKENS = 262_144
+MAX_OUTPUT_TOKENS = 65_536
+MAX_PREFIX_HASHES = 4096
+MAX_ID_CHARS = 128
+MAX_MODEL_CHARS = 256
+MAX_METADATA_ITEMS = 16
+MAX_METADATA_CHARS = 512

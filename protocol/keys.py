@@ -1,0 +1,92 @@
+"""Every Redis key, stream and group name DIO uses.
+
+All keys share one prefix. The default, ``{dio}:``, is a Redis Cluster hash tag: every key lands
+in the same slot, so the Lua scripts that touch several keys run unchanged on a Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "{dio}:"
+
+# Consumer groups.
+INTAKE_GROUP = "dispatchers"  # on the intake and completions streams
+QUEUE_GROUP = "workers"  # on each worker's queue stream
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Build key names under one prefix.
+
+    Layout (``P`` is the prefix):
+
+    ==============================  ======  ==========================================================
+    key                             type    what it holds
+    ==============================  ======  ==========================================================
+    P intake                        stream  submitted requests (field ``req``: Request JSON)
+    P job:<id>                      hash    a job's status, worker, output, timings, error/reason
+    P reply:<client>                stream  result notices for one client (field ``r``: JobResult)
+    P workers                       set     ids of registered workers
+    P worker:<id>                   hash    a worker's capabilities and live telemetry
+    P alive:<id>                    string  heartbeat, expires after HEARTBEAT_TTL_S
+    P queue:<id>                    stream  jobs handed to one worker (fields ``job``, ``req``)
+    P reserved:<id>                 hash    job id -> KV tokens reserved on that worker
+    P completions                   stream  every terminal job of a worker (field ``c``)
+    P predictor                     hash    worker id -> predictor state JSON
+    P dispatcher:lease              string  the active dispatcher's name, with a TTL
+    P deadletter                    stream  intake entries that could not even be parsed
+    P batch:<id>                    hash    an offline batch job's progress
+    ==============================  ======  ==========================================================
+    """
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def intake(self) -> str:
+        return f"{self.prefix}intake"
+
+    @property
+    def completions(self) -> str:
+        return f"{self.prefix}completions"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    @property
+    def predictor(self) -> str:
+        return f"{self.prefix}predictor"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}dispatcher:lease"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}deadletter"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def reply(self, client_id: str) -> str:
+        return f"{self.prefix}reply:{client_id}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    def alive(self, worker_id: str) -> str:
+        return f"{self.prefix}alive:{worker_id}"
+
+    def queue(self, worker_id: str) -> str:
+        return f"{self.prefix}queue:{worker_id}"
+
+    def reserved(self, worker_id: str) -> str:
+        return f"{self.prefix}reserved:{worker_id}"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}"
+
+    def all_keys_pattern(self) -> str:
+        """Glob matching every key under this prefix (for cleanup in tests and `dio reset`)."""
+        return f"{self.prefix}*".replace("{", "\\{").replace("}", "\\}")

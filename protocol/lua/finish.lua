@@ -1,0 +1,31 @@
+-- finish: write a job's terminal state once, acknowledge its stream entry, notify the client.
+-- A job already terminal is left as it is (a redelivered job cannot produce a second visible
+-- result); its stream entry is still acknowledged so it is not delivered again.
+-- KEYS[1] job hash           KEYS[2] reservations hash of the worker (any key when none)
+-- KEYS[3] stream to ack      KEYS[4] completions stream      KEYS[5] client's reply stream
+-- ARGV[1] group of KEYS[3]   ARGV[2] entry id to ack ('' = none)   ARGV[3] job id
+-- ARGV[4] job TTL seconds    ARGV[5] completion JSON ('' = none)   ARGV[6] notice JSON ('' = none)
+-- ARGV[7] reply stream max length   ARGV[8] reply stream TTL seconds   ARGV[9] completions max length
+-- ARGV[10..] field, value pairs for the job hash (must include 'status')
+-- Returns 1 written, 0 already terminal.
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[3], ARGV[2])
+end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'completed' or status == 'rejected' or status == 'failed' or status == 'cancelled' then
+  return 0
+end
+local fields = {}
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('HDEL', KEYS[2], ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'c', ARGV[5])
+end
+if ARGV[6] ~= '' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'r', ARGV[6])
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[8]))
+end
+return 1
