@@ -1,0 +1,66 @@
+"""Errors the client SDK raises; each job outcome other than ``completed`` has its own."""
+
+from __future__ import annotations
+
+from protocol.models import JobResult
+
+
+class DIOError(Exception):
+    """Base class of every error the DIO client raises."""
+
+
+class JobError(DIOError):
+    """A job ended without an output; ``result`` holds its terminal state."""
+
+    def __init__(self, result: JobResult, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+
+    @property
+    def job_id(self) -> str:
+        return self.result.id
+
+
+class JobRejected(JobError):
+    """DIO refused the job (invalid, cannot fit, or shed under overload); retrying may help."""
+
+    def __init__(self, result: JobResult) -> None:
+        self.reason = result.reason or "no reason given"
+        self.retry_after_s = result.retry_after_s
+        hint = f"; retry after {self.retry_after_s:g} s" if self.retry_after_s is not None else ""
+        super().__init__(result, f"job {result.id} rejected: {self.reason}{hint}")
+
+
+class JobFailed(JobError):
+    """The job was accepted but its worker could not finish it."""
+
+    def __init__(self, result: JobResult) -> None:
+        self.error = result.error or "unknown error"
+        where = f" on worker {result.worker}" if result.worker else ""
+        super().__init__(result, f"job {result.id} failed{where}: {self.error}")
+
+
+class JobCancelled(JobError):
+    """The job was cancelled before it finished."""
+
+    def __init__(self, result: JobResult) -> None:
+        why = f": {result.reason}" if result.reason else ""
+        super().__init__(result, f"job {result.id} was cancelled{why}")
+
+
+class ResultTimeout(DIOError, TimeoutError):
+    """No terminal state arrived within the timeout; the job may still finish later."""
+
+    def __init__(self, job_id: str, timeout_s: float, status: str | None) -> None:
+        self.job_id = job_id
+        self.timeout_s = timeout_s
+        self.status = status
+        super().__init__(f"job {job_id} not finished after {timeout_s:g} s (status: {status or 'unknown'})")
+
+
+class JobNotFound(DIOError, LookupError):
+    """The job hash does not exist: the id is unknown, or its result expired."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} not found (unknown id, or its result expired)")

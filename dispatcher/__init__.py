@@ -1,0 +1,1 @@
+"""The dispatcher: reads the intake stream, predicts, admits, and routes each request."""

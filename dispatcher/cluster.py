@@ -1,0 +1,115 @@
+"""The dispatcher's view of the workers, as parallel numpy arrays (pure: no I/O).
+
+One row per known worker. The service refreshes capabilities and telemetry from Redis and keeps
+``reserved_kv`` / ``outstanding`` current as it dispatches and as completions come back; filters,
+scorers and pickers read the arrays, so one decision costs a few vector operations whatever the
+number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dispatcher.nlms import Predictor, make_predictor
+from protocol.models import WorkerInfo, WorkerTelemetry
+
+
+@dataclass
+class Cluster:
+    predictor_kind: str = "rls"
+    ids: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    infos: list[WorkerInfo] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.predictor: Predictor = make_predictor(self.predictor_kind)
+        self.model = np.zeros(0, dtype=object)
+        self.kv_capacity = np.zeros(0, dtype=np.int64)  # KV tokens the engine can hold
+        self.max_model_len = np.zeros(0, dtype=np.int64)
+        self.slots = np.zeros(0, dtype=np.int64)  # sequences the engine runs at once
+        self.time_scale = np.zeros(0)
+        self.reserved_kv = np.zeros(0, dtype=np.int64)  # KV tokens of jobs sent, not yet ended
+        self.outstanding = np.zeros(0, dtype=np.int64)  # jobs sent, not yet ended
+        self.alive = np.zeros(0, dtype=bool)
+        self.draining = np.zeros(0, dtype=bool)
+        self.running = np.zeros(0, dtype=np.int64)
+        self.waiting = np.zeros(0, dtype=np.int64)
+        self.kv_usage = np.zeros(0)
+        self.service_ms = np.zeros(0)  # recent mean service time, for queue-wait estimates
+        # Per-worker reservations by job id, so a completion releases exactly what was reserved.
+        self.reservations: list[dict[str, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    _ARRAYS = ("model", "kv_capacity", "max_model_len", "slots", "time_scale", "reserved_kv", "outstanding",
+               "alive", "draining", "running", "waiting", "kv_usage", "service_ms")
+
+    def upsert(self, info: WorkerInfo) -> int:
+        """Add a worker or refresh its capabilities; return its row."""
+        row = self.index.get(info.id)
+        if row is None:
+            row = len(self.ids)
+            self.ids.append(info.id)
+            self.index[info.id] = row
+            self.infos.append(info)
+            self.reservations.append({})
+            for name in self._ARRAYS:
+                arr = getattr(self, name)
+                setattr(self, name, np.append(arr, np.zeros(1, dtype=arr.dtype)))
+            self.predictor.add_row()
+        self.infos[row] = info
+        self.model[row] = info.model
+        self.kv_capacity[row] = info.kv_capacity_tokens
+        self.max_model_len[row] = info.max_model_len
+        self.slots[row] = info.max_num_seqs
+        self.time_scale[row] = info.time_scale
+        return row
+
+    def remove(self, worker_id: str) -> None:
+        """Forget a worker (its jobs were taken back)."""
+        row = self.index.pop(worker_id)
+        del self.ids[row]
+        del self.infos[row]
+        del self.reservations[row]
+        for name in self._ARRAYS:
+            setattr(self, name, np.delete(getattr(self, name), row))
+        self.predictor.remove_row(row)
+        self.index = {wid: i for i, wid in enumerate(self.ids)}
+
+    def set_telemetry(self, row: int, telemetry: WorkerTelemetry, alive: bool) -> None:
+        self.alive[row] = alive
+        self.draining[row] = telemetry.draining
+        self.running[row] = telemetry.running
+        self.waiting[row] = telemetry.waiting
+        self.kv_usage[row] = telemetry.kv_usage
+
+    def reserve(self, row: int, job_id: str, kv_tokens: int) -> None:
+        """Count a job sent to a worker until its completion comes back."""
+        self.reservations[row][job_id] = kv_tokens
+        self.reserved_kv[row] += kv_tokens
+        self.outstanding[row] += 1
+
+    def release(self, row: int, job_id: str) -> bool:
+        """Release a finished job's reservation; False if it was not held (already released)."""
+        kv_tokens = self.reservations[row].pop(job_id, None)
+        if kv_tokens is None:
+            return False
+        self.reserved_kv[row] -= kv_tokens
+        self.outstanding[row] -= 1
+        return True
+
+    def sync_reservations(self, row: int, held: dict[str, int]) -> None:
+        """Replace a worker's reservations with the ones Redis holds (the source of truth)."""
+        self.reservations[row] = dict(held)
+        self.reserved_kv[row] = sum(held.values())
+        self.outstanding[row] = len(held)
+
+    def learn(self, row: int, prompt_tokens: int, output_tokens: int, service_ms: float) -> float:
+        """Feed one completion to the worker's predictor; return the prediction error (ms)."""
+        alpha = 0.1
+        previous = self.service_ms[row]
+        self.service_ms[row] = service_ms if previous == 0 else (1 - alpha) * previous + alpha * service_ms
+        return self.predictor.update(row, prompt_tokens, output_tokens, service_ms)

@@ -1,0 +1,69 @@
+"""Named routing policies, each one composition of filters, scorers and a picker.
+
+``dio`` is DIO's policy; the others are the baselines the benchmarks compare it with. They share
+the liveness, model and queue-bound filters; only DIO adds roofline admission and its scorers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dispatcher import filters, pickers, scorers
+from dispatcher.prefix import PrefixIndex
+from dispatcher.scheduling import Scheduler
+
+
+def _common(prefetch: int) -> list:
+    return [filters.ServesModel(), filters.Alive(), filters.QueueBound(prefetch)]
+
+
+def dio(prefetch: int = 2, prefix_index: PrefixIndex | None = None, seed: int | None = None) -> Scheduler:
+    """NLMS latency + queue wait + KV headroom + deadline + prefix affinity, under roofline admission."""
+    index = prefix_index if prefix_index is not None else PrefixIndex()
+    return Scheduler(
+        name="dio",
+        filters=[filters.ServesModel(), filters.FitsWhenIdle(), filters.Alive(), filters.KvAdmission(),
+                 filters.QueueBound(prefetch)],
+        scorers=[(scorers.PredictedLatency(), 1.0), (scorers.QueueWait(), 1.0), (scorers.KvHeadroom(), 1.0),
+                 (scorers.DeadlineFeasibility(), 1.0), (scorers.PrefixAffinity(index), 1.0)],
+        picker=pickers.MinCost(seed),
+    )
+
+
+def round_robin(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
+    return Scheduler("round-robin", _common(prefetch), [], pickers.RoundRobin())
+
+
+def random(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
+    return Scheduler("random", _common(prefetch), [], pickers.Random(seed))
+
+
+def least_loaded(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
+    return Scheduler("least-loaded", _common(prefetch), [(scorers.Outstanding(), 1.0)], pickers.MinCost(seed))
+
+
+def power_of_two(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
+    return Scheduler("power-of-two", _common(prefetch), [(scorers.Outstanding(), 1.0)], pickers.PowerOfTwo(seed))
+
+
+def queue_kv(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
+    return Scheduler("queue-kv", _common(prefetch), [(scorers.QueueAndKv(), 1.0)], pickers.MinCost(seed))
+
+
+POLICIES: dict[str, Callable[..., Scheduler]] = {
+    "dio": dio,
+    "round-robin": round_robin,
+    "random": random,
+    "least-loaded": least_loaded,
+    "power-of-two": power_of_two,
+    "queue-kv": queue_kv,
+}
+
+
+def make_policy(name: str, **options: object) -> Scheduler:
+    """Build a policy by name (see ``POLICIES``)."""
+    try:
+        factory = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+    return factory(**options)

@@ -1,0 +1,100 @@
+"""The routing step: filters, then scorers, then a picker (pure: no I/O).
+
+Every policy — DIO's and the baselines — is one ``Scheduler`` built from these pieces, so a
+benchmark compares policies, not code paths:
+
+* a **filter** keeps the workers a request may go to. A *permanent* filter removes workers that
+  can never serve it (wrong model, too small even when idle): if none is left the request is
+  rejected at once. A *transient* filter removes workers that cannot take it now (dead, full):
+  if none is left the request waits in the backlog.
+* a **scorer** returns a cost per remaining worker, in milliseconds of expected latency (lower is
+  better); the scheduler adds the scorers' costs times their weights.
+* a **picker** chooses one worker from the candidates and their total cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dispatcher.cluster import Cluster
+from protocol.models import Request
+
+
+@dataclass
+class Decision:
+    """The outcome of routing one request."""
+
+    row: int | None = None  # chosen worker row
+    wait: bool = False  # nothing fits now: keep it in the backlog
+    reason: str | None = None  # why it waits or is rejected
+    predicted_ms: float | None = None  # the predictor's latency for the chosen worker
+
+    @property
+    def reject(self) -> bool:
+        return self.row is None and not self.wait
+
+
+class Filter:
+    """Keep the workers a request may go to. ``mask`` returns one bool per worker row."""
+
+    name = "filter"
+    permanent = False
+
+    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def explain(self, request: Request, cluster: Cluster) -> str:
+        return f"no worker passes {self.name}"
+
+
+class Scorer:
+    """Cost of sending a request to each candidate row, in milliseconds (lower is better)."""
+
+    name = "scorer"
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Picker:
+    """Choose one row among the candidates (``rows``) given their total cost."""
+
+    name = "picker"
+
+    def pick(self, rows: np.ndarray, cost: np.ndarray, cluster: Cluster) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class Scheduler:
+    """One routing policy: filters → weighted scorers → picker."""
+
+    name: str
+    filters: list[Filter]
+    scorers: list[tuple[Scorer, float]]
+    picker: Picker
+    predictor_scorer: Scorer | None = None  # reports predicted_ms (for the predictor-error metric)
+    _last_reject: dict = field(default_factory=dict)
+
+    def decide(self, request: Request, cluster: Cluster, now: float) -> Decision:
+        """Route one request: a worker row, wait, or reject with a reason."""
+        if len(cluster) == 0:
+            return Decision(wait=True, reason="no worker registered yet")
+        keep = np.ones(len(cluster), dtype=bool)
+        for f in self.filters:
+            passed = keep & f.mask(request, cluster, now)
+            if not passed.any():
+                reason = f.explain(request, cluster)
+                return Decision(wait=not f.permanent, reason=reason)
+            keep = passed
+        rows = np.flatnonzero(keep)
+        total = np.zeros(len(rows))
+        for scorer, weight in self.scorers:
+            total += weight * scorer.cost(request, cluster, rows, now)
+        row = self.picker.pick(rows, total, cluster)
+        predicted = None
+        if cluster.predictor.seen[row] > 0:
+            predicted = cluster.predictor.predict(row, request.prompt_tokens, request.max_tokens)
+        return Decision(row=int(row), predicted_ms=predicted)

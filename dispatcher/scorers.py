@@ -1,0 +1,141 @@
+"""Scorers: the cost, in milliseconds, of sending a request to each candidate worker."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dispatcher.cluster import Cluster
+from dispatcher.prefix import PrefixIndex
+from dispatcher.scheduling import Scorer
+from protocol.models import Request
+
+INFEASIBLE_MS = 1e6  # added to a worker that would miss the request's deadline
+
+
+def predicted_ms(request: Request, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
+    """The NLMS latency of the request on each row; cold rows get the warm rows' mean.
+
+    A cold worker (no completion yet) is neither shunned nor flooded: it is priced like an
+    average worker, so it receives traffic and its predictor warms up.
+    """
+    pred = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens)[rows]
+    warm = cluster.predictor.seen[rows] > 0
+    if not warm.all():
+        pred[~warm] = pred[warm].mean() if warm.any() else 0.0
+    return np.maximum(pred, 0.0)
+
+
+class PredictedLatency(Scorer):
+    """Algorithm 1's first term: predicted service latency on the worker."""
+
+    name = "predicted-latency"
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        return predicted_ms(request, cluster, rows)
+
+
+class QueueWait(Scorer):
+    """Algorithm 1's second term: time until the worker can start the request.
+
+    A worker runs ``slots`` sequences at once, fewer when its KV cache holds fewer requests of
+    this size; jobs beyond that wait for a slot, each slot freeing after about one service time.
+    """
+
+    name = "queue-wait"
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        kv_slots = cluster.kv_capacity[rows] // max(request.kv_tokens, 1)
+        slots = np.maximum(np.minimum(cluster.slots[rows], kv_slots), 1)
+        ahead = np.maximum(cluster.outstanding[rows] + 1 - slots, 0)
+        service = cluster.service_ms[rows]
+        if (service == 0).any():
+            service = np.where(service == 0, predicted_ms(request, cluster, rows), service)
+        return ahead * service / slots
+
+
+class KvHeadroom(Scorer):
+    """Soft penalty as a worker's KV headroom shrinks past 80% reserved.
+
+    Near-full workers preempt and thrash when estimates are off; the penalty grows to half the
+    predicted latency at 100%, steering work elsewhere before the hard admission limit bites.
+    """
+
+    name = "kv-headroom"
+    START = 0.8
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        capacity = np.maximum(cluster.kv_capacity[rows], 1)
+        usage = (cluster.reserved_kv[rows] + request.kv_tokens) / capacity
+        over = np.clip((usage - self.START) / (1 - self.START), 0.0, 1.0)
+        return 0.5 * over * predicted_ms(request, cluster, rows)
+
+
+class DeadlineFeasibility(Scorer):
+    """Penalty for a worker whose predicted finish misses the request's deadline."""
+
+    name = "deadline"
+
+    def __init__(self) -> None:
+        self.wait = QueueWait()
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        deadline = request.deadline_at
+        if deadline is None:
+            return np.zeros(len(rows))
+        finish_ms = predicted_ms(request, cluster, rows) + self.wait.cost(request, cluster, rows, now)
+        remaining_ms = (deadline - now) * 1000.0
+        return np.where(finish_ms > remaining_ms, INFEASIBLE_MS, 0.0)
+
+
+class PrefixAffinity(Scorer):
+    """Bonus (negative cost) for a worker that probably caches the request's prompt prefix.
+
+    The bonus is the prefill time the cached blocks save, as the worker's own predictor prices
+    prompt tokens — never more. Load terms keep growing with a hot worker's queue, so a popular
+    prefix spreads to a second worker once queueing costs more than the prefill it saves.
+    """
+
+    name = "prefix-affinity"
+
+    def __init__(self, index: PrefixIndex, block_tokens: int = 512) -> None:
+        self.index = index
+        self.block_tokens = block_tokens
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        if not request.prefix_hashes:
+            return np.zeros(len(rows))
+        matched = self.index.matched_blocks(request.prefix_hashes, cluster.ids, rows)
+        if not matched.any():
+            return np.zeros(len(rows))
+        cached = np.minimum(matched * self.block_tokens, request.prompt_tokens)
+        return -cached * self._prompt_ms_per_token(request, cluster, rows)
+
+    @staticmethod
+    def _prompt_ms_per_token(request: Request, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
+        with_prompt = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens)[rows]
+        without = cluster.predictor.predict_all(0, request.max_tokens)[rows]
+        return np.maximum(with_prompt - without, 0.0) / max(request.prompt_tokens, 1)
+
+
+class Outstanding(Scorer):
+    """Least-loaded: the number of jobs sent to the worker and not yet ended."""
+
+    name = "outstanding"
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        return cluster.outstanding[rows].astype(float)
+
+
+class QueueAndKv(Scorer):
+    """The Kubernetes inference gateway's default: queue depth and KV utilisation, each in [0, 1].
+
+    Both are normalised across the candidates like the gateway's scorers (score 1 − x/max), and
+    summed with equal weights; it is load-aware but blind to how fast each GPU is.
+    """
+
+    name = "queue-kv"
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        queue = np.maximum(cluster.outstanding[rows] - cluster.running[rows], cluster.waiting[rows])
+        queue_norm = queue / max(queue.max(), 1)
+        return queue_norm + cluster.kv_usage[rows]

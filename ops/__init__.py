@@ -1,0 +1,1 @@
+"""Operations around DIO: a private Redis, workload traces, benchmark statistics and machine facts."""

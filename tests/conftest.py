@@ -1,0 +1,50 @@
+"""Shared fixtures: a real Redis under a unique key prefix, cleaned up after each test.
+
+Integration tests use the server at ``DIO_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``)
+and are skipped when none answers. Every test gets its own prefix, a Cluster hash tag such as
+``{t1a2b3c4d}:``, so tests never see each other's keys and can run against a shared server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from protocol.keys import Keys
+from protocol.settings import CommonSettings
+
+TEST_REDIS_URL = os.environ.get("DIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Return the test server's URL, or skip when no Redis answers there."""
+    try:
+        redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {TEST_REDIS_URL}: {exc}")
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """Yield a unique key prefix; delete every key under it after the test."""
+    prefix = f"{{t{uuid.uuid4().hex[:8]}}}:"
+    yield prefix
+    conn = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(conn.scan_iter(match=Keys(prefix).all_keys_pattern(), count=1000))
+        for start in range(0, len(keys), 500):
+            conn.delete(*keys[start:start + 500])
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def settings(redis_url: str, redis_prefix: str) -> CommonSettings:
+    """Settings pointing at the test server and prefix (extend with ``Cls(**settings.model_dump())``)."""
+    return CommonSettings(redis_url=redis_url, key_prefix=redis_prefix)
