@@ -23,6 +23,10 @@ TERMINAL_FIELDS = (
 )
 
 
+def _stamp(now: float | None) -> str:
+    return repr(now if now is not None else time.time())
+
+
 def _load(name: str) -> str:
     return resources.files("protocol").joinpath("lua", f"{name}.lua").read_text()
 
@@ -36,18 +40,22 @@ class Scripts:
         self._finish = client.register_script(_load("finish"))
         self._start = client.register_script(_load("start"))
         self._requeue = client.register_script(_load("requeue"))
+        self._lease = client.register_script(_load("lease"))
+
+    def lease(self, pipe: Any, name: str, ttl_ms: int) -> Any:
+        return self._lease(keys=[self.keys.lease], args=[name, ttl_ms], client=pipe)
 
     def handoff(self, pipe: Any, entry_id: str, job_id: str, worker_id: str, request_json: str,
                 kv_tokens: int, now: float | None = None) -> Any:
         k = self.keys
         return self._handoff(
             keys=[k.intake, k.queue(worker_id), k.job(job_id), k.reserved(worker_id)],
-            args=[INTAKE_GROUP, entry_id, job_id, worker_id, request_json, kv_tokens, repr(now or time.time())],
+            args=[INTAKE_GROUP, entry_id, job_id, worker_id, request_json, kv_tokens, _stamp(now)],
             client=pipe,
         )
 
     def start(self, pipe: Any, job_id: str, worker_id: str, now: float | None = None) -> Any:
-        return self._start(keys=[self.keys.job(job_id)], args=[worker_id, repr(now or time.time())], client=pipe)
+        return self._start(keys=[self.keys.job(job_id)], args=[worker_id, _stamp(now)], client=pipe)
 
     def requeue(self, pipe: Any, worker_id: str, entry_id: str, job_id: str, request_json: str) -> Any:
         k = self.keys

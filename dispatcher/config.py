@@ -1,0 +1,29 @@
+"""The dispatcher's settings (environment variables ``DIO_<FIELD>``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+
+from protocol import defaults as d
+from protocol.settings import CommonSettings
+
+
+class DispatcherSettings(CommonSettings):
+    policy: str = "dio"  # dio | round-robin | random | least-loaded | power-of-two | queue-kv
+    predictor: str = "rls"  # seed | vector | rls (see dispatcher/nlms.py)
+    dispatcher_name: str = Field(default_factory=lambda: f"dispatcher-{socket.gethostname()}-{os.getpid()}")
+    read_count: int = 1024  # intake entries read per round trip
+    block_ms: int = 50  # longest wait for new work when idle
+    prefetch: int = 2  # jobs queued at a worker beyond the sequences its engine runs
+    max_backlog: int = 100_000  # requests held waiting for capacity; beyond it new ones are shed
+    max_wait_s: float = 60.0  # an interactive request without a deadline waits at most this long
+    batch_age_s: float = 30.0  # a batch request waiting this long is served like an interactive one
+    worker_refresh_s: float = 0.25
+    persist_interval_s: float = 2.0
+    reservation_sync_s: float = 5.0
+    lease_ttl_ms: int = d.LEASE_TTL_MS
+    job_ttl_s: float = d.JOB_TTL_S
+    seed: int | None = None

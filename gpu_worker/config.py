@@ -1,0 +1,36 @@
+"""The worker daemon's settings (environment variables ``DIO_<FIELD>``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from protocol import defaults as d
+from protocol.settings import CommonSettings
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(CommonSettings):
+    worker_id: str | None = None  # default: <engine>-<gpu>-<host>-<pid>
+    engine: str = "sim"  # sim | vllm | instant
+    # Simulated engine.
+    profile: str = "H100-80GB"
+    model: str = "llama-3.2-3b"
+    time_scale: float = 1.0
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    kv_capacity_tokens: int | None = None  # override the computed KV capacity (tests, what-ifs)
+    # vLLM engine.
+    enforce_eager: bool = True
+    load_format: str = "auto"
+    # Daemon.
+    heartbeat_interval_s: float = d.HEARTBEAT_INTERVAL_S
+    heartbeat_ttl_s: float = d.HEARTBEAT_TTL_S
+    read_block_ms: int = 100
+    job_ttl_s: float = d.JOB_TTL_S
+    drain_timeout_s: float = 300.0
