@@ -40,9 +40,7 @@ def redis_server_info(client: redis.Redis) -> dict[str, Any]:
 def _git(*args: str) -> str | None:
     """Run git in the repository and return its stripped output, or None if that fails."""
     try:
-        done = subprocess.run(
-            ["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=GIT_TIMEOUT_S
-        )
+        done = subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None

@@ -56,9 +56,7 @@ def met_slo(latencies: Sequence[float | None], deadlines: float | Sequence[float
     return np.isfinite(lat) & (lat <= ddl)
 
 
-def slo_attained(
-    latencies: Sequence[float | None], deadlines: float | Sequence[float | None]
-) -> float | None:
+def slo_attained(latencies: Sequence[float | None], deadlines: float | Sequence[float | None]) -> float | None:
     """Return the fraction of requests that finished within their deadline (None if no requests)."""
     if len(latencies) == 0:
         return None

@@ -10,10 +10,10 @@ Three formats (``fmt``), detected from the first line:
   arrivals come from a Poisson process (``rate``) or from another trace (``arrivals``).
 
 Arrival times are seconds after the first request, sorted. Output token counts below 1 are
-clamped to 1: none of the traces shipped with DIO has one (the smallest is 5 in the length-only
-files, 6 in Azure code, 7 in Azure conversation, 1 in Mooncake), but other dumps of these traces
-record cancelled or failed requests as 0 generated tokens, and an engine needs ``max_tokens >= 1``
-to serve the request at all.
+clamped to 1. None of the public traces DIO benchmarks on has one (the smallest output is 1 in Mooncake, 2 in
+ShareGPT, 5 in arXiv, 6 in Azure code, 7 in Azure conversation), so the clamp only guards other
+dumps and hand-written files: a request must generate at least one token to be served at all
+(vLLM rejects ``max_tokens=0``), and dropping the row would shift every later arrival's index.
 """
 
 from __future__ import annotations
@@ -241,10 +241,23 @@ class TraceStats:
     output_mean: float | None
     output_p50: float | None
     output_p99: float | None
+    prefix_block_reuse: float | None = None  # share of prefix blocks seen earlier (Mooncake)
+
+
+def prefix_block_reuse(trace: Trace) -> float | None:
+    """Return the share of prefix blocks already seen in an earlier request (None without ids)."""
+    seen: set[int] = set()
+    total = hits = 0
+    for request in trace:
+        for block in request.prefix_hashes or ():
+            total += 1
+            hits += block in seen
+            seen.add(block)
+    return hits / total if total else None
 
 
 def trace_stats(trace: Trace) -> TraceStats:
-    """Return count, duration, mean rate, inter-arrival CV and prompt/output mean, p50, p99."""
+    """Return count, duration, mean rate, inter-arrival CV, prompt/output mean, p50, p99, reuse."""
     arrivals = np.asarray([r.arrival_s for r in trace], dtype=float)
     gaps = np.diff(arrivals)
     cv = float(gaps.std() / gaps.mean()) if gaps.size and gaps.mean() > 0 else None
@@ -261,6 +274,7 @@ def trace_stats(trace: Trace) -> TraceStats:
         output_mean=float(np.mean(outputs)) if trace else None,
         output_p50=percentile(outputs, 50),
         output_p99=percentile(outputs, 99),
+        prefix_block_reuse=prefix_block_reuse(trace),
     )
 
 

@@ -1,0 +1,41 @@
+"""DIO's client SDK: submit LLM requests, wait for results, run offline batches.
+
+    from client import Client
+
+    with Client(redis_url="redis://localhost:6379/0") as dio:
+        print(dio.submit("Hello", max_tokens=32).result(timeout=60).output)
+"""
+
+from client.aio import AsyncClient, AsyncJobHandle
+from client.client import Client
+from client.exceptions import (
+    DIOError,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    JobNotFound,
+    JobRejected,
+    ResultTimeout,
+)
+from client.handle import JobHandle
+from client.settings import ClientSettings
+from protocol.models import JobResult, JobStatus, Request, Tier
+
+__all__ = [
+    "AsyncClient",
+    "AsyncJobHandle",
+    "Client",
+    "ClientSettings",
+    "DIOError",
+    "JobCancelled",
+    "JobError",
+    "JobFailed",
+    "JobHandle",
+    "JobNotFound",
+    "JobRejected",
+    "JobResult",
+    "JobStatus",
+    "Request",
+    "ResultTimeout",
+    "Tier",
+]

@@ -1,0 +1,312 @@
+"""AsyncClient: the asyncio SDK, with the same API as Client (``await`` where Client blocks).
+
+One reply stream and one reader task per client, exactly as in the sync client::
+
+    async with AsyncClient() as client:
+        handle = await client.submit("Hello")
+        print((await handle.result(timeout=30)).output)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from client.client import CLIENT_NAME_PREFIX, resolve_settings, submit_fields
+from client.exceptions import JobNotFound, ResultTimeout
+from client.jobs import build_request, cancelled_result, check_unique, is_terminal, outcome, parse_job, queue_submit
+from client.mailbox import Mailbox
+from client.reader import RETRY_DELAY_S, WAKE_FIELD, parse_notice
+from client.settings import POLLED_HASHES_PER_S, READER_BATCH, READER_BLOCK_MS, ClientSettings
+from protocol.connection import connect_async
+from protocol.models import JobResult, JobStatus, Request, Tier
+from protocol.scripts import Scripts
+
+log = logging.getLogger(__name__)
+
+
+def _new_future() -> asyncio.Future:
+    return asyncio.get_running_loop().create_future()
+
+
+class AsyncJobHandle:
+    """One submitted job of an AsyncClient."""
+
+    def __init__(self, client: AsyncClient, request: Request, future: asyncio.Future) -> None:
+        self.request = request
+        self.future = future
+        self._client = client
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def __repr__(self) -> str:
+        return f"<AsyncJobHandle {self.id} {'done' if self.future.done() else 'pending'}>"
+
+    async def result(self, timeout: float | None = None, *, raise_on_error: bool = True) -> JobResult:
+        """Wait for the job's terminal state; same contract as ``JobHandle.result``."""
+        return outcome(await self._client._wait(self, timeout), raise_on_error)
+
+    async def status(self) -> JobStatus | None:
+        """Return the job's current status (None when its hash is gone)."""
+        if self.future.done() and self.future.exception() is None:
+            return self.future.result().status
+        return await self._client.status(self.id)
+
+    async def done(self) -> bool:
+        """Tell whether the job has reached a terminal state (does not wait)."""
+        if self.future.done():
+            return True
+        status = await self._client.status(self.id)
+        return status is not None and status.terminal
+
+    async def cancel(self) -> bool:
+        """Cancel the job unless it already ended; return True when this call cancelled it."""
+        return await self._client.cancel(self.id)
+
+
+class AsyncClient:
+    """Submit requests to DIO and collect their results from asyncio code."""
+
+    def __init__(self, settings: ClientSettings | None = None, *, redis_url: str | None = None,
+                 key_prefix: str | None = None) -> None:
+        self.settings = resolve_settings(settings, redis_url, key_prefix)
+        self.keys = self.settings.keys
+        self.client_id = uuid.uuid4().hex
+        self.reply_stream = self.keys.reply(self.client_id)
+        self.redis = connect_async(self.settings)
+        self.redis.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME_PREFIX + self.client_id
+        self._scripts = Scripts(self.redis, self.keys)  # type: ignore[arg-type]  # async scripts work alike
+        self._mailbox: Mailbox[asyncio.Future] = Mailbox(_new_future)
+        self._reader: asyncio.Task | None = None
+        self._stopping = False
+        self._closed = False
+
+    # --- context manager -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the reader task, delete the reply stream and close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._stop_reader()
+        with contextlib.suppress(redis.RedisError):
+            await self.redis.delete(self.reply_stream)  # else it expires on its own
+        await self.redis.aclose()
+
+    async def _stop_reader(self, timeout_s: float = 2.0) -> None:
+        if self._reader is None:
+            return
+        self._stopping = True
+        with contextlib.suppress(redis.RedisError):
+            await self.redis.xadd(self.reply_stream, {WAKE_FIELD: "1"})
+        try:
+            await asyncio.wait_for(self._reader, timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+
+    # --- submission -------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        ignore_eos: bool | None = None,
+        tier: Tier | str | None = None,
+        deadline_ms: float | None = None,
+        num_prompt_tokens: int | None = None,
+        prefix_hashes: list[int] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        id: str | None = None,
+    ) -> AsyncJobHandle:
+        """Submit one request; same arguments as ``Client.submit``."""
+        data = submit_fields(
+            prompt, prompt_token_ids=prompt_token_ids, model=model, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tier=tier,
+            deadline_ms=deadline_ms, num_prompt_tokens=num_prompt_tokens, prefix_hashes=prefix_hashes,
+            metadata=dict(metadata) if metadata is not None else None, id=id,
+        )
+        return (await self.submit_many([data]))[0]
+
+    async def submit_request(self, request: Request) -> AsyncJobHandle:
+        """Submit a ready Request (its reply address defaults to this client)."""
+        return (await self.submit_many([request]))[0]
+
+    async def submit_many(self, requests: Iterable[Request | Mapping[str, Any]]) -> list[AsyncJobHandle]:
+        """Submit many requests, ``submit_chunk`` per round trip; same contract as the sync one."""
+        reqs = [build_request(self.settings, self.client_id, item) for item in requests]
+        check_unique(reqs)
+        self._ensure_reader()
+        handles: list[AsyncJobHandle] = []
+        step = self.settings.submit_chunk
+        for start in range(0, len(reqs), step):
+            handles += await self._submit_chunk(reqs[start:start + step])
+        return handles
+
+    async def _submit_chunk(self, reqs: list[Request]) -> list[AsyncJobHandle]:
+        handles = [AsyncJobHandle(self, req, self._mailbox.expect(req.id)) for req in reqs]
+        pipe = self.redis.pipeline(transaction=False)
+        for req in reqs:
+            queue_submit(pipe, self.keys, req)
+        try:
+            await pipe.execute()
+        except redis.RedisError as exc:
+            for handle in handles:
+                self._mailbox.settle(handle.id, exc, handle.future)
+            raise
+        return handles
+
+    def _ensure_reader(self) -> None:
+        if self._closed:
+            raise RuntimeError("this AsyncClient is closed")
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    async def _read_replies(self) -> None:
+        """Deliver the notices of the reply stream to the mailbox until the client closes."""
+        last_id = "0-0"  # the stream is private: everything on it is ours
+        while not self._stopping:
+            try:
+                replies = await self.redis.xread({self.reply_stream: last_id}, count=READER_BATCH,
+                                                 block=READER_BLOCK_MS)
+                last_id = await self._consume(replies, last_id)
+            except redis.RedisError as exc:
+                # Notices wait in the stream; waiters poll job hashes meanwhile, so nothing is lost.
+                log.warning("reply reader on %s: %s; retrying in %.0f s", self.reply_stream, exc, RETRY_DELAY_S)
+                await asyncio.sleep(RETRY_DELAY_S)
+
+    async def _consume(self, replies: list | None, last_id: str) -> str:
+        for _stream, entries in replies or []:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                result = parse_notice(entry_id, fields)
+                if result is not None:
+                    self._mailbox.deliver(result)
+            if entries:
+                await self.redis.xtrim(self.reply_stream, minid=last_id, approximate=False)
+        return last_id
+
+    # --- reading and cancelling jobs -------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobResult | None:
+        """Read a job's current state from its hash (None when the id is unknown or expired)."""
+        return parse_job(job_id, await self.redis.hgetall(self.keys.job(job_id)))
+
+    async def status(self, job_id: str) -> JobStatus | None:
+        """Return a job's current status, or None when its hash is gone."""
+        raw = await self.redis.hget(self.keys.job(job_id), "status")
+        return None if raw is None else JobStatus(raw)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not ended; same contract as ``Client.cancel``."""
+        status, reply_to, worker = await self.redis.hmget(self.keys.job(job_id), ["status", "reply_to", "worker"])
+        if status is None or is_terminal(status):
+            return False
+        result = cancelled_result(job_id, worker)
+        notify = None if reply_to == self.client_id else reply_to
+        written = await self._scripts.finish(self.redis, result, notify)
+        if written:
+            self._mailbox.settle(job_id, result)
+        return bool(written)
+
+    # --- waiting ----------------------------------------------------------------------------------
+
+    async def _wait(self, handle: AsyncJobHandle, timeout: float | None) -> JobResult:
+        """Wait for one handle: its notice, or the job hash polled every ``poll_interval_s``."""
+        timeout = self.settings.result_timeout_s if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not handle.future.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(handle.future), self._next_wait(deadline))
+                break
+            except TimeoutError:
+                pass
+            status = (await self.poll([handle]))[0]
+            if not handle.future.done() and deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(handle.id, timeout, status)
+        return handle.future.result()
+
+    def _next_wait(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.settings.poll_interval_s
+        return max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))
+
+    async def poll(self, handles: list[AsyncJobHandle]) -> list[str | None]:
+        """Re-read the handles' job hashes and resolve those that ended (or vanished).
+
+        The reply reader resolves handles as notices arrive; this is the fallback for notices
+        that were lost. Returns each handle's raw status (None: hash gone).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for handle in handles:
+            pipe.hget(self.keys.job(handle.id), "status")
+        statuses = await pipe.execute()
+        ended = [h for h, s in zip(handles, statuses, strict=True) if s is None or is_terminal(s)]
+        if ended:
+            pipe = self.redis.pipeline(transaction=False)
+            for handle in ended:
+                pipe.hgetall(self.keys.job(handle.id))
+            for handle, fields in zip(ended, await pipe.execute(), strict=True):
+                result = parse_job(handle.id, fields)
+                self._mailbox.settle(handle.id, result or JobNotFound(handle.id), handle.future)
+        return statuses
+
+    async def as_completed(self, handles: Iterable[AsyncJobHandle],
+                           timeout: float | None = None) -> AsyncIterator[AsyncJobHandle]:
+        """Yield handles as their jobs end; same contract as ``Client.as_completed``."""
+        pending = {h.id: h for h in handles}
+        timeout = self.settings.result_timeout_s if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ready: deque[AsyncJobHandle] = deque()
+        wakeup = asyncio.Event()
+        for handle in pending.values():
+            handle.future.add_done_callback(lambda _f, h=handle: (ready.append(h), wakeup.set()))
+        next_poll = time.monotonic() + self._bulk_poll_interval(len(pending))
+        while pending:
+            if ready:
+                handle = ready.popleft()
+                if pending.pop(handle.id, None) is not None:
+                    yield handle
+                continue
+            wakeup.clear()
+            wait = min(next_poll, deadline or next_poll) - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), max(0.0, wait))
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                first = next(iter(pending.values()))
+                raise ResultTimeout(first.id, timeout, (await self.poll([first]))[0])
+            await self.poll(list(pending.values()))
+            next_poll = time.monotonic() + self._bulk_poll_interval(len(pending))
+
+    def _bulk_poll_interval(self, count: int) -> float:
+        return self.settings.poll_interval_s * max(1.0, count / POLLED_HASHES_PER_S)
+
+    async def wait_all(self, handles: Iterable[AsyncJobHandle], timeout: float | None = None) -> list[JobResult]:
+        """Wait for every job; return their terminal results in order (errors returned, not raised)."""
+        handles = list(handles)
+        async for _ in self.as_completed(handles, timeout):
+            pass
+        return [await h.result(raise_on_error=False) for h in handles]

@@ -1,0 +1,279 @@
+"""Client: the synchronous SDK to submit jobs to DIO and wait for their results.
+
+A submission is one round trip: the job hash (status ``queued``) and the intake entry go out in
+one pipeline. Each Client has one id and one private reply stream; a single reader thread turns
+the notices on it into results, and waiters poll the job hash about once a second so that a
+lost notice (an expired reply stream, a reader that was down) never loses a result.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import redis
+
+from client.exceptions import JobNotFound, ResultTimeout
+from client.handle import JobHandle
+from client.jobs import (
+    build_request,
+    cancelled_result,
+    check_unique,
+    is_terminal,
+    parse_job,
+    queue_submit,
+)
+from client.mailbox import Mailbox
+from client.reader import ReplyReader
+from client.settings import POLLED_HASHES_PER_S, ClientSettings
+from protocol.connection import connect
+from protocol.models import JobResult, JobStatus, Request, Tier
+from protocol.scripts import Scripts
+
+CLIENT_NAME_PREFIX = "dio-client:"  # CLIENT LIST shows every connection of a client under this name
+
+
+def resolve_settings(settings: ClientSettings | None, redis_url: str | None,
+                     key_prefix: str | None) -> ClientSettings:
+    """Apply the keyword overrides of a client constructor to its settings."""
+    overrides = {name: value for name, value in (("redis_url", redis_url), ("key_prefix", key_prefix))
+                 if value is not None}
+    if settings is None:
+        return ClientSettings(**overrides)
+    return settings.model_copy(update=overrides)
+
+
+def submit_fields(prompt: str | None, **fields: Any) -> dict[str, Any]:
+    """Collect the keyword arguments of ``submit`` that were given (None means the default)."""
+    data = {name: value for name, value in fields.items() if value is not None}
+    if prompt is not None:
+        data["prompt"] = prompt
+    return data
+
+
+class Client:
+    """Submit requests to DIO and collect their results (thread-safe)."""
+
+    def __init__(self, settings: ClientSettings | None = None, *, redis_url: str | None = None,
+                 key_prefix: str | None = None) -> None:
+        self.settings = resolve_settings(settings, redis_url, key_prefix)
+        self.keys = self.settings.keys
+        self.client_id = uuid.uuid4().hex
+        self.reply_stream = self.keys.reply(self.client_id)
+        self.redis = connect(self.settings)
+        self.redis.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME_PREFIX + self.client_id
+        self._scripts = Scripts(self.redis, self.keys)
+        self._mailbox: Mailbox[Future] = Mailbox(Future)
+        self._reader: ReplyReader | None = None
+        self._closed = False
+
+    # --- context manager -------------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the reply reader, delete the reply stream and close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.stop()
+        try:
+            self.redis.delete(self.reply_stream)
+        except redis.RedisError:
+            pass  # the stream expires on its own (REPLY_STREAM_TTL_S)
+        self.redis.close()
+
+    # --- submission -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        ignore_eos: bool | None = None,
+        tier: Tier | str | None = None,
+        deadline_ms: float | None = None,
+        num_prompt_tokens: int | None = None,
+        prefix_hashes: list[int] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        id: str | None = None,
+    ) -> JobHandle:
+        """Submit one request (a text ``prompt`` or ``prompt_token_ids``) and return its handle.
+
+        Omitted arguments take the client's settings (model, max_tokens, temperature, tier).
+        Raises ValueError (pydantic's ValidationError) for an invalid request, before any I/O.
+        """
+        data = submit_fields(
+            prompt, prompt_token_ids=prompt_token_ids, model=model, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tier=tier,
+            deadline_ms=deadline_ms, num_prompt_tokens=num_prompt_tokens, prefix_hashes=prefix_hashes,
+            metadata=dict(metadata) if metadata is not None else None, id=id,
+        )
+        return self.submit_many([data])[0]
+
+    def submit_request(self, request: Request) -> JobHandle:
+        """Submit a ready Request (its reply address defaults to this client)."""
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Iterable[Request | Mapping[str, Any]]) -> list[JobHandle]:
+        """Submit many requests, ``submit_chunk`` per round trip; return their handles in order.
+
+        Every request is validated first, so an invalid one raises before anything is sent. If
+        Redis fails midway, the chunks already sent stay submitted and the error propagates.
+        """
+        reqs = [build_request(self.settings, self.client_id, item) for item in requests]
+        check_unique(reqs)
+        self._ensure_reader()
+        handles: list[JobHandle] = []
+        step = self.settings.submit_chunk
+        for start in range(0, len(reqs), step):
+            handles += self._submit_chunk(reqs[start:start + step])
+        return handles
+
+    def _submit_chunk(self, reqs: list[Request]) -> list[JobHandle]:
+        handles = [JobHandle(self, req, self._mailbox.expect(req.id)) for req in reqs]
+        pipe = self.redis.pipeline(transaction=False)
+        for req in reqs:
+            queue_submit(pipe, self.keys, req)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            for handle in handles:
+                self._mailbox.settle(handle.id, exc, handle.future)
+            raise
+        return handles
+
+    def _ensure_reader(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Client is closed")
+        if self._reader is None:
+            self._reader = ReplyReader(self.redis, self.reply_stream, self._mailbox)
+            self._reader.start()
+
+    # --- reading and cancelling jobs -------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobResult | None:
+        """Read a job's current state from its hash (None when the id is unknown or expired)."""
+        return parse_job(job_id, self.redis.hgetall(self.keys.job(job_id)))
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """Return a job's current status, or None when its hash is gone."""
+        raw = self.redis.hget(self.keys.job(job_id), "status")
+        return None if raw is None else JobStatus(raw)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not ended; return True when this call cancelled it.
+
+        The terminal state ``cancelled`` is written through the finish script, so a worker that
+        finishes the job later cannot overwrite it, and a worker that has not started it drops it.
+        """
+        status, reply_to, worker = self.redis.hmget(self.keys.job(job_id), ["status", "reply_to", "worker"])
+        if status is None or is_terminal(status):
+            return False
+        result = cancelled_result(job_id, worker)
+        # Our own jobs are resolved here; a notice to ourselves would only be read and dropped.
+        notify = None if reply_to == self.client_id else reply_to
+        written = self._scripts.finish(self.redis, result, notify)
+        if written:
+            self._mailbox.settle(job_id, result)
+        return bool(written)
+
+    # --- waiting ----------------------------------------------------------------------------------
+
+    def _wait(self, handle: JobHandle, timeout: float | None) -> JobResult:
+        """Wait for one handle: its notice, or the job hash polled every ``poll_interval_s``."""
+        timeout = self.settings.result_timeout_s if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return handle.future.result(self._next_wait(deadline))
+            except FutureTimeout:
+                pass
+            status = self.poll([handle])[0]
+            if handle.future.done():
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(handle.id, timeout, status)
+
+    def _next_wait(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.settings.poll_interval_s
+        return max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))
+
+    def poll(self, handles: list[JobHandle]) -> list[str | None]:
+        """Re-read the handles' job hashes and resolve those that ended (or vanished).
+
+        The reply reader resolves handles as notices arrive; this is the fallback for notices
+        that were lost. Returns each handle's raw status (None: hash gone).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for handle in handles:
+            pipe.hget(self.keys.job(handle.id), "status")
+        statuses = pipe.execute()
+        ended = [h for h, s in zip(handles, statuses, strict=True) if s is None or is_terminal(s)]
+        if ended:
+            pipe = self.redis.pipeline(transaction=False)
+            for handle in ended:
+                pipe.hgetall(self.keys.job(handle.id))
+            for handle, fields in zip(ended, pipe.execute(), strict=True):
+                result = parse_job(handle.id, fields)
+                self._mailbox.settle(handle.id, result or JobNotFound(handle.id), handle.future)
+        return statuses
+
+    def as_completed(self, handles: Iterable[JobHandle], timeout: float | None = None) -> Iterator[JobHandle]:
+        """Yield handles as their jobs end (in any order), all within ``timeout`` seconds.
+
+        Raises ResultTimeout, naming one unfinished job, when time runs out (None: the client's
+        ``result_timeout_s``). Pending jobs are polled in bulk, at about POLLED_HASHES_PER_S
+        hashes a second, in case some notices were lost.
+        """
+        pending = {h.id: h for h in handles}
+        timeout = self.settings.result_timeout_s if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finished: queue.SimpleQueue[JobHandle] = queue.SimpleQueue()
+        for handle in pending.values():
+            handle.future.add_done_callback(lambda _f, h=handle: finished.put(h))
+        next_poll = time.monotonic() + self._bulk_poll_interval(len(pending))
+        while pending:
+            wait = min(next_poll, deadline or next_poll) - time.monotonic()
+            try:
+                handle = finished.get(timeout=max(0.0, wait))
+                if pending.pop(handle.id, None) is not None:
+                    yield handle
+                continue
+            except queue.Empty:
+                pass
+            if deadline is not None and time.monotonic() >= deadline:
+                first = next(iter(pending.values()))
+                raise ResultTimeout(first.id, timeout, self.poll([first])[0])
+            self.poll(list(pending.values()))
+            next_poll = time.monotonic() + self._bulk_poll_interval(len(pending))
+
+    def _bulk_poll_interval(self, count: int) -> float:
+        return self.settings.poll_interval_s * max(1.0, count / POLLED_HASHES_PER_S)
+
+    def wait_all(self, handles: Iterable[JobHandle], timeout: float | None = None) -> list[JobResult]:
+        """Wait for every job and return their terminal results in the handles' order.
+
+        Rejected, failed and cancelled jobs are returned, not raised; check ``result.status``.
+        Raises ResultTimeout when some job is still running after ``timeout``.
+        """
+        handles = list(handles)
+        for _ in self.as_completed(handles, timeout):
+            pass
+        return [h.result(raise_on_error=False) for h in handles]

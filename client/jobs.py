@@ -1,0 +1,109 @@
+"""What the sync and async clients share: building requests, queueing them, reading job hashes.
+
+Nothing here does I/O of its own: functions add commands to a pipeline the caller executes, or
+turn what Redis returned into models, so both clients run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from client.exceptions import JobCancelled, JobFailed, JobRejected
+from client.settings import ClientSettings
+from protocol.keys import Keys
+from protocol.models import JobResult, JobStatus, Request
+
+CANCEL_REASON = "cancelled by the client"
+
+
+def new_job_id() -> str:
+    """Return a fresh job id (a uuid4 in hex)."""
+    return uuid.uuid4().hex
+
+
+def build_request(settings: ClientSettings, reply_to: str, data: Request | Mapping[str, Any]) -> Request:
+    """Validate one request, filling the id, the reply address and the settings' defaults.
+
+    Raises pydantic's ValidationError (a ValueError) for anything the protocol forbids, before any
+    command reaches Redis. A Request that already names a reply address keeps it (that client
+    gets the notice; this one then finds the result by polling the job hash).
+    """
+    if isinstance(data, Request):
+        return data if data.reply_to else data.model_copy(update={"reply_to": reply_to})
+    if not isinstance(data, Mapping):
+        raise TypeError(f"expected a Request or a dict, got {type(data).__name__}")
+    fields: dict[str, Any] = {
+        "id": new_job_id(),
+        "model": settings.model,
+        "max_tokens": settings.max_tokens,
+        "temperature": settings.temperature,
+        "tier": settings.tier,
+        "reply_to": reply_to,
+    }
+    fields.update(data)
+    return Request.model_validate(fields)
+
+
+def check_unique(requests: list[Request]) -> None:
+    """Refuse two requests with one id: the second would overwrite the first's job hash."""
+    seen: set[str] = set()
+    for req in requests:
+        if req.id in seen:
+            raise ValueError(f"job id {req.id!r} appears twice in one submission")
+        seen.add(req.id)
+
+
+def queue_submit(pipe: Any, keys: Keys, req: Request) -> None:
+    """Add the two commands of one submission to ``pipe``: create the job hash, then XADD it.
+
+    The intake is never trimmed: a trimmed entry would be a request silently lost.
+    """
+    fields = {"status": JobStatus.queued.value, "submitted_at": repr(req.submitted_at), "tier": req.tier.value}
+    if req.reply_to:
+        fields["reply_to"] = req.reply_to
+    pipe.hset(keys.job(req.id), mapping=fields)
+    pipe.xadd(keys.intake, {"req": req.to_json()})
+
+
+def parse_job(job_id: str, fields: Mapping[str, str]) -> JobResult | None:
+    """Turn a job hash (HGETALL) into a JobResult; None when the hash does not exist.
+
+    Only ``output_token_ids`` is JSON: text fields are kept verbatim, even when an output looks
+    like JSON.
+    """
+    if not fields:
+        return None
+    data: dict[str, Any] = {name: fields[name] for name in JobResult.model_fields if name in fields}
+    data.pop("v", None)
+    if "output_token_ids" in data:
+        data["output_token_ids"] = json.loads(data["output_token_ids"])
+    data["id"] = job_id
+    return JobResult.model_validate(data)
+
+
+def is_terminal(status: str | None) -> bool:
+    """Tell whether a raw status string from a job hash is a terminal one."""
+    return status is not None and JobStatus(status).terminal
+
+
+def cancelled_result(job_id: str, worker: str | None) -> JobResult:
+    """The terminal state a client writes when it cancels a job (its reservation is released)."""
+    return JobResult(id=job_id, status=JobStatus.cancelled, worker=worker, reason=CANCEL_REASON,
+                     finished_at=time.time())
+
+
+def outcome(result: JobResult, raise_on_error: bool) -> JobResult:
+    """Return a completed result; raise the matching JobError for any other terminal status."""
+    if not raise_on_error or result.status is JobStatus.completed:
+        return result
+    if result.status is JobStatus.rejected:
+        raise JobRejected(result)
+    if result.status is JobStatus.failed:
+        raise JobFailed(result)
+    if result.status is JobStatus.cancelled:
+        raise JobCancelled(result)
+    return result

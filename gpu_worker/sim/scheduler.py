@@ -1,0 +1,473 @@
+"""Discrete-event model of vLLM's scheduler on one GPU: continuous batching, chunked prefill, preemption.
+
+Pure: no asyncio and no clock; the caller passes simulated time in. Each engine step is planned at
+the time the previous one ends, the way vLLM's V1 scheduler works:
+
+1. running requests, in admission order, take their tokens out of the step's token budget
+   (``max_num_batched_tokens``): one token for a decoding sequence, a chunk for a prefill;
+2. a decoding sequence needs one more KV slot; when none is free, the running request with the
+   lowest priority and latest admission is preempted (recompute: its KV is freed and it waits at
+   the front of the queue to prefill its prompt and generated tokens again). A request preempted
+   more than ``max_preemptions`` times fails with OutOfMemory, as a request a naive router
+   overcommitted would;
+3. if nothing was preempted, waiting requests (lowest ``priority`` value first, then FIFO) join
+   while fewer than ``max_num_seqs`` run, budget is left and their tokens' KV fits; the head of the
+   queue blocks the rest (no skipping), as in vLLM.
+
+A step that only decodes leaves the batch unchanged until a request finishes or the KV cache runs
+out, so such a run of steps is one plan, costed in closed form (``roofline.decode_steps_time_s``)
+and applied in one pass over the batch: no per-token Python objects.
+
+Simplifications: KV is counted in tokens, not 16-token blocks; requests sharing a prefix each hold
+their own KV (vLLM would share the blocks); the prefix cache is an LRU of block hashes beside the KV
+cache, whose hits skip prefill compute.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from gpu_worker.engine import RequestRejected
+from gpu_worker.sim import roofline
+from gpu_worker.sim.profiles import GpuProfile, ModelShape
+
+DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_PREEMPTIONS = 1
+PREFIX_BLOCK_TOKENS = 512  # tokens named by one prefix hash (Mooncake traces' hash_ids)
+
+
+class EventKind(str, Enum):
+    first_token = "first_token"
+    finished = "finished"
+    failed = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerEvent:
+    """Something the driver reports to a request's client, at simulated ``time``."""
+
+    kind: EventKind
+    request_id: str
+    time: float
+    output_tokens: int
+    cached_tokens: int
+    preemptions: int
+    error: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    """A request inside the scheduler, with its progress."""
+
+    id: str
+    prompt_tokens: int
+    max_tokens: int
+    priority: int = 0
+    prefix_hashes: Sequence[int] | None = None
+    output_tokens: int = 0
+    computed: int = 0  # tokens whose KV has been computed
+    kv_tokens: int = 0  # KV slots held
+    cached_tokens: int = -1  # prompt tokens the prefix cache served at first admission; -1: not yet
+    preemptions: int = 0
+    prefix_inserted: bool = False
+    order: int = 0  # position in the waiting queue among equal priorities (negative: preempted)
+    admit_seq: int = 0  # admission order in the running batch
+
+    @property
+    def num_tokens(self) -> int:
+        """Return the tokens the request knows: prompt plus every sampled token."""
+        return self.prompt_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """The scheduler's state at its clock."""
+
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_capacity_tokens: int
+    kv_usage: float
+    preemptions: int
+    finished: int
+    failed: int
+    prefix_hit_tokens: int
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The next engine step (or run of identical decode steps), decided at ``start``."""
+
+    start: float
+    duration: float
+    steps: int = 1  # >1 only for a run of pure decode steps
+    kv_first: int = 0  # decode run: KV tokens read by the first step
+    preempted: list[SimRequest] = field(default_factory=list)
+    failed: list[SimRequest] = field(default_factory=list)
+    admitted: list[tuple[SimRequest, int]] = field(default_factory=list)  # (request, cached tokens)
+    scheduled: list[tuple[SimRequest, int, int]] = field(default_factory=list)  # (request, offset, tokens)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+class PrefixCache:
+    """An LRU of prompt-block hashes; a request's leading cached blocks skip prefill."""
+
+    def __init__(self, capacity_tokens: int, block_tokens: int = PREFIX_BLOCK_TOKENS) -> None:
+        self.block_tokens = block_tokens
+        self._max_blocks = capacity_tokens // block_tokens
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def match(self, hashes: Sequence[int] | None) -> int:
+        """Return how many leading blocks of ``hashes`` are cached (no LRU update)."""
+        count = 0
+        for h in hashes or ():
+            if h not in self._blocks:
+                break
+            count += 1
+        return count
+
+    def touch(self, hashes: Sequence[int], blocks: int) -> None:
+        """Mark the first ``blocks`` hashes as just used."""
+        for h in hashes[:blocks]:
+            self._blocks.move_to_end(h)
+
+    def insert(self, hashes: Sequence[int] | None) -> None:
+        """Cache every block of a prompt just prefilled, evicting the least recently used."""
+        for h in hashes or ():
+            self._blocks[h] = None
+            self._blocks.move_to_end(h)
+        while len(self._blocks) > self._max_blocks:
+            self._blocks.popitem(last=False)
+
+
+def _wait_key(r: SimRequest) -> tuple[int, int]:
+    return r.priority, r.order
+
+
+class Scheduler:
+    """vLLM's scheduler on one simulated GPU; time is simulated seconds passed in by the caller.
+
+    Drive it with ``add`` and ``abort`` as requests come and go, ``next_event_time`` to know when
+    to call ``advance_to`` next, and ``advance_to`` to collect the events due by then.
+    """
+
+    def __init__(
+        self,
+        gpu: GpuProfile,
+        model: ModelShape,
+        *,
+        kv_capacity_tokens: int | None = None,
+        gpu_memory_utilization: float = roofline.DEFAULT_GPU_MEMORY_UTILIZATION,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_num_batched_tokens: int = roofline.DEFAULT_MAX_BATCHED_TOKENS,
+        max_preemptions: int = DEFAULT_MAX_PREEMPTIONS,
+        prefix_block_tokens: int = PREFIX_BLOCK_TOKENS,
+        prefix_cache_tokens: int | None = None,
+    ) -> None:
+        if max_num_batched_tokens < max_num_seqs:
+            # vLLM refuses this too: every running sequence must be able to decode in one step.
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        self.gpu, self.model = gpu, model
+        if kv_capacity_tokens is None:
+            kv_capacity_tokens = roofline.kv_capacity_tokens(gpu, model, gpu_memory_utilization)
+        self.kv_capacity = kv_capacity_tokens
+        self.max_model_len = min(model.max_context, kv_capacity_tokens)
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_num_batched_tokens
+        self.max_preemptions = max_preemptions
+        self.prefix_cache = PrefixCache(prefix_cache_tokens or kv_capacity_tokens, prefix_block_tokens)
+        self.now = 0.0  # when the next step can start: the end of the last step executed
+        self.kv_used = 0
+        self.preemptions = self.finished = self.failed = self.prefix_hit_tokens = 0
+        self._running: list[SimRequest] = []  # admission order
+        self._waiting: list[SimRequest] = []  # sorted by (priority, order)
+        self._requests: dict[str, SimRequest] = {}
+        self._pending: deque[SchedulerEvent] = deque()  # events of executed steps, time order
+        self._plan: _Plan | None = None
+        self._seq = 0
+
+    # --- the driver's interface ------------------------------------------------------------------
+
+    def add(self, request: SimRequest, now: float) -> None:
+        """Queue ``request``, arrived at ``now``.
+
+        Raises:
+            RequestRejected: the prompt plus max_tokens exceed max_model_len (vLLM's 400).
+            ValueError: a request with this id is already in the scheduler.
+        """
+        if request.id in self._requests:
+            raise ValueError(f"request {request.id!r} is already scheduled")
+        self._check_length(request)
+        self._run_until(now)
+        self.now = max(self.now, now)  # the GPU idled until this arrival
+        self._seq += 1
+        request.order = self._seq
+        self._requests[request.id] = request
+        bisect.insort(self._waiting, request, key=_wait_key)
+        self._plan = None  # the next step may take the newcomer
+
+    def abort(self, request_id: str, now: float) -> SimRequest | None:
+        """Remove a request at ``now`` (freeing its KV); return it, or None if it is not here."""
+        self._run_until(now)
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request in self._waiting:
+            self._waiting.remove(request)
+        else:
+            self._release(request)
+        self._plan = None
+        return request
+
+    def next_event_time(self) -> float | None:
+        """Return when ``advance_to`` next has something to do; None when idle."""
+        if self._pending:
+            return self._pending[0].time
+        plan = self._current_plan()
+        return None if plan is None else plan.end
+
+    def advance_to(self, t: float) -> list[SchedulerEvent]:
+        """Run every step that starts before ``t``; return the events due by ``t``."""
+        self._run_until(t)
+        events = []
+        while self._pending and self._pending[0].time <= t:
+            events.append(self._pending.popleft())
+        return events
+
+    def stats(self) -> SchedulerStats:
+        """Return the state at the scheduler's clock (``self.now``)."""
+        return SchedulerStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            kv_used_tokens=self.kv_used,
+            kv_capacity_tokens=self.kv_capacity,
+            kv_usage=self.kv_used / self.kv_capacity,
+            preemptions=self.preemptions,
+            finished=self.finished,
+            failed=self.failed,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+        )
+
+    # --- planning: pure, decides the next step at self.now ----------------------------------------
+
+    def _check_length(self, request: SimRequest) -> None:
+        if request.prompt_tokens < 1 or request.max_tokens < 1:
+            raise RequestRejected("prompt_tokens and max_tokens must be at least 1")
+        total = request.prompt_tokens + request.max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"prompt ({request.prompt_tokens} tokens) + max_tokens ({request.max_tokens}) = {total}"
+                f" exceeds max_model_len {self.max_model_len} of {self.model.name} on {self.gpu.name}"
+            )
+
+    def _current_plan(self) -> _Plan | None:
+        # A plan that only preempts takes no GPU time: apply it at once and plan again.
+        while self._plan is None and (self._running or self._waiting):
+            plan = self._make_plan()
+            if plan.scheduled:
+                self._plan = plan
+            elif plan.preempted or plan.failed:
+                self._execute(plan, 1)
+            else:  # cannot happen: with nothing running, the head of the queue always fits
+                raise RuntimeError(f"scheduler stuck: {len(self._waiting)} waiting, nothing schedulable")
+        return self._plan
+
+    def _make_plan(self) -> _Plan:
+        plan = _Plan(start=self.now, duration=0.0)
+        running = list(self._running)
+        free = self.kv_capacity - self.kv_used
+        budget, free = self._schedule_running(plan, running, free)
+        if not plan.preempted and not plan.failed:
+            self._schedule_waiting(plan, running, free, budget)
+        if self._is_pure_decode(plan):
+            return self._decode_run(plan)
+        plan.duration = self._step_time(plan.scheduled)
+        return plan
+
+    def _schedule_running(self, plan: _Plan, running: list[SimRequest], free: int) -> tuple[int, int]:
+        """Give running requests their tokens, preempting when a decode finds no KV.
+
+        Returns the token budget and the KV tokens left for waiting requests.
+        """
+        budget, i = self.max_batched_tokens, 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            tokens = min(r.num_tokens - r.computed, budget)
+            need = r.computed + tokens - r.kv_tokens  # KV slots this step allocates (1 for a decode)
+            while need > free:
+                victim = max(running[i:], key=lambda q: (q.priority, q.admit_seq))
+                running.remove(victim)
+                free += victim.kv_tokens
+                over = victim.preemptions + 1 > self.max_preemptions
+                (plan.failed if over else plan.preempted).append(victim)
+                if victim is r:
+                    break
+            if i < len(running) and running[i] is r:
+                plan.scheduled.append((r, r.computed, tokens))
+                free -= max(need, 0)
+                budget -= tokens
+                i += 1
+        return budget, free
+
+    def _schedule_waiting(self, plan: _Plan, running: list[SimRequest], free: int, budget: int) -> None:
+        """Admit waiting requests, in queue order, while their KV fits and seats and budget remain."""
+        for r in self._waiting:
+            if budget <= 0 or len(running) >= self.max_num_seqs or r.num_tokens > free:
+                break
+            blocks = self.prefix_cache.match(r.prefix_hashes)
+            cached = min(blocks * self.prefix_cache.block_tokens, r.num_tokens - 1)
+            tokens = min(r.num_tokens - cached, budget)
+            plan.admitted.append((r, cached))
+            plan.scheduled.append((r, cached, tokens))
+            running.append(r)
+            free -= r.num_tokens
+            budget -= tokens
+
+    def _is_pure_decode(self, plan: _Plan) -> bool:
+        if plan.admitted or plan.preempted or plan.failed or len(plan.scheduled) != len(self._running):
+            return False
+        return all(tokens == 1 and offset + 1 == r.num_tokens for r, offset, tokens in plan.scheduled)
+
+    def _decode_run(self, plan: _Plan) -> _Plan:
+        """Extend a pure decode step until the first request finishes or the KV cache runs out."""
+        batch = len(plan.scheduled)
+        free = self.kv_capacity - self.kv_used
+        steps = min(min(r.max_tokens - r.output_tokens for r in self._running), free // batch)
+        plan.steps = max(1, steps)
+        plan.kv_first = sum(offset + 1 for _, offset, _ in plan.scheduled)
+        plan.duration = roofline.decode_steps_time_s(self.gpu, self.model, batch, plan.kv_first, plan.steps)
+        return plan
+
+    def _step_time(self, scheduled: list[tuple[SimRequest, int, int]]) -> float:
+        prefill = decode = kv_read = 0
+        pairs = 0.0
+        for r, offset, tokens in scheduled:
+            if tokens == 1 and offset + 1 == r.num_tokens:
+                decode += 1
+            else:
+                prefill += tokens
+            kv_read += offset + tokens
+            pairs += tokens * offset + tokens * (tokens + 1) / 2
+        return roofline.step_time_s(self.gpu, self.model, prefill, decode, kv_read, attention_pairs=pairs)
+
+    # --- execution: applies plans, emits events ---------------------------------------------------
+
+    def _run_until(self, t: float) -> None:
+        """Execute every step that starts before ``t`` (a step once started runs to its end)."""
+        while self.now < t:
+            plan = self._current_plan()
+            if plan is None:
+                return
+            steps = 1
+            if plan.steps > 1:
+                steps = roofline.decode_steps_started(
+                    self.gpu, self.model, len(plan.scheduled), plan.kv_first, plan.steps, t - plan.start
+                )
+            self._execute(plan, steps)
+            self._plan = None
+
+    def _execute(self, plan: _Plan, steps: int) -> None:
+        for r in plan.preempted:
+            self._preempt(r)
+        for r in plan.failed:
+            self._fail(r, plan.start)
+        for r, cached in plan.admitted:
+            self._admit(r, cached)
+        if steps > 1 or plan.steps > 1:
+            self._apply_decode_run(plan, steps)
+        else:
+            self._apply_step(plan)
+
+    def _apply_step(self, plan: _Plan) -> None:
+        end = plan.end
+        for r, _, tokens in plan.scheduled:
+            r.computed += tokens
+            self._grow_kv(r)
+        self.now = end
+        for r, _, _ in plan.scheduled:
+            if r.computed == r.num_tokens:
+                self._sample(r, end)
+
+    def _apply_decode_run(self, plan: _Plan, steps: int) -> None:
+        end = plan.start
+        end += roofline.decode_steps_time_s(self.gpu, self.model, len(plan.scheduled), plan.kv_first, steps)
+        for r, _, _ in plan.scheduled:
+            r.computed += steps
+            r.kv_tokens += steps
+            r.output_tokens += steps
+        self.kv_used += steps * len(plan.scheduled)
+        self.now = end
+        for r, _, _ in plan.scheduled:
+            if r.output_tokens >= r.max_tokens:
+                self._finish(r, end)
+
+    def _grow_kv(self, r: SimRequest) -> None:
+        if r.computed > r.kv_tokens:
+            self.kv_used += r.computed - r.kv_tokens
+            r.kv_tokens = r.computed
+
+    def _sample(self, r: SimRequest, t: float) -> None:
+        """Sample a token after the step that computed all of ``r``'s known tokens."""
+        if not r.prefix_inserted and r.prefix_hashes:
+            self.prefix_cache.insert(r.prefix_hashes)
+            r.prefix_inserted = True
+        r.output_tokens += 1
+        if r.output_tokens == 1:
+            self._emit(EventKind.first_token, r, t)
+        if r.output_tokens >= r.max_tokens:
+            self._finish(r, t)
+
+    def _admit(self, r: SimRequest, cached: int) -> None:
+        self._waiting.remove(r)
+        if r.prefix_hashes and cached:
+            self.prefix_cache.touch(r.prefix_hashes, -(-cached // self.prefix_cache.block_tokens))
+        if r.cached_tokens < 0:
+            r.cached_tokens = cached
+            self.prefix_hit_tokens += cached
+        r.computed = cached
+        r.kv_tokens = r.num_tokens
+        self.kv_used += r.kv_tokens
+        self._seq += 1
+        r.admit_seq = self._seq
+        self._running.append(r)
+
+    def _release(self, r: SimRequest) -> None:
+        """Take ``r`` out of the running batch and free its KV."""
+        self._running.remove(r)
+        self.kv_used -= r.kv_tokens
+        r.kv_tokens = r.computed = 0
+
+    def _preempt(self, r: SimRequest) -> None:
+        """Send ``r`` back to the front of the queue; it recomputes its prompt and output."""
+        self._release(r)
+        r.preemptions += 1
+        self.preemptions += 1
+        self._seq += 1
+        r.order = -self._seq  # ahead of every arrival of its priority, latest preempted first
+        bisect.insort(self._waiting, r, key=_wait_key)
+
+    def _fail(self, r: SimRequest, t: float) -> None:
+        self._release(r)
+        r.preemptions += 1
+        self.preemptions += 1
+        self.failed += 1
+        del self._requests[r.id]
+        error = f"KV cache exhausted: preempted {r.preemptions} times on {self.gpu.name}"
+        self._emit(EventKind.failed, r, t, error)
+
+    def _finish(self, r: SimRequest, t: float) -> None:
+        self._release(r)
+        self.finished += 1
+        del self._requests[r.id]
+        self._emit(EventKind.finished, r, t)
+
+    def _emit(self, kind: EventKind, r: SimRequest, t: float, error: str | None = None) -> None:
+        cached = max(r.cached_tokens, 0)
+        self._pending.append(SchedulerEvent(kind, r.id, t, r.output_tokens, cached, r.preemptions, error))

@@ -1,0 +1,214 @@
+"""The ``dio`` command line: run the processes, submit, inspect, demo, benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DIO: a Distributed Inference Orchestrator for LLM serving on Redis.")
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def dispatcher(
+    policy: str = typer.Option(None, help="dio | round-robin | random | least-loaded | power-of-two | queue-kv"),
+    predictor: str = typer.Option(None, help="seed | vector | rls"),
+    name: str = typer.Option(None, help="consumer name (default: dispatcher-<host>-<pid>)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a dispatcher (active, or standby until the active one's lease expires)."""
+    from dispatcher.config import DispatcherSettings
+    from dispatcher.policies import POLICIES
+    from dispatcher.service import Dispatcher
+
+    _logging(verbose)
+    overrides = {k: v for k, v in (("policy", policy), ("predictor", predictor), ("dispatcher_name", name)) if v}
+    settings = DispatcherSettings(**overrides)
+    if settings.policy not in POLICIES:
+        _fail(f"unknown policy {settings.policy!r}; choose one of {', '.join(POLICIES)}")
+    service = Dispatcher(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.stop())
+    service.run()
+
+
+@app.command()
+def worker(
+    engine: str = typer.Option("sim", help="sim | vllm | instant"),
+    profile: str = typer.Option("H100-80GB", help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4"),
+    model: str = typer.Option("llama-3.2-3b", help="model shape (sim) or model path (vllm)"),
+    time_scale: float = typer.Option(1.0, help="sim: simulated seconds per wall second"),
+    count: int = typer.Option(1, help="simulated workers hosted by this one process"),
+    worker_id: str = typer.Option(None, "--id", help="worker id (with --count N, suffixed -1..N)"),
+    max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once"),
+    gpu_memory_utilization: float = typer.Option(None, help="fraction of VRAM for weights + KV cache"),
+    max_model_len: int = typer.Option(None, help="vllm: the model's context length"),
+    kv_capacity_tokens: int = typer.Option(None, help="sim: override the KV capacity in tokens"),
+    load_format: str = typer.Option(None, help="vllm: 'dummy' for random weights"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a GPU worker daemon (or several simulated ones in one process)."""
+    from gpu_worker.config import WorkerSettings
+    from gpu_worker.daemon import serve
+    from gpu_worker.engines import make_engine
+
+    _logging(verbose)
+    given = {"engine": engine, "profile": profile, "model": model, "time_scale": time_scale,
+             "max_num_seqs": max_num_seqs, "gpu_memory_utilization": gpu_memory_utilization,
+             "max_model_len": max_model_len, "kv_capacity_tokens": kv_capacity_tokens, "load_format": load_format}
+    settings = WorkerSettings(**{k: v for k, v in given.items() if v is not None})
+    try:
+        engines = [make_engine(settings) for _ in range(count)]
+    except ValueError as exc:
+        _fail(str(exc))
+    base = worker_id or settings.worker_id
+    ids = [base] if count == 1 else [f"{base or profile}-{i + 1}" for i in range(count)]
+    asyncio.run(serve(settings, engines, ids))
+
+
+@app.command()
+def up(
+    workers: str = typer.Option("H100:1,A100-40GB:1,L4:1,T4:1", help="GPU profiles and counts"),
+    policy: str = typer.Option("dio"),
+    predictor: str = typer.Option("rls"),
+    model: str = typer.Option("llama-3.2-3b"),
+    time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
+    log_dir: str = typer.Option(None, help="write each process's log here"),
+) -> None:
+    """Run a local cluster (dispatcher + simulated workers) until Ctrl-C or SIGTERM."""
+    from pathlib import Path
+
+    from ops.local_cluster import LocalCluster, parse_workers
+    from ops.redis_server import ensure_redis
+    from protocol.settings import CommonSettings
+
+    settings = CommonSettings()
+    try:
+        specs = parse_workers(workers)
+    except ValueError as exc:
+        _fail(str(exc))
+    with ensure_redis(settings.redis_url) as server:
+        cluster = LocalCluster(server.url, specs, key_prefix=settings.key_prefix, policy=policy, predictor=predictor,
+                               model=model, time_scale=time_scale, log_dir=Path(log_dir) if log_dir else None)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        try:
+            cluster.start()
+            typer.echo(f"DIO is up: {workers} ({model}, policy {policy}, time scale {time_scale})")
+            typer.echo(f"export DIO_REDIS_URL={server.url}")
+            if settings.key_prefix != CommonSettings.model_fields["key_prefix"].default:
+                typer.echo(f"export DIO_KEY_PREFIX='{settings.key_prefix}'")
+            typer.echo("Ctrl-C stops it.")
+            while not stop.wait(0.5):
+                cluster._check_alive()
+        finally:
+            typer.echo("stopping (workers drain their jobs)...")
+            cluster.stop()
+
+
+@app.command()
+def submit(
+    prompt: str = typer.Argument(..., help="the prompt text"),
+    max_tokens: int = typer.Option(64),
+    model: str = typer.Option("llama-3.2-3b"),
+    tier: str = typer.Option("interactive", help="interactive | batch"),
+    timeout: float = typer.Option(120.0, help="seconds to wait for the result"),
+    as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
+) -> None:
+    """Submit one request and print its result."""
+    from client import Client, DIOError
+
+    with Client() as dio:
+        try:
+            result = dio.submit(prompt, max_tokens=max_tokens, model=model, tier=tier).result(timeout=timeout)
+        except DIOError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(result.model_dump_json(exclude_none=True))
+        return
+    latency = result.latency_s
+    typer.echo(f"{result.status.value} on {result.worker} in {latency * 1000:.0f} ms "
+               f"({result.prompt_tokens} prompt + {result.output_tokens} output tokens)")
+    typer.echo(result.output or "")
+
+
+@app.command()
+def inspect(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Show workers, queues, pending work and predictors: what redis-cli shows, explained."""
+    from ops.inspect import collect, render
+    from protocol.connection import connect
+    from protocol.settings import CommonSettings
+
+    settings = CommonSettings()
+    facts = collect(connect(settings), settings.keys)
+    if as_json:
+        typer.echo(json.dumps(facts, default=str))
+    else:
+        render(facts)
+
+
+@app.command()
+def demo(
+    requests: int = typer.Option(500, help="requests to submit"),
+    policy: str = typer.Option("dio", help="dio | round-robin | random | least-loaded | power-of-two | queue-kv"),
+    workers: str = typer.Option("H100:1,A100-40GB:1,L4:1,T4:1", help="simulated GPUs"),
+    trace: str = typer.Option("azure-conv", help="bundled trace (azure-conv, azure-code, arxiv, mooncake) or a path"),
+    load: float = typer.Option(0.8, help="offered load as a fraction of the cluster's estimated capacity"),
+    time_scale: float = typer.Option(20.0, help="simulated seconds per wall second"),
+    slo_k: float = typer.Option(5.0, help="SLO = k × the request's unloaded time on the fastest GPU"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="also print the summary as JSON on the last line"),
+) -> None:
+    """Run DIO end to end on a simulated heterogeneous cluster and print a summary."""
+    from ops.demo import DemoConfig, run_demo
+
+    config = DemoConfig(requests=requests, policy=policy, workers=workers, trace=trace, load=load,
+                        time_scale=time_scale, slo_k=slo_k, seed=seed, quiet=as_json)
+    try:
+        summary = run_demo(config)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+@app.command()
+def reset(yes: bool = typer.Option(False, "--yes", help="really delete")) -> None:
+    """Delete every DIO key under the configured prefix."""
+    from protocol.connection import connect
+    from protocol.settings import CommonSettings
+
+    settings = CommonSettings()
+    client = connect(settings)
+    keys = list(client.scan_iter(match=settings.keys.all_keys_pattern(), count=1000))
+    if not yes:
+        typer.echo(f"{len(keys)} keys under {settings.key_prefix!r}; add --yes to delete them")
+        return
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i:i + 500])
+    typer.echo(f"deleted {len(keys)} keys")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""``dio demo``: DIO end to end on a simulated heterogeneous cluster, with a readable summary.
+
+It uses the Redis at ``DIO_REDIS_URL`` (or starts a private one), starts a dispatcher and one
+process per simulated GPU, replays request lengths and arrivals from a real trace at a chosen
+fraction of the cluster's estimated capacity, waits for every result, and reports what the
+client saw. All keys live under a private prefix that is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from client import Client
+from gpu_worker.sim.profiles import get_model, get_profile
+from gpu_worker.sim.roofline import estimate_capacity_rps, unloaded_service_time_s
+from ops.local_cluster import LocalCluster, WorkerSpec, parse_workers, worker_ids
+from ops.redis_server import ensure_redis
+from ops.traces import BUNDLED, TraceRequest, bundled, load_trace, rescale_arrivals
+from protocol.connection import connect
+from protocol.models import JobResult, JobStatus
+from protocol.settings import CommonSettings
+
+SUBMIT_TICK_S = 0.005
+RESULT_GRACE_S = 120.0  # after the last submission, how long to wait for the last results
+
+
+@dataclass
+class DemoConfig:
+    requests: int = 500
+    policy: str = "dio"
+    workers: str = "H100:1,A100-40GB:1,L4:1,T4:1"
+    trace: str = "azure-conv"
+    load: float = 0.8
+    time_scale: float = 20.0
+    slo_k: float = 5.0
+    seed: int = 0
+    model: str = "llama-3.2-3b"
+    quiet: bool = False
+
+
+def cluster_capacity_rps(specs: list[WorkerSpec], model_name: str, trace: list[TraceRequest]) -> float:
+    """Estimated saturation throughput of the cluster (requests per simulated second)."""
+    model = get_model(model_name)
+    mean_prompt = float(np.mean([r.prompt_tokens for r in trace]))
+    mean_output = float(np.mean([r.output_tokens for r in trace]))
+    return sum(s.count * estimate_capacity_rps(get_profile(s.profile), model, mean_prompt, mean_output)
+               for s in specs)
+
+
+def slo_ms(specs: list[WorkerSpec], model_name: str, request: TraceRequest, k: float) -> float:
+    """The request's deadline: k × its unloaded service time on the fastest GPU of the cluster."""
+    model = get_model(model_name)
+    fastest = min(unloaded_service_time_s(get_profile(s.profile), model, request.prompt_tokens,
+                                          request.output_tokens) for s in specs)
+    return k * fastest * 1000.0
+
+
+def load_demo_trace(name: str, count: int, seed: int) -> list[TraceRequest]:
+    path = bundled(name) if name in BUNDLED else Path(name)
+    trace = load_trace(path, seed=seed)
+    if len(trace) < count:
+        raise ValueError(f"the trace {name!r} has {len(trace)} requests; asked for {count}")
+    return trace[:count]
+
+
+def submit_on_schedule(client: Client, trace: list[TraceRequest], time_scale: float, model: str) -> list:
+    """Submit each request at its (scaled) arrival time, open loop; return the handles."""
+    handles = []
+    start = time.monotonic()
+    i = 0
+    while i < len(trace):
+        now = time.monotonic() - start
+        due = []
+        while i < len(trace) and trace[i].arrival_s / time_scale <= now:
+            r = trace[i]
+            due.append({"prompt": f"request {i}", "num_prompt_tokens": r.prompt_tokens, "max_tokens": r.output_tokens,
+                        "ignore_eos": True, "model": model, "prefix_hashes": r.prefix_hashes})
+            i += 1
+        if due:
+            handles += client.submit_many(due)
+        else:
+            time.sleep(min(SUBMIT_TICK_S, max(trace[i].arrival_s / time_scale - now, 0)))
+    return handles
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+def summarize(config: DemoConfig, specs: list[WorkerSpec], trace: list[TraceRequest], results: list[JobResult | None],
+              predictors: dict[str, Any], wall_s: float, offered_rps: float) -> dict[str, Any]:
+    """Build the demo's summary from what the client saw (latencies in simulated ms)."""
+    scale = config.time_scale
+    seen = [r for r in results if r is not None and r.status.terminal]
+    by_status = Counter(r.status.value for r in seen)
+    latencies, ttfts, met = [], [], 0
+    per_worker: dict[str, dict[str, Any]] = {wid: {"gpu": p, "jobs": 0, "failed": 0, "lat": []}
+                                             for p, wid in worker_ids(specs)}
+    for request, result in zip(trace, results, strict=True):
+        if result is None or result.worker is None or result.worker not in per_worker:
+            continue
+        w = per_worker[result.worker]
+        w["jobs"] += 1
+        if result.status == JobStatus.failed:
+            w["failed"] += 1
+        if result.status != JobStatus.completed or result.latency_s is None:
+            continue
+        latency = result.latency_s * 1000.0 * scale
+        latencies.append(latency)
+        w["lat"].append(latency)
+        if result.ttft_s is not None:
+            ttfts.append(result.ttft_s * 1000.0 * scale)
+        met += latency <= slo_ms(specs, config.model, request, config.slo_k)
+    workers = {}
+    for wid, w in per_worker.items():
+        pred = predictors.get(wid, {})
+        err = pred.get("error_p50_ms")
+        workers[wid] = {"gpu": w["gpu"], "jobs": w["jobs"], "failed": w["failed"],
+                        "p50_ms": percentile(w["lat"], 50), "p99_ms": percentile(w["lat"], 99),
+                        "predictor_error_p50_ms": None if err is None else round(err * scale, 1),
+                        "predictor_seen": pred.get("seen", 0)}
+    return {
+        "policy": config.policy, "trace": config.trace, "workers_spec": config.workers,
+        "submitted": len(trace), "completed": by_status.get("completed", 0),
+        "rejected": by_status.get("rejected", 0), "failed": by_status.get("failed", 0),
+        "cancelled": by_status.get("cancelled", 0), "lost": len(trace) - len(seen),
+        "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90), "p99_ms": percentile(latencies, 99),
+        "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
+        "slo_k": config.slo_k, "slo_attainment": round(met / len(trace), 4) if trace else None,
+        "rejected_reasons": dict(Counter(_short(r.reason) for r in seen if r.status == JobStatus.rejected)),
+        "failed_errors": dict(Counter(_short(r.error) for r in seen if r.status == JobStatus.failed)),
+        "offered_rps_sim": round(offered_rps, 3), "load": config.load, "time_scale": scale, "wall_s": round(wall_s, 2),
+        "latency_unit": "simulated ms (wall ms x time_scale)",
+        "workers": workers,
+    }
+
+
+def _short(text: str | None) -> str:
+    """A reason without its request-specific numbers, so equal causes group together."""
+    if not text:
+        return "(none)"
+    return "".join("#" if ch.isdigit() else ch for ch in text)[:160]
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    console = Console()
+    console.print(f"[bold]DIO demo[/] — policy [cyan]{summary['policy']}[/], trace {summary['trace']}, "
+                  f"{summary['submitted']} requests at {summary['load']:.0%} of estimated capacity "
+                  f"({summary['offered_rps_sim']} req/s simulated), time scale {summary['time_scale']}×, "
+                  f"{summary['wall_s']} s wall")
+    console.print(f"completed {summary['completed']} · rejected {summary['rejected']} · failed {summary['failed']} · "
+                  f"lost {summary['lost']}   latency p50 {summary['p50_ms']} / p90 {summary['p90_ms']} / "
+                  f"p99 {summary['p99_ms']} ms · TTFT p50 {summary['ttft_p50_ms']} ms · SLO ({summary['slo_k']}× "
+                  f"unloaded) attainment {summary['slo_attainment']:.1%}")
+    table = Table(title="per worker (simulated ms)")
+    for col in ("worker", "GPU", "jobs", "failed", "p50", "p99", "predictor |error| p50", "completions learned"):
+        table.add_column(col)
+    for wid, w in summary["workers"].items():
+        table.add_row(wid, w["gpu"], str(w["jobs"]), str(w["failed"]), str(w["p50_ms"]), str(w["p99_ms"]),
+                      str(w["predictor_error_p50_ms"]), str(w["predictor_seen"]))
+    console.print(table)
+    for title, counts in (("rejected", summary["rejected_reasons"]), ("failed", summary["failed_errors"])):
+        for reason, n in counts.items():
+            console.print(f"  {title} ×{n}: {reason}")
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run the demo and return its summary (also printed unless quiet)."""
+    specs = parse_workers(config.workers)
+    trace = load_demo_trace(config.trace, config.requests, config.seed)
+    offered_rps = config.load * cluster_capacity_rps(specs, config.model, trace)
+    trace = rescale_arrivals(trace, offered_rps)
+    settings = CommonSettings()
+    prefix = f"{{dio-demo-{uuid.uuid4().hex[:8]}}}:"
+    with ensure_redis(settings.redis_url) as server:
+        cluster = LocalCluster(server.url, specs, key_prefix=prefix, policy=config.policy, model=config.model,
+                               time_scale=config.time_scale)
+        try:
+            cluster.start()
+            started = time.monotonic()
+            with Client(redis_url=server.url, key_prefix=prefix) as client:
+                handles = submit_on_schedule(client, trace, config.time_scale, config.model)
+                results = [h.result(timeout=RESULT_GRACE_S, raise_on_error=False) for h in handles]
+            wall_s = time.monotonic() - started
+        finally:
+            cluster.stop()
+        summary = summarize(config, specs, trace, results, _predictors(server.url, prefix), wall_s, offered_rps)
+        _cleanup(server.url, prefix)
+    if not config.quiet:
+        print_summary(summary)
+    else:
+        print_summary(summary)
+    return summary
+
+
+def _predictors(url: str, prefix: str) -> dict[str, Any]:
+    import json
+
+    settings = CommonSettings(redis_url=url, key_prefix=prefix)
+    raw = connect(settings).hgetall(settings.keys.predictor)
+    return {wid: json.loads(v) for wid, v in raw.items()}
+
+
+def _cleanup(url: str, prefix: str) -> None:
+    settings = CommonSettings(redis_url=url, key_prefix=prefix)
+    client = connect(settings)
+    keys = list(client.scan_iter(match=settings.keys.all_keys_pattern(), count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i:i + 500])

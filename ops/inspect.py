@@ -1,0 +1,85 @@
+"""``dio inspect``: the facts ``redis-cli`` shows about a running DIO, gathered and explained."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from protocol.keys import INTAKE_GROUP, QUEUE_GROUP, Keys
+
+
+def _group(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
+    """XLEN and XINFO GROUPS of one stream: entries, delivered-but-unacked, not yet delivered."""
+    info = {"length": client.xlen(stream), "pending": 0, "lag": 0}
+    try:
+        for g in client.xinfo_groups(stream):
+            if g["name"] == group:
+                info["pending"] = g["pending"]
+                info["lag"] = g.get("lag") or 0
+    except redis.ResponseError:  # the stream does not exist yet
+        pass
+    return info
+
+
+def collect(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Read workers, queues, intake, predictors and the lease into one dict."""
+    workers = []
+    predictors = {wid: json.loads(raw) for wid, raw in client.hgetall(keys.predictor).items()}
+    for worker_id in sorted(client.smembers(keys.workers)):
+        fields = client.hgetall(keys.worker(worker_id))
+        queue = _group(client, keys.queue(worker_id), QUEUE_GROUP)
+        reserved = client.hgetall(keys.reserved(worker_id))
+        state = predictors.get(worker_id, {})
+        workers.append({
+            "id": worker_id,
+            "alive": bool(client.exists(keys.alive(worker_id))),
+            "gpu": fields.get("gpu"), "model": fields.get("model"), "engine": fields.get("engine"),
+            "kv_capacity_tokens": int(fields.get("kv_capacity_tokens", 0)),
+            "kv_reserved_tokens": sum(int(v) for v in reserved.values()),
+            "kv_usage": float(fields.get("kv_usage", 0.0)),
+            "running": int(fields.get("running", 0)), "waiting": int(fields.get("waiting", 0)),
+            "completed": int(fields.get("completed", 0)), "failed": int(fields.get("failed", 0)),
+            "preemptions": int(fields.get("preemptions", 0)), "draining": fields.get("draining") == "1",
+            "queue": queue,
+            "predictor": {"kind": state.get("kind"), "seen": state.get("seen", 0),
+                          "error_p50_ms": state.get("error_p50_ms"), "service_ms": state.get("service_ms")},
+        })
+    return {
+        "prefix": keys.prefix,
+        "lease": client.get(keys.lease),
+        "ttl_ms": client.pttl(keys.lease),
+        "intake": _group(client, keys.intake, INTAKE_GROUP),
+        "completions": _group(client, keys.completions, INTAKE_GROUP),
+        "deadletter": client.xlen(keys.deadletter),
+        "workers": workers,
+    }
+
+
+def render(facts: dict[str, Any]) -> None:
+    console = Console()
+    intake = facts["intake"]
+    console.print(f"[bold]DIO[/] keys under [cyan]{facts['prefix']}[/]; active dispatcher: "
+                  f"{facts['lease'] or '[red]none[/]'}")
+    console.print(f"intake: {intake['length']} entries — {intake['pending']} read by the dispatcher and waiting "
+                  f"for a worker (its backlog), {intake['lag']} not read yet;  completions not yet learned: "
+                  f"{facts['completions']['length']};  dead-lettered: {facts['deadletter']}")
+    table = Table(title="workers")
+    for col in ("id", "alive", "gpu", "model", "KV cap", "KV reserved", "KV used", "running", "waiting",
+                "queued", "done", "failed", "preempt", "predictor (seen, p50 err ms)"):
+        table.add_column(col)
+    for w in facts["workers"]:
+        p = w["predictor"]
+        err = f"{p['error_p50_ms']:.1f}" if p.get("error_p50_ms") is not None else "-"
+        table.add_row(
+            w["id"], "yes" if w["alive"] else "[red]no[/]", str(w["gpu"]), str(w["model"]),
+            f"{w['kv_capacity_tokens']:,}", f"{w['kv_reserved_tokens']:,}", f"{w['kv_usage']:.0%}",
+            str(w["running"]), str(w["waiting"]), f"{w['queue']['length']} ({w['queue']['lag']} unread)",
+            str(w["completed"]), str(w["failed"]), str(w["preemptions"]), f"{p.get('kind')} ({p['seen']}, {err})",
+        )
+    console.print(table)
+    console.print("[dim]redis-cli: XINFO GROUPS <prefix>intake · XLEN <prefix>queue:<id> · "
+                  "HGETALL <prefix>worker:<id> · HGETALL <prefix>job:<id> · HGETALL <prefix>predictor[/]")
