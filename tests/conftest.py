@@ -1,7 +1,8 @@
 """Shared fixtures: a real Redis under a unique key prefix, cleaned up after each test.
 
-Integration tests use the server at ``DIO_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``)
-and are skipped when none answers. Every test gets its own prefix, a Cluster hash tag such as
+Integration tests use the server at ``DIO_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``);
+when none answers there, a private ``redis-server`` is started for the session (``ops.redis_server``),
+so a fresh machine runs every test instead of skipping them. Every test gets its own prefix, a Cluster hash tag such as
 ``{t1a2b3c4d}:``, so tests never see each other's keys and can run against a shared server.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from ops.redis_server import ensure_redis
 from protocol.keys import Keys
 from protocol.settings import CommonSettings
 
@@ -21,13 +23,10 @@ TEST_REDIS_URL = os.environ.get("DIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """Return the test server's URL, or skip when no Redis answers there."""
-    try:
-        redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {TEST_REDIS_URL}: {exc}")
-    return TEST_REDIS_URL
+def redis_url() -> Iterator[str]:
+    """Return the test server's URL, starting a private server when none answers there."""
+    with ensure_redis(TEST_REDIS_URL) as server:
+        yield server.url
 
 
 @pytest.fixture

@@ -1,31 +1,35 @@
 """Discrete-event model of vLLM's scheduler on one GPU: continuous batching, chunked prefill, preemption.
 
 Pure: no asyncio and no clock; the caller passes simulated time in. Each engine step is planned at
-the time the previous one ends, the way vLLM's V1 scheduler works:
+the time the previous one ends, as vLLM's V1 scheduler does:
 
-1. running requests, in admission order, take their tokens out of the step's token budget
-   (``max_num_batched_tokens``): one token for a decoding sequence, a chunk for a prefill;
-2. a decoding sequence needs one more KV slot; when none is free, the running request with the
-   lowest priority and latest admission is preempted (recompute: its KV is freed and it waits at
-   the front of the queue to prefill its prompt and generated tokens again). A request preempted
-   more than ``max_preemptions`` times fails with OutOfMemory, as a request a naive router
-   overcommitted would;
+1. every decoding sequence takes one token of the step's budget (``max_num_batched_tokens``) and
+   one new KV slot. When the KV cache has too few free slots, the running request with the lowest
+   priority and latest admission is preempted (recompute: its KV is freed and it waits at the front
+   of the queue to prefill its prompt and generated tokens again). A request preempted more than
+   ``max_preemptions`` times fails with OutOfMemory, as a request a naive router overcommitted would;
+2. requests still prefilling take chunks of the remaining budget, in admission order;
 3. if nothing was preempted, waiting requests (lowest ``priority`` value first, then FIFO) join
-   while fewer than ``max_num_seqs`` run, budget is left and their tokens' KV fits; the head of the
-   queue blocks the rest (no skipping), as in vLLM.
+   while fewer than ``max_num_seqs`` run, budget is left and all their tokens' KV fits; the head of
+   the queue blocks the rest (no skipping), as in vLLM.
 
-A step that only decodes leaves the batch unchanged until a request finishes or the KV cache runs
-out, so such a run of steps is one plan, costed in closed form (``roofline.decode_steps_time_s``)
-and applied in one pass over the batch: no per-token Python objects.
+Decoding sequences advance in lockstep, so they are kept as one group: a step costs O(1) for the
+group however large the batch, and a request's progress is read from the group's step counter only
+when it matters (it finishes, is preempted or aborted). A run of steps that only decode leaves the
+batch unchanged until the first request finishes or the KV cache runs out, so it is one plan, costed
+in closed form (``roofline.decode_steps_time_s``).
 
-Simplifications: KV is counted in tokens, not 16-token blocks; requests sharing a prefix each hold
-their own KV (vLLM would share the blocks); the prefix cache is an LRU of block hashes beside the KV
-cache, whose hits skip prefill compute.
+Simplifications: KV is counted in tokens, not 16-token blocks, and a request reserves its whole
+prompt's KV when admitted; requests sharing a prefix each hold their own KV (vLLM would share the
+blocks); the prefix cache is an LRU of block hashes beside the KV cache whose hits skip prefill
+compute.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +50,13 @@ class EventKind(str, Enum):
     failed = "failed"
 
 
+class Phase(str, Enum):
+    waiting = "waiting"
+    prefill = "prefill"
+    decode = "decode"
+    done = "done"
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerEvent:
     """Something the driver reports to a request's client, at simulated ``time``."""
@@ -61,7 +72,11 @@ class SchedulerEvent:
 
 @dataclass(slots=True, eq=False)
 class SimRequest:
-    """A request inside the scheduler, with its progress."""
+    """A request inside the scheduler, with its progress.
+
+    While decoding, ``output_tokens``, ``computed`` and ``kv_tokens`` are as of decode step
+    ``tick0``; each step since then added one to each (see ``Scheduler._sync``).
+    """
 
     id: str
     prompt_tokens: int
@@ -74,8 +89,10 @@ class SimRequest:
     cached_tokens: int = -1  # prompt tokens the prefix cache served at first admission; -1: not yet
     preemptions: int = 0
     prefix_inserted: bool = False
-    order: int = 0  # position in the waiting queue among equal priorities (negative: preempted)
-    admit_seq: int = 0  # admission order in the running batch
+    phase: Phase = Phase.waiting
+    order: int = 0  # place in the waiting queue among equal priorities (negative: preempted)
+    admit_seq: int = 0  # admission order: the latest admitted is preempted first
+    tick0: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -100,20 +117,25 @@ class SchedulerStats:
 
 @dataclass(slots=True)
 class _Plan:
-    """The next engine step (or run of identical decode steps), decided at ``start``."""
+    """The next engine step, or run of identical decode steps, decided at ``start``."""
 
     start: float
-    duration: float
+    decode_batch: int  # decoding sequences in each step
+    decode_ctx: int  # KV tokens the decoding sequences read in the first step
+    duration: float = 0.0
     steps: int = 1  # >1 only for a run of pure decode steps
-    kv_first: int = 0  # decode run: KV tokens read by the first step
     preempted: list[SimRequest] = field(default_factory=list)
     failed: list[SimRequest] = field(default_factory=list)
     admitted: list[tuple[SimRequest, int]] = field(default_factory=list)  # (request, cached tokens)
-    scheduled: list[tuple[SimRequest, int, int]] = field(default_factory=list)  # (request, offset, tokens)
+    prefill: list[tuple[SimRequest, int, int]] = field(default_factory=list)  # (request, offset, tokens)
 
     @property
     def end(self) -> float:
         return self.start + self.duration
+
+    @property
+    def victims(self) -> list[SimRequest]:
+        return self.preempted + self.failed
 
 
 class PrefixCache:
@@ -151,6 +173,10 @@ def _wait_key(r: SimRequest) -> tuple[int, int]:
     return r.priority, r.order
 
 
+def _victim_key(r: SimRequest) -> tuple[int, int]:
+    return r.priority, r.admit_seq
+
+
 class Scheduler:
     """vLLM's scheduler on one simulated GPU; time is simulated seconds passed in by the caller.
 
@@ -186,10 +212,14 @@ class Scheduler:
         self.now = 0.0  # when the next step can start: the end of the last step executed
         self.kv_used = 0
         self.preemptions = self.finished = self.failed = self.prefix_hit_tokens = 0
-        self._running: list[SimRequest] = []  # admission order
-        self._waiting: list[SimRequest] = []  # sorted by (priority, order)
         self._requests: dict[str, SimRequest] = {}
-        self._pending: deque[SchedulerEvent] = deque()  # events of executed steps, time order
+        self._waiting: list[SimRequest] = []  # sorted by (priority, order)
+        self._prefilling: list[SimRequest] = []  # admission order
+        self._decoding: dict[str, SimRequest] = {}
+        self._tick = 0  # decode steps the decoding group has taken
+        self._decode_ctx = 0  # sum of (computed + 1) over decoding requests: what a decode step reads
+        self._finish_heap: list[tuple[int, int, SimRequest]] = []  # (finish tick, admit_seq, request)
+        self._pending: deque[SchedulerEvent] = deque()  # events of executed steps, in time order
         self._plan: _Plan | None = None
         self._seq = 0
 
@@ -207,8 +237,7 @@ class Scheduler:
         self._check_length(request)
         self._run_until(now)
         self.now = max(self.now, now)  # the GPU idled until this arrival
-        self._seq += 1
-        request.order = self._seq
+        request.order = self._next_seq()
         self._requests[request.id] = request
         bisect.insort(self._waiting, request, key=_wait_key)
         self._plan = None  # the next step may take the newcomer
@@ -219,10 +248,11 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is None:
             return None
-        if request in self._waiting:
+        if request.phase is Phase.waiting:
             self._waiting.remove(request)
         else:
             self._release(request)
+        request.phase = Phase.done
         self._plan = None
         return request
 
@@ -244,7 +274,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         """Return the state at the scheduler's clock (``self.now``)."""
         return SchedulerStats(
-            running=len(self._running),
+            running=len(self._decoding) + len(self._prefilling),
             waiting=len(self._waiting),
             kv_used_tokens=self.kv_used,
             kv_capacity_tokens=self.kv_capacity,
@@ -255,7 +285,7 @@ class Scheduler:
             prefix_hit_tokens=self.prefix_hit_tokens,
         )
 
-    # --- planning: pure, decides the next step at self.now ----------------------------------------
+    # --- planning: decides the next step at self.now, changes nothing but stale heap entries ------
 
     def _check_length(self, request: SimRequest) -> None:
         if request.prompt_tokens < 1 or request.max_tokens < 1:
@@ -269,93 +299,98 @@ class Scheduler:
 
     def _current_plan(self) -> _Plan | None:
         # A plan that only preempts takes no GPU time: apply it at once and plan again.
-        while self._plan is None and (self._running or self._waiting):
+        while self._plan is None and self._requests:
             plan = self._make_plan()
-            if plan.scheduled:
+            if plan.decode_batch or plan.prefill:
                 self._plan = plan
-            elif plan.preempted or plan.failed:
+            elif plan.victims:
                 self._execute(plan, 1)
             else:  # cannot happen: with nothing running, the head of the queue always fits
                 raise RuntimeError(f"scheduler stuck: {len(self._waiting)} waiting, nothing schedulable")
         return self._plan
 
     def _make_plan(self) -> _Plan:
-        plan = _Plan(start=self.now, duration=0.0)
-        running = list(self._running)
-        free = self.kv_capacity - self.kv_used
-        budget, free = self._schedule_running(plan, running, free)
-        if not plan.preempted and not plan.failed:
-            self._schedule_waiting(plan, running, free, budget)
-        if self._is_pure_decode(plan):
-            return self._decode_run(plan)
-        plan.duration = self._step_time(plan.scheduled)
-        return plan
-
-    def _schedule_running(self, plan: _Plan, running: list[SimRequest], free: int) -> tuple[int, int]:
-        """Give running requests their tokens, preempting when a decode finds no KV.
-
-        Returns the token budget and the KV tokens left for waiting requests.
-        """
-        budget, i = self.max_batched_tokens, 0
-        while i < len(running) and budget > 0:
-            r = running[i]
-            tokens = min(r.num_tokens - r.computed, budget)
-            need = r.computed + tokens - r.kv_tokens  # KV slots this step allocates (1 for a decode)
-            while need > free:
-                victim = max(running[i:], key=lambda q: (q.priority, q.admit_seq))
-                running.remove(victim)
-                free += victim.kv_tokens
-                over = victim.preemptions + 1 > self.max_preemptions
-                (plan.failed if over else plan.preempted).append(victim)
-                if victim is r:
-                    break
-            if i < len(running) and running[i] is r:
-                plan.scheduled.append((r, r.computed, tokens))
-                free -= max(need, 0)
+        plan = _Plan(start=self.now, decode_batch=len(self._decoding), decode_ctx=self._decode_ctx)
+        free = self._choose_victims(plan, self.kv_capacity - self.kv_used)
+        budget = self.max_batched_tokens - plan.decode_batch
+        victims = plan.victims
+        for r in self._prefilling:
+            if budget <= 0:
+                break
+            if r not in victims:
+                tokens = min(r.num_tokens - r.computed, budget)
+                plan.prefill.append((r, r.computed, tokens))
                 budget -= tokens
-                i += 1
-        return budget, free
+        if victims:  # as in vLLM: a step that preempts admits nobody
+            plan.duration = self._step_time(plan)
+            return plan
+        self._admit_waiting(plan, free, budget)
+        if plan.prefill or not plan.decode_batch:
+            plan.duration = self._step_time(plan)
+            return plan
+        return self._decode_run(plan, free)
 
-    def _schedule_waiting(self, plan: _Plan, running: list[SimRequest], free: int, budget: int) -> None:
-        """Admit waiting requests, in queue order, while their KV fits and seats and budget remain."""
+    def _choose_victims(self, plan: _Plan, free: int) -> int:
+        """Preempt until every decoding sequence has a free KV slot; return the slots left."""
+        if free >= plan.decode_batch:
+            return free
+        running = itertools.chain(self._decoding.values(), self._prefilling)
+        for victim in sorted(running, key=_victim_key, reverse=True):
+            if free >= plan.decode_batch:
+                break
+            kv = victim.kv_tokens
+            if victim.phase is Phase.decode:
+                kv += self._tick - victim.tick0
+                plan.decode_batch -= 1
+                plan.decode_ctx -= victim.computed + (self._tick - victim.tick0) + 1
+            free += kv
+            over = victim.preemptions + 1 > self.max_preemptions
+            (plan.failed if over else plan.preempted).append(victim)
+        return free
+
+    def _admit_waiting(self, plan: _Plan, free: int, budget: int) -> None:
+        """Admit waiting requests in queue order while seats, budget and KV for all their tokens last."""
+        running = len(self._decoding) + len(self._prefilling)
         for r in self._waiting:
-            if budget <= 0 or len(running) >= self.max_num_seqs or r.num_tokens > free:
+            if budget <= 0 or running >= self.max_num_seqs or r.num_tokens > free:
                 break
             blocks = self.prefix_cache.match(r.prefix_hashes)
             cached = min(blocks * self.prefix_cache.block_tokens, r.num_tokens - 1)
             tokens = min(r.num_tokens - cached, budget)
             plan.admitted.append((r, cached))
-            plan.scheduled.append((r, cached, tokens))
-            running.append(r)
+            plan.prefill.append((r, cached, tokens))
+            running += 1
             free -= r.num_tokens
             budget -= tokens
 
-    def _is_pure_decode(self, plan: _Plan) -> bool:
-        if plan.admitted or plan.preempted or plan.failed or len(plan.scheduled) != len(self._running):
-            return False
-        return all(tokens == 1 and offset + 1 == r.num_tokens for r, offset, tokens in plan.scheduled)
-
-    def _decode_run(self, plan: _Plan) -> _Plan:
+    def _decode_run(self, plan: _Plan, free: int) -> _Plan:
         """Extend a pure decode step until the first request finishes or the KV cache runs out."""
-        batch = len(plan.scheduled)
-        free = self.kv_capacity - self.kv_used
-        steps = min(min(r.max_tokens - r.output_tokens for r in self._running), free // batch)
-        plan.steps = max(1, steps)
-        plan.kv_first = sum(offset + 1 for _, offset, _ in plan.scheduled)
-        plan.duration = roofline.decode_steps_time_s(self.gpu, self.model, batch, plan.kv_first, plan.steps)
+        plan.steps = max(1, min(self._next_finish_tick() - self._tick, free // plan.decode_batch))
+        plan.duration = roofline.decode_steps_time_s(
+            self.gpu, self.model, plan.decode_batch, plan.decode_ctx, plan.steps
+        )
         return plan
 
-    def _step_time(self, scheduled: list[tuple[SimRequest, int, int]]) -> float:
-        prefill = decode = kv_read = 0
-        pairs = 0.0
-        for r, offset, tokens in scheduled:
-            if tokens == 1 and offset + 1 == r.num_tokens:
-                decode += 1
-            else:
-                prefill += tokens
+    def _next_finish_tick(self) -> int:
+        heap = self._finish_heap
+        while heap and not self._heap_entry_live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0]
+
+    @staticmethod
+    def _heap_entry_live(entry: tuple[int, int, SimRequest]) -> bool:
+        _, admit_seq, r = entry
+        return r.phase is Phase.decode and r.admit_seq == admit_seq
+
+    def _step_time(self, plan: _Plan) -> float:
+        prefill = sum(tokens for _, _, tokens in plan.prefill)
+        kv_read = pairs = plan.decode_ctx  # a decode query attends to each token of its context
+        for _, offset, tokens in plan.prefill:
             kv_read += offset + tokens
             pairs += tokens * offset + tokens * (tokens + 1) / 2
-        return roofline.step_time_s(self.gpu, self.model, prefill, decode, kv_read, attention_pairs=pairs)
+        return roofline.step_time_s(
+            self.gpu, self.model, prefill, plan.decode_batch, kv_read, attention_pairs=pairs
+        )
 
     # --- execution: applies plans, emits events ---------------------------------------------------
 
@@ -368,7 +403,7 @@ class Scheduler:
             steps = 1
             if plan.steps > 1:
                 steps = roofline.decode_steps_started(
-                    self.gpu, self.model, len(plan.scheduled), plan.kv_first, plan.steps, t - plan.start
+                    self.gpu, self.model, plan.decode_batch, plan.decode_ctx, plan.steps, t - plan.start
                 )
             self._execute(plan, steps)
             self._plan = None
@@ -380,41 +415,28 @@ class Scheduler:
             self._fail(r, plan.start)
         for r, cached in plan.admitted:
             self._admit(r, cached)
-        if steps > 1 or plan.steps > 1:
-            self._apply_decode_run(plan, steps)
-        else:
-            self._apply_step(plan)
-
-    def _apply_step(self, plan: _Plan) -> None:
         end = plan.end
-        for r, _, tokens in plan.scheduled:
+        if steps != plan.steps:
+            duration = roofline.decode_steps_time_s(self.gpu, self.model, plan.decode_batch, plan.decode_ctx, steps)
+            end = plan.start + duration
+        self._decode_steps(steps)
+        for r, _, tokens in plan.prefill:
             r.computed += tokens
-            self._grow_kv(r)
         self.now = end
-        for r, _, _ in plan.scheduled:
+        for r, _, _ in plan.prefill:
             if r.computed == r.num_tokens:
-                self._sample(r, end)
+                self._sample_first(r, end)
+        self._finish_due(end)
 
-    def _apply_decode_run(self, plan: _Plan, steps: int) -> None:
-        end = plan.start
-        end += roofline.decode_steps_time_s(self.gpu, self.model, len(plan.scheduled), plan.kv_first, steps)
-        for r, _, _ in plan.scheduled:
-            r.computed += steps
-            r.kv_tokens += steps
-            r.output_tokens += steps
-        self.kv_used += steps * len(plan.scheduled)
-        self.now = end
-        for r, _, _ in plan.scheduled:
-            if r.output_tokens >= r.max_tokens:
-                self._finish(r, end)
+    def _decode_steps(self, steps: int) -> None:
+        """Advance every decoding sequence by ``steps`` tokens (each takes one more KV slot per step)."""
+        batch = len(self._decoding)
+        self._tick += steps
+        self.kv_used += batch * steps
+        self._decode_ctx += batch * steps
 
-    def _grow_kv(self, r: SimRequest) -> None:
-        if r.computed > r.kv_tokens:
-            self.kv_used += r.computed - r.kv_tokens
-            r.kv_tokens = r.computed
-
-    def _sample(self, r: SimRequest, t: float) -> None:
-        """Sample a token after the step that computed all of ``r``'s known tokens."""
+    def _sample_first(self, r: SimRequest, t: float) -> None:
+        """Sample the token that ends ``r``'s prefill; it then decodes with the group or is done."""
         if not r.prefix_inserted and r.prefix_hashes:
             self.prefix_cache.insert(r.prefix_hashes)
             r.prefix_inserted = True
@@ -423,6 +445,19 @@ class Scheduler:
             self._emit(EventKind.first_token, r, t)
         if r.output_tokens >= r.max_tokens:
             self._finish(r, t)
+            return
+        self._prefilling.remove(r)
+        r.phase, r.tick0 = Phase.decode, self._tick
+        self._decoding[r.id] = r
+        self._decode_ctx += r.computed + 1
+        heapq.heappush(self._finish_heap, (self._tick + r.max_tokens - r.output_tokens, r.admit_seq, r))
+
+    def _finish_due(self, t: float) -> None:
+        heap = self._finish_heap
+        while heap and heap[0][0] <= self._tick:
+            entry = heapq.heappop(heap)
+            if self._heap_entry_live(entry):
+                self._finish(entry[2], t)
 
     def _admit(self, r: SimRequest, cached: int) -> None:
         self._waiting.remove(r)
@@ -434,13 +469,26 @@ class Scheduler:
         r.computed = cached
         r.kv_tokens = r.num_tokens
         self.kv_used += r.kv_tokens
-        self._seq += 1
-        r.admit_seq = self._seq
-        self._running.append(r)
+        r.admit_seq = self._next_seq()
+        r.phase = Phase.prefill
+        self._prefilling.append(r)
+
+    def _sync(self, r: SimRequest) -> None:
+        """Bring a decoding request's counters up to the group's current step."""
+        delta = self._tick - r.tick0
+        r.output_tokens += delta
+        r.computed += delta
+        r.kv_tokens += delta
+        r.tick0 = self._tick
 
     def _release(self, r: SimRequest) -> None:
         """Take ``r`` out of the running batch and free its KV."""
-        self._running.remove(r)
+        if r.phase is Phase.decode:
+            self._sync(r)
+            del self._decoding[r.id]
+            self._decode_ctx -= r.computed + 1
+        else:
+            self._prefilling.remove(r)
         self.kv_used -= r.kv_tokens
         r.kv_tokens = r.computed = 0
 
@@ -449,8 +497,8 @@ class Scheduler:
         self._release(r)
         r.preemptions += 1
         self.preemptions += 1
-        self._seq += 1
-        r.order = -self._seq  # ahead of every arrival of its priority, latest preempted first
+        r.phase = Phase.waiting
+        r.order = -self._next_seq()  # ahead of every arrival of its priority, latest preempted first
         bisect.insort(self._waiting, r, key=_wait_key)
 
     def _fail(self, r: SimRequest, t: float) -> None:
@@ -458,16 +506,24 @@ class Scheduler:
         r.preemptions += 1
         self.preemptions += 1
         self.failed += 1
-        del self._requests[r.id]
+        self._end(r)
         error = f"KV cache exhausted: preempted {r.preemptions} times on {self.gpu.name}"
         self._emit(EventKind.failed, r, t, error)
 
     def _finish(self, r: SimRequest, t: float) -> None:
         self._release(r)
         self.finished += 1
-        del self._requests[r.id]
+        self._end(r)
         self._emit(EventKind.finished, r, t)
+
+    def _end(self, r: SimRequest) -> None:
+        r.phase = Phase.done
+        del self._requests[r.id]
 
     def _emit(self, kind: EventKind, r: SimRequest, t: float, error: str | None = None) -> None:
         cached = max(r.cached_tokens, 0)
         self._pending.append(SchedulerEvent(kind, r.id, t, r.output_tokens, cached, r.preemptions, error))
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq

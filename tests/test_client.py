@@ -1,0 +1,214 @@
+"""The sync client on a real Redis, against EchoBackend (the real finish script, no inference)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from client import (
+    Client,
+    ClientSettings,
+    JobCancelled,
+    JobFailed,
+    JobRejected,
+    JobStatus,
+    Request,
+    ResultTimeout,
+    Tier,
+)
+from client.testing import EchoBackend
+from protocol.models import JobResult
+from protocol.scripts import Scripts
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client_settings(settings) -> ClientSettings:
+    # A short poll interval keeps the lost-notice tests fast.
+    return ClientSettings(**settings.model_dump(), poll_interval_s=0.2)
+
+
+@pytest.fixture
+def backend(client_settings):
+    with EchoBackend(client_settings) as b:
+        yield b
+
+
+@pytest.fixture
+def client(client_settings):
+    with Client(client_settings) as c:
+        yield c
+
+
+def test_submit_returns_the_completed_result(backend, client):
+    result = client.submit("hello", max_tokens=8).result(timeout=5)
+    assert result.status is JobStatus.completed
+    assert result.output == "echo: hello"
+    assert result.worker == "echo-worker"
+    sent = backend.seen[0]
+    assert (sent.max_tokens, sent.model, sent.tier, sent.reply_to) == (8, "llama-3.2-3b", Tier.interactive,
+                                                                       client.client_id)
+
+
+def test_submit_writes_the_job_hash_and_the_intake_entry(client):
+    handle = client.submit(prompt_token_ids=[5, 6], tier="batch", metadata={"user": "u1"}, id="job-1")
+    fields = client.redis.hgetall(client.keys.job("job-1"))
+    assert fields["status"] == "queued"
+    assert (fields["tier"], fields["reply_to"]) == ("batch", client.client_id)
+    [(_id, entry)] = client.redis.xrange(client.keys.intake)
+    assert Request.model_validate_json(entry["req"]) == handle.request
+    assert handle.status() is JobStatus.queued and not handle.done()
+
+
+def test_token_id_prompts_round_trip(backend, client):
+    result = client.submit(prompt_token_ids=[1, 2, 3]).result(timeout=5)
+    assert result.output_token_ids == [3, 2, 1]
+    assert client.get(result.id).output_token_ids == [3, 2, 1]
+
+
+def test_submit_many_resolves_2000_jobs_through_one_reply_stream(backend, client):
+    handles = client.submit_many([{"prompt": f"p{i}"} for i in range(2000)])
+    results = client.wait_all(handles, timeout=30)
+    assert [r.output for r in results] == [f"echo: p{i}" for i in range(2000)]
+    assert all(h.done() for h in handles[:5])
+    # One reader thread and, besides it, one connection for commands: not one per job.
+    readers = [t for t in threading.enumerate() if t.name.startswith("dio-reply-reader:")
+               and client.client_id in t.name]
+    assert len(readers) == 1
+    names = [c["name"] for c in client.redis.client_list() if c["name"] == f"dio-client:{client.client_id}"]
+    assert 1 <= len(names) <= 2
+
+
+def test_as_completed_yields_every_handle_once(backend, client):
+    handles = client.submit_many([{"prompt": f"q{i}"} for i in range(50)])
+    seen = [h.id for h in client.as_completed(handles, timeout=10)]
+    assert sorted(seen) == sorted(h.id for h in handles)
+
+
+def test_rejected_job_raises_with_its_reason(backend, client):
+    handle = client.submit("reject me")
+    with pytest.raises(JobRejected) as info:
+        handle.result(timeout=5)
+    assert info.value.reason == "overloaded: no worker has room"
+    assert info.value.retry_after_s == 2.5
+    assert "retry after 2.5 s" in str(info.value)
+    assert handle.result(raise_on_error=False).status is JobStatus.rejected
+
+
+def test_failed_job_raises_with_its_error(backend, client):
+    with pytest.raises(JobFailed) as info:
+        client.submit("fail me").result(timeout=5)
+    assert info.value.error == "CUDA out of memory"
+    assert "echo-worker" in str(info.value)
+
+
+def test_result_times_out_on_a_job_that_never_ends(backend, client):
+    handle = client.submit("hang")
+    start = time.monotonic()
+    with pytest.raises(ResultTimeout) as info:
+        handle.result(timeout=0.3)
+    assert 0.3 <= time.monotonic() - start < 2
+    assert info.value.job_id == handle.id and info.value.status == "queued"
+
+
+def test_cancel_before_completion_is_final(backend, client, client_settings):
+    handle = client.submit("hang")
+    assert handle.cancel() is True
+    with pytest.raises(JobCancelled):
+        handle.result(timeout=2)
+    assert handle.cancel() is False
+    # The worker finishing later cannot overwrite the cancellation.
+    late = JobResult(id=handle.id, status=JobStatus.completed, output="too late")
+    assert Scripts(client.redis, client.keys).finish(client.redis, late, client.client_id) == 0
+    assert client.get(handle.id).status is JobStatus.cancelled
+
+
+def test_cancel_after_completion_returns_false(backend, client):
+    handle = client.submit("quick")
+    handle.result(timeout=5)
+    assert handle.cancel() is False
+    assert client.cancel("no-such-job") is False
+
+
+def test_lost_notices_are_found_by_polling_the_job_hash(client_settings, client):
+    with EchoBackend(client_settings, notify=False):
+        start = time.monotonic()
+        assert client.submit("lost").result(timeout=5).output == "echo: lost"
+        assert time.monotonic() - start < 2
+        handles = client.submit_many([{"prompt": f"l{i}"} for i in range(20)])
+        assert len(client.wait_all(handles, timeout=5)) == 20
+
+
+def test_deleted_reply_stream_does_not_lose_results(client_settings, client):
+    with EchoBackend(client_settings, delay_s=0.2):
+        handle = client.submit("deleted")
+        client.redis.delete(client.reply_stream)
+        assert handle.result(timeout=5).output == "echo: deleted"
+
+
+def test_outputs_that_look_like_json_stay_text(client_settings, client):
+    def decide(req: Request) -> JobResult:
+        return JobResult(id=req.id, status=JobStatus.completed, output='{"a": [1, 2]}')
+
+    with EchoBackend(client_settings, decide):
+        handle = client.submit("json please")
+        assert handle.result(timeout=5).output == '{"a": [1, 2]}'
+    assert client.get(handle.id).output == '{"a": [1, 2]}'
+
+
+def test_get_reads_the_job_hash(backend, client):
+    assert client.get("unknown") is None
+    handle = client.submit("x")
+    handle.result(timeout=5)
+    stored = client.get(handle.id)
+    assert stored.status is JobStatus.completed and stored.output == "echo: x" and stored.submitted_at
+
+
+def test_close_stops_the_reader_and_deletes_the_reply_stream(backend, client_settings):
+    client = Client(client_settings)
+    client.submit("bye").result(timeout=5)
+    start = time.monotonic()
+    client.close()
+    assert time.monotonic() - start < 1.5
+    assert not any(client.client_id in t.name for t in threading.enumerate())
+    with Client(client_settings) as other:
+        assert other.redis.exists(client.reply_stream) == 0
+    with pytest.raises(RuntimeError):
+        client.submit("after close")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": "x", "id": "bad id!"}, "id"),
+        ({"prompt": "x", "prompt_token_ids": [1]}, "exactly one"),
+        ({}, "exactly one"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "temperature": 3.0}, "temperature"),
+    ],
+)
+def test_invalid_requests_raise_before_touching_redis(kwargs, message):
+    # Nothing listens on port 1: any Redis command would raise ConnectionError instead.
+    with Client(ClientSettings(redis_url="redis://127.0.0.1:1/0")) as client:
+        with pytest.raises(ValidationError, match=message):
+            client.submit(**kwargs)
+
+
+def test_one_invalid_request_sends_none_of_the_batch(client):
+    with pytest.raises(ValueError):
+        client.submit_many([{"prompt": "ok"}, {"prompt": "bad", "max_tokens": 0}])
+    with pytest.raises(ValueError, match="twice"):
+        client.submit_many([{"prompt": "a", "id": "same"}, {"prompt": "b", "id": "same"}])
+    assert client.redis.xlen(client.keys.intake) == 0
+
+
+def test_constructor_overrides_and_environment(monkeypatch, redis_url):
+    monkeypatch.setenv("DIO_MODEL", "llama-3.1-8b")
+    monkeypatch.setenv("DIO_MAX_TOKENS", "64")
+    with Client(redis_url=redis_url, key_prefix="{x}:") as client:
+        assert (client.settings.model, client.settings.max_tokens) == ("llama-3.1-8b", 64)
+        assert client.keys.intake == "{x}:intake"

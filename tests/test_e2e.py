@@ -1,0 +1,142 @@
+"""The whole pipeline on the real Redis: client → intake → dispatcher → worker queue → worker → client.
+
+Every process is real (started like an operator starts it, ``python -m ops.cli ...``) and runs
+simulated GPUs at a high time scale so the tests stay short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from client import Client, JobRejected
+from ops.local_cluster import LocalCluster, WorkerSpec
+from protocol.keys import Keys
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TIME_SCALE = "200"
+
+
+@pytest.fixture
+def cluster(redis_url: str, redis_prefix: str):
+    running = LocalCluster(redis_url, [WorkerSpec("H100", 1), WorkerSpec("T4", 1)], key_prefix=redis_prefix,
+                           time_scale=float(TIME_SCALE))
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_submit_to_result(cluster: LocalCluster, redis_url: str, redis_prefix: str):
+    with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+        result = dio.submit("hello", max_tokens=16).result(timeout=30)
+    assert result.status.value == "completed"
+    assert result.output_tokens == 16
+    assert result.worker in {"H100-1", "T4-1"}
+    assert result.submitted_at <= result.dispatched_at <= result.started_at <= result.finished_at
+
+
+def test_many_requests_all_end_exactly_once(cluster: LocalCluster, redis_url: str, redis_prefix: str):
+    with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+        handles = dio.submit_many([{"prompt": "x", "num_prompt_tokens": 500, "max_tokens": 50} for _ in range(300)])
+        results = dio.wait_all(handles, timeout=60)
+    assert [r.status.value for r in results] == ["completed"] * 300
+    assert {r.worker for r in results} == {"H100-1", "T4-1"}
+
+
+def test_too_large_for_every_worker_is_rejected_with_a_reason(cluster, redis_url, redis_prefix):
+    with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+        with pytest.raises(JobRejected) as caught:
+            dio.submit("x", num_prompt_tokens=250_000, max_tokens=1000).result(timeout=30)
+    assert "too large for every worker" in caught.value.reason
+
+
+def test_malformed_intake_entries_do_not_stop_the_dispatcher(cluster, redis_url, redis_prefix):
+    keys = Keys(redis_prefix)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    raw.xadd(keys.intake, {"req": "not json"})
+    raw.xadd(keys.intake, {"nothing": "here"})
+    raw.xadd(keys.intake, {"req": json.dumps({"id": "bad-1", "prompt": "x", "max_tokens": -5})})
+    raw.xadd(keys.intake, {"req": json.dumps({"id": "bad-2", "prompt": "x", "evil": "__import__('os')"})})
+    with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+        assert dio.submit("still alive", max_tokens=4).result(timeout=30).status.value == "completed"
+        assert dio.get("bad-1").status.value == "rejected"
+        assert "max_tokens" in dio.get("bad-1").reason
+        assert "evil" in dio.get("bad-2").reason
+    assert raw.xlen(keys.deadletter) == 2
+
+
+def test_a_workers_queue_never_exceeds_its_bound(redis_url: str, redis_prefix: str):
+    keys = Keys(redis_prefix)
+    running = LocalCluster(redis_url, [WorkerSpec("L4", 1)], key_prefix=redis_prefix, time_scale=20.0,
+                           worker_args=["--max-num-seqs", "4"])
+    running.start()
+    try:
+        raw = redis.Redis.from_url(redis_url, decode_responses=True)
+        with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+            handles = dio.submit_many([{"prompt": "x", "num_prompt_tokens": 200, "max_tokens": 40}
+                                       for _ in range(60)])
+            depths = []
+            while not all(h.done() for h in handles):
+                depths.append(raw.xlen(keys.queue("L4-1")))
+                time.sleep(0.01)
+            results = dio.wait_all(handles, timeout=60)
+        assert all(r.status.value == "completed" for r in results)
+        assert max(depths) <= 4 + 2  # engine slots + prefetch; the rest waited in the dispatcher
+        assert max(depths) >= 1
+    finally:
+        running.stop()
+
+
+def test_a_killed_worker_loses_nothing(redis_url: str, redis_prefix: str):
+    running = LocalCluster(redis_url, [WorkerSpec("L4", 1), WorkerSpec("T4", 1)], key_prefix=redis_prefix,
+                           time_scale=10.0)
+    running.start()
+    try:
+        with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+            handles = dio.submit_many([{"prompt": "x", "num_prompt_tokens": 300, "max_tokens": 200}
+                                       for _ in range(40)])
+            time.sleep(1.0)
+            victim = running.processes[1]  # the L4 worker, mid-run
+            os.killpg(victim.pid, signal.SIGKILL)
+            results = dio.wait_all(handles, timeout=90)
+        assert [r.status.value for r in results] == ["completed"] * 40
+        assert any(r.attempts and r.attempts > 1 for r in (dio_get_all(redis_url, redis_prefix, handles)))
+    finally:
+        running.stop()
+
+
+def dio_get_all(redis_url, redis_prefix, handles):
+    with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+        return [dio.get(h.id) for h in handles]
+
+
+def test_predictor_state_survives_a_dispatcher_restart(redis_url: str, redis_prefix: str):
+    keys = Keys(redis_prefix)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    running = LocalCluster(redis_url, [WorkerSpec("H100", 1)], key_prefix=redis_prefix, time_scale=100.0)
+    running.start()
+    try:
+        with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+            dio.wait_all(dio.submit_many([{"prompt": "x", "max_tokens": 20} for _ in range(20)]), timeout=30)
+        dispatcher = running.processes[0]
+        dispatcher.send_signal(signal.SIGTERM)
+        dispatcher.wait(timeout=10)
+        saved = json.loads(raw.hget(keys.predictor, "H100-1"))
+        assert saved["seen"] >= 20
+        env = running.env()
+        restarted = subprocess.Popen([sys.executable, "-m", "ops.cli", "dispatcher"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        running.processes.append(restarted)
+        with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+            assert dio.submit("after restart", max_tokens=5).result(timeout=30).status.value == "completed"
+    finally:
+        running.stop()
+    assert "restored (2" in restarted.stderr.read()
