@@ -227,7 +227,7 @@ class WorkerDaemon:
         pipe = self.redis.pipeline(transaction=False)
         now = time.time()
         for _, request in parsed:
-            self.scripts.start(pipe, request.id, self.worker_id, now)
+            await self.scripts.start(pipe, request.id, self.worker_id, now)  # async scripts queue when awaited
         allowed = await pipe.execute()
         for (entry_id, request), ok in zip(parsed, allowed, strict=True):
             if ok == 1:
@@ -320,8 +320,8 @@ class WorkerDaemon:
         queue = self.keys.queue(self.worker_id)
         pipe = self.redis.pipeline(transaction=False)
         for f in batch:
-            self.scripts.finish(pipe, f.result, f.reply_to, ack_stream=queue, ack_group=QUEUE_GROUP,
-                                ack_entry=f.entry_id, completion=f.completion, job_ttl_s=self.settings.job_ttl_s)
+            await self.scripts.finish(pipe, f.result, f.reply_to, ack_stream=queue, ack_group=QUEUE_GROUP,
+                                      ack_entry=f.entry_id, completion=f.completion, job_ttl_s=self.settings.job_ttl_s)
         try:
             await pipe.execute()
         except (aioredis.ConnectionError, aioredis.TimeoutError):

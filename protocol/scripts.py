@@ -23,6 +23,10 @@ TERMINAL_FIELDS = (
 )
 
 
+# Job-hash fields a result notice carries (every JobResult field but the schema version and id).
+NOTICE_FIELDS = ",".join(name for name in JobResult.model_fields if name not in ("v", "id"))
+
+
 def _stamp(now: float | None) -> str:
     return repr(now if now is not None else time.time())
 
@@ -86,7 +90,7 @@ class Scripts:
                 value = data[name]
                 fields += [name, json.dumps(value) if isinstance(value, list) else str(value)]
         worker = result.worker or "-"
-        notice = result.to_json() if reply_to else ""
+        notice = NOTICE_FIELDS if reply_to else ""
         return self._finish(
             keys=[k.job(result.id), k.reserved(worker), ack_stream or k.intake, k.completions,
                   k.reply(reply_to or "-")],

@@ -266,7 +266,7 @@ async def test_errors_are_translated(
 @module_loop
 async def test_waiting_requests_show_as_waiting(standin: tuple[VllmEngine, StandinBackend]) -> None:
     eng, _ = standin  # max_num_seqs=8
-    task = asyncio.gather(*(eng.generate(_request(f"q-{i}", max_tokens=30)) for i in range(12)))
+    task = asyncio.gather(*(eng.generate(_request(f"q-{i}", max_tokens=200)) for i in range(12)))
     await asyncio.sleep(0.01)
     stats = eng.stats()
     assert (stats.running, stats.waiting) == (8, 4)

@@ -4,7 +4,8 @@
 -- KEYS[1] job hash           KEYS[2] reservations hash of the worker (any key when none)
 -- KEYS[3] stream to ack      KEYS[4] completions stream      KEYS[5] client's reply stream
 -- ARGV[1] group of KEYS[3]   ARGV[2] entry id to ack ('' = none)   ARGV[3] job id
--- ARGV[4] job TTL seconds    ARGV[5] completion JSON ('' = none)   ARGV[6] notice JSON ('' = none)
+-- ARGV[4] job TTL seconds    ARGV[5] completion JSON ('' = none)
+-- ARGV[6] comma-separated job-hash fields to send as the client's notice ('' = no notice)
 -- ARGV[7] reply stream max length   ARGV[8] reply stream TTL seconds   ARGV[9] completions max length
 -- ARGV[10..] field, value pairs for the job hash (must include 'status')
 -- Returns 1 written, 0 already terminal.
@@ -25,7 +26,16 @@ if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'c', ARGV[5])
 end
 if ARGV[6] ~= '' then
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'r', ARGV[6])
+  -- The notice is the whole terminal state as the job hash now holds it (timings written by the
+  -- client, dispatcher and worker included), as JSON.
+  local notice = {v = 1, id = ARGV[3]}
+  for name in string.gmatch(ARGV[6], '[^,]+') do
+    local value = redis.call('HGET', KEYS[1], name)
+    if value == '[]' then value = nil end  -- cjson would encode an empty table as an object
+    if value and name == 'output_token_ids' then value = cjson.decode(value) end
+    if value then notice[name] = value end
+  end
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'r', cjson.encode(notice))
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[8]))
 end
 return 1
