@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
 from client.client import CLIENT_NAME_PREFIX, resolve_settings, submit_fields
 from client.exceptions import JobNotFound, ResultTimeout

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 BATCH_QUEUE = "dio-batch"  # the RQ queue of batch runner jobs
 SUBMIT_GROUP = 64  # lines submitted per round trip
+RATE_GROUP_S = 0.1  # under a rate limit, a round trip submits this many seconds' worth of lines
 PROGRESS_SAVE_INTERVAL_S = 0.25  # the batch hash is rewritten at most this often
 META_SAVE_INTERVAL_S = 1.0  # the RQ job's meta is rewritten at most this often
 BATCH_STALE_S = 30.0  # a "running" batch whose heartbeat is older than this has no live runner
@@ -126,6 +127,11 @@ def claim_batch(client: Client, batch_id: str, fields: dict[str, Any]) -> None:
 # --- the runner ---------------------------------------------------------------------------------
 
 
+def group_for_rate(rate_limit: float | None) -> int:
+    """Lines per submission under a rate limit: about RATE_GROUP_S worth, so pacing stays smooth."""
+    return SUBMIT_GROUP if not rate_limit else max(1, int(rate_limit * RATE_GROUP_S))
+
+
 class BatchRunner:
     """Submit one batch's lines, keep at most ``concurrency`` in flight, write each result."""
 
@@ -140,7 +146,7 @@ class BatchRunner:
         self.rate_limit = rate_limit
         self.progress_cb = progress_cb
         self.max_line_bytes = max_line_bytes
-        self.group_size = min(SUBMIT_GROUP, concurrency, max(1, int(rate_limit or SUBMIT_GROUP)))
+        self.group_size = min(SUBMIT_GROUP, concurrency, group_for_rate(rate_limit))
         self.cancelled = False
         self._group: list[tuple[BatchLine, Request]] = []
         self._in_flight: dict[str, tuple[BatchLine, Request, JobHandle]] = {}
@@ -348,6 +354,7 @@ def final_status(runner: BatchRunner, progress: BatchProgress) -> str:
 
 def _abandon(runner: BatchRunner) -> None:
     """Cancel an interrupted runner's in-flight jobs; a rerun submits them again."""
+    runner.progress_cb = None  # it may be what raised
     try:
         runner.cancel_in_flight()
     except (redis.RedisError, OSError) as exc:
@@ -364,7 +371,7 @@ def _finish(client: Client, runner: BatchRunner, progress: BatchProgress) -> Non
         client.redis.expire(client.keys.batch(runner.batch_id), BATCH_HASH_TTL_S)
     except redis.RedisError as exc:
         log.warning("batch %s: could not record its final state: %s", runner.batch_id, exc)
-    if runner.progress_cb is not None:
+    if runner.progress_cb is not None and progress.status != "interrupted":
         runner.progress_cb(progress)
 
 

@@ -38,8 +38,9 @@ class Cluster:
         self.waiting = np.zeros(0, dtype=np.int64)
         self.kv_usage = np.zeros(0)
         self.service_ms = np.zeros(0)  # recent mean service time, for queue-wait estimates
-        # Per-worker reservations by job id, so a completion releases exactly what was reserved.
-        self.reservations: list[dict[str, int]] = []
+        # Per-worker reservations by job id, so a completion releases exactly what was reserved,
+        # with the KV in flight on the worker when it was sent (the predictor's load feature).
+        self.reservations: list[dict[str, tuple[int, float]]] = []
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,30 +87,36 @@ class Cluster:
         self.waiting[row] = telemetry.waiting
         self.kv_usage[row] = telemetry.kv_usage
 
+    def load_with(self, kv_tokens: int) -> np.ndarray:
+        """KV tokens each worker would have in flight with a new request of ``kv_tokens``."""
+        return self.reserved_kv + kv_tokens
+
     def reserve(self, row: int, job_id: str, kv_tokens: int) -> None:
         """Count a job sent to a worker until its completion comes back."""
-        self.reservations[row][job_id] = kv_tokens
         self.reserved_kv[row] += kv_tokens
+        self.reservations[row][job_id] = (kv_tokens, float(self.reserved_kv[row]))
         self.outstanding[row] += 1
 
-    def release(self, row: int, job_id: str) -> bool:
-        """Release a finished job's reservation; False if it was not held (already released)."""
-        kv_tokens = self.reservations[row].pop(job_id, None)
-        if kv_tokens is None:
-            return False
-        self.reserved_kv[row] -= kv_tokens
+    def release(self, row: int, job_id: str) -> float | None:
+        """Release a finished job's reservation; return its load at dispatch (None if not held)."""
+        held = self.reservations[row].pop(job_id, None)
+        if held is None:
+            return None
+        self.reserved_kv[row] -= held[0]
         self.outstanding[row] -= 1
-        return True
+        return held[1]
 
     def sync_reservations(self, row: int, held: dict[str, int]) -> None:
         """Replace a worker's reservations with the ones Redis holds (the source of truth)."""
-        self.reservations[row] = dict(held)
-        self.reserved_kv[row] = sum(held.values())
+        total = sum(held.values())
+        known = self.reservations[row]
+        self.reservations[row] = {job: known.get(job, (kv, float(total))) for job, kv in held.items()}
+        self.reserved_kv[row] = total
         self.outstanding[row] = len(held)
 
-    def learn(self, row: int, prompt_tokens: int, output_tokens: int, service_ms: float) -> float:
+    def learn(self, row: int, prompt_tokens: int, output_tokens: int, service_ms: float, load: float) -> float:
         """Feed one completion to the worker's predictor; return the prediction error (ms)."""
         alpha = 0.1
         previous = self.service_ms[row]
         self.service_ms[row] = service_ms if previous == 0 else (1 - alpha) * previous + alpha * service_ms
-        return self.predictor.update(row, prompt_tokens, output_tokens, service_ms)
+        return self.predictor.update(row, prompt_tokens, output_tokens, service_ms, load)

@@ -14,8 +14,12 @@ feature, which absorbs the fixed per-request cost (scheduling, first step) that 
 slope cannot. Both predictors start from the first completion (``s = y/N``, ``b = 0``) rather
 than from zero, so no offline profiling is needed and the first prediction is already in range.
 
-``vector`` — the natural extension: features ``x = (prompt tokens / 1000, output tokens / 100, 1)``
-(at prediction time the output is the request's ``max_tokens``), weights learned by normalized LMS
+``vector`` — the natural extension: features ``x = (prompt tokens / 1000, output tokens / 100, 1,
+output tokens / 100 × KV tokens in flight / 100k)`` (at prediction time the output is the
+request's ``max_tokens`` and the load is the worker's reserved KV with this request). The last
+term is continuous batching's physics: every decode step reads the KV of the whole batch, so a
+token costs more the more KV is in flight. It makes the prediction react to load at the moment
+of the decision, not only after slow completions come back. Weights learned by normalized LMS
 ``w ← w + μ·e·x / (ε + x·x)`` at the same two timescales (μ_fast, μ_slow), mixed 0.8 / 0.2.
 Prefill and decode cost differ by orders of magnitude per token, so one slope over N cannot fit
 both; two slopes can.
@@ -64,21 +68,29 @@ class Predictor:
         self.slow = np.delete(self.slow, row, axis=0)
         self.seen = np.delete(self.seen, row)
 
-    def features(self, prompt_tokens: float, output_tokens: float) -> np.ndarray:
+    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> np.ndarray:
+        """Feature vector of a request; ``load`` is the worker's KV tokens in flight with it."""
         raise NotImplementedError
 
-    def predict_all(self, prompt_tokens: float, output_tokens: float) -> np.ndarray:
-        """Predicted latency (ms) of one request on every row."""
-        x = self.features(prompt_tokens, output_tokens)
-        return (FAST_WEIGHT * self.fast + SLOW_WEIGHT * self.slow) @ x
+    def predict_all(self, prompt_tokens: float, output_tokens: float, loads: np.ndarray | None = None) -> np.ndarray:
+        """Predicted latency (ms) of one request on every row (``loads``: each row's KV in flight)."""
+        weights = FAST_WEIGHT * self.fast + SLOW_WEIGHT * self.slow
+        if loads is None:
+            return weights @ self.features(prompt_tokens, output_tokens)
+        return (weights * self._features_many(prompt_tokens, output_tokens, loads)).sum(axis=1)
 
-    def predict(self, row: int, prompt_tokens: float, output_tokens: float) -> float:
-        x = self.features(prompt_tokens, output_tokens)
+    def _features_many(self, prompt_tokens: float, output_tokens: float, loads: np.ndarray) -> np.ndarray:
+        """Feature rows for one request at each worker's load (one row per load)."""
+        return np.broadcast_to(self.features(prompt_tokens, output_tokens), (len(loads), self.dims))
+
+    def predict(self, row: int, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> float:
+        x = self.features(prompt_tokens, output_tokens, load)
         return float((FAST_WEIGHT * self.fast[row] + SLOW_WEIGHT * self.slow[row]) @ x)
 
-    def update(self, row: int, prompt_tokens: float, output_tokens: float, latency_ms: float) -> float:
+    def update(self, row: int, prompt_tokens: float, output_tokens: float, latency_ms: float,
+               load: float = 0.0) -> float:
         """Learn one completion; return the prediction error (ms) made before learning it."""
-        x = self.features(prompt_tokens, output_tokens)
+        x = self.features(prompt_tokens, output_tokens, load)
         if self.seen[row] == 0:
             self._warm_start(row, x, latency_ms)
             self.seen[row] = 1
@@ -118,8 +130,9 @@ class SeedNLMS(Predictor):
     MU_SLOW = 0.01
     MU_BIAS = 0.1
 
-    def features(self, prompt_tokens: float, output_tokens: float) -> np.ndarray:
-        # ŷ = s·N + b: the bias column is 1; 0.8·b + 0.2·b = b since both rows hold the same b.
+    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> np.ndarray:
+        # The seed's model has no load term. ŷ = s·N + b: the bias column is 1, and
+        # 0.8·b + 0.2·b = b since both rows hold the same b.
         return np.array([prompt_tokens + output_tokens, 1.0])
 
     def _warm_start(self, row: int, x: np.ndarray, latency_ms: float) -> None:
@@ -140,12 +153,23 @@ class VectorNLMS(Predictor):
     """Normalized LMS over (prompt/1000, output/100, 1) at two timescales."""
 
     kind = "vector"
-    dims = 3
+    dims = 4
     MU_FAST = 1.0
     MU_SLOW = 0.1
+    LOAD_UNIT_TOKENS = 100_000.0
 
-    def features(self, prompt_tokens: float, output_tokens: float) -> np.ndarray:
-        return np.array([prompt_tokens / 1000.0, output_tokens / 100.0, 1.0])
+    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> np.ndarray:
+        out = output_tokens / 100.0
+        return np.array([prompt_tokens / 1000.0, out, 1.0, out * load / self.LOAD_UNIT_TOKENS])
+
+    def _features_many(self, prompt_tokens: float, output_tokens: float, loads: np.ndarray) -> np.ndarray:
+        out = output_tokens / 100.0
+        xs = np.empty((len(loads), 4))
+        xs[:, 0] = prompt_tokens / 1000.0
+        xs[:, 1] = out
+        xs[:, 2] = 1.0
+        xs[:, 3] = out * np.asarray(loads, dtype=float) / self.LOAD_UNIT_TOKENS
+        return xs
 
     def _warm_start(self, row: int, x: np.ndarray, latency_ms: float) -> None:
         # Spread the first latency over the features in proportion to their size: a fair prior

@@ -18,7 +18,8 @@ def predicted_ms(request: Request, cluster: Cluster, rows: np.ndarray) -> np.nda
     A cold worker (no completion yet) is neither shunned nor flooded: it is priced like an
     average worker, so it receives traffic and its predictor warms up.
     """
-    pred = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens)[rows]
+    loads = cluster.load_with(request.kv_tokens)
+    pred = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, loads)[rows]
     warm = cluster.predictor.seen[rows] > 0
     if not warm.all():
         pred[~warm] = pred[warm].mean() if warm.any() else 0.0
@@ -112,8 +113,9 @@ class PrefixAffinity(Scorer):
 
     @staticmethod
     def _prompt_ms_per_token(request: Request, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
-        with_prompt = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens)[rows]
-        without = cluster.predictor.predict_all(0, request.max_tokens)[rows]
+        loads = cluster.load_with(request.kv_tokens)
+        with_prompt = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, loads)[rows]
+        without = cluster.predictor.predict_all(0, request.max_tokens, loads)[rows]
         return np.maximum(with_prompt - without, 0.0) / max(request.prompt_tokens, 1)
 
 

@@ -265,9 +265,10 @@ class Dispatcher:
             row = self.cluster.index.get(done.worker)
             if row is None:
                 continue
-            self.cluster.release(row, done.job)
+            load = self.cluster.release(row, done.job)
             if done.status == JobStatus.completed:
-                error = self.cluster.learn(row, done.prompt_tokens, done.output_tokens, done.service_ms)
+                load = float(self.cluster.reserved_kv[row]) if load is None else load
+                error = self.cluster.learn(row, done.prompt_tokens, done.output_tokens, done.service_ms, load)
                 self.errors.setdefault(done.worker, deque(maxlen=PREDICTOR_ERRORS_KEPT)).append(abs(error))
         pipe = self.redis.pipeline(transaction=False)
         ids = [eid for eid, _ in entries]

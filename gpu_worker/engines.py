@@ -14,7 +14,7 @@ def make_engine(settings: WorkerSettings) -> Engine:
         from gpu_worker.sim.engine import SimEngine
 
         return SimEngine(
-            profile=settings.profile,
+            gpu=settings.profile,
             model=settings.model,
             time_scale=settings.time_scale,
             gpu_memory_utilization=settings.gpu_memory_utilization,

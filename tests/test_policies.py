@@ -19,7 +19,7 @@ def make_cluster(*workers: tuple[str, int, float], model: str = "m") -> Cluster:
         cluster.set_telemetry(row, WorkerTelemetry(), alive=True)
         if ms_per_token:
             for p, o in ((100, 10), (1000, 100), (2000, 50), (500, 200)):
-                cluster.learn(row, p, o, ms_per_token * (p / 10 + o))
+                cluster.learn(row, p, o, ms_per_token * (p / 10 + o), 0.0)
     return cluster
 
 

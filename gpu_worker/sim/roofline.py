@@ -125,9 +125,7 @@ def _sum_max_linear(a1: float, b1: float, a2: float, b2: float, n: int) -> float
     return total
 
 
-def decode_steps_time_s(
-    gpu: GpuProfile, model: ModelShape, batch: int, kv_tokens_first: int, steps: int
-) -> float:
+def decode_steps_time_s(gpu: GpuProfile, model: ModelShape, batch: int, kv_tokens_first: int, steps: int) -> float:
     """Return the duration of ``steps`` decode steps of a constant batch, in closed form.
 
     The batch's KV read is ``kv_tokens_first`` in the first step and grows by ``batch`` per step.
@@ -135,9 +133,7 @@ def decode_steps_time_s(
     """
     if steps <= 0 or batch <= 0:
         return 0.0
-    return steps * gpu.step_overhead_s + _sum_max_linear(
-        *_decode_lines(gpu, model, batch, kv_tokens_first), steps
-    )
+    return steps * gpu.step_overhead_s + _sum_max_linear(*_decode_lines(gpu, model, batch, kv_tokens_first), steps)
 
 
 def decode_steps_started(

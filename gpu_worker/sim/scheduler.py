@@ -388,9 +388,7 @@ class Scheduler:
         for _, offset, tokens in plan.prefill:
             kv_read += offset + tokens
             pairs += tokens * offset + tokens * (tokens + 1) / 2
-        return roofline.step_time_s(
-            self.gpu, self.model, prefill, plan.decode_batch, kv_read, attention_pairs=pairs
-        )
+        return roofline.step_time_s(self.gpu, self.model, prefill, plan.decode_batch, kv_read, attention_pairs=pairs)
 
     # --- execution: applies plans, emits events ---------------------------------------------------
 
