@@ -258,9 +258,9 @@ class Scheduler:
 
     def next_event_time(self) -> float | None:
         """Return when ``advance_to`` next has something to do; None when idle."""
+        plan = self._current_plan()  # may fail a request at once (a preemption past the limit)
         if self._pending:
             return self._pending[0].time
-        plan = self._current_plan()
         return None if plan is None else plan.end
 
     def advance_to(self, t: float) -> list[SchedulerEvent]:
@@ -310,6 +310,7 @@ class Scheduler:
         return self._plan
 
     def _make_plan(self) -> _Plan:
+        """Decide the next step from the state at ``self.now``."""
         plan = _Plan(start=self.now, decode_batch=len(self._decoding), decode_ctx=self._decode_ctx)
         free = self._choose_victims(plan, self.kv_capacity - self.kv_used)
         budget = self.max_batched_tokens - plan.decode_batch
@@ -324,11 +325,12 @@ class Scheduler:
         if victims:  # as in vLLM: a step that preempts admits nobody
             plan.duration = self._step_time(plan)
             return plan
-        self._admit_waiting(plan, free, budget)
+        # This step's decode tokens take their KV slots before any newcomer does.
+        self._admit_waiting(plan, free - plan.decode_batch, budget)
         if plan.prefill or not plan.decode_batch:
             plan.duration = self._step_time(plan)
             return plan
-        return self._decode_run(plan, free)
+        return self._decode_run(plan)
 
     def _choose_victims(self, plan: _Plan, free: int) -> int:
         """Preempt until every decoding sequence has a free KV slot; return the slots left."""
@@ -363,8 +365,9 @@ class Scheduler:
             free -= r.num_tokens
             budget -= tokens
 
-    def _decode_run(self, plan: _Plan, free: int) -> _Plan:
+    def _decode_run(self, plan: _Plan) -> _Plan:
         """Extend a pure decode step until the first request finishes or the KV cache runs out."""
+        free = self.kv_capacity - self.kv_used
         plan.steps = max(1, min(self._next_finish_tick() - self._tick, free // plan.decode_batch))
         plan.duration = roofline.decode_steps_time_s(
             self.gpu, self.model, plan.decode_batch, plan.decode_ctx, plan.steps
@@ -407,6 +410,7 @@ class Scheduler:
             self._plan = None
 
     def _execute(self, plan: _Plan, steps: int) -> None:
+        """Apply the first ``steps`` steps of ``plan``: preemptions, admissions, tokens, then events."""
         for r in plan.preempted:
             self._preempt(r)
         for r in plan.failed:
