@@ -118,7 +118,9 @@ class AsyncClient:
         try:
             await asyncio.wait_for(self._reader, timeout_s)
         except (TimeoutError, asyncio.CancelledError):
-            pass
+            pass  # cancelled by wait_for: nothing is left to read for
+        except Exception as exc:  # the reader died earlier; waiters were polling job hashes since
+            log.warning("reply reader on %s had stopped: %r", self.reply_stream, exc)
 
     # --- submission -------------------------------------------------------------------------------
 

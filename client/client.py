@@ -9,6 +9,7 @@ lost notice (an expired reply stream, a reader that was down) never loses a resu
 from __future__ import annotations
 
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -70,6 +71,7 @@ class Client:
         self._scripts = Scripts(self.redis, self.keys)
         self._mailbox: Mailbox[Future] = Mailbox(Future)
         self._reader: ReplyReader | None = None
+        self._reader_lock = threading.Lock()
         self._closed = False
 
     # --- context manager -------------------------------------------------------------------------
@@ -85,8 +87,9 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.stop()
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.stop()
         try:
             self.redis.delete(self.reply_stream)
         except redis.RedisError:
@@ -161,9 +164,10 @@ class Client:
     def _ensure_reader(self) -> None:
         if self._closed:
             raise RuntimeError("this Client is closed")
-        if self._reader is None:
-            self._reader = ReplyReader(self.redis, self.reply_stream, self._mailbox)
-            self._reader.start()
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = ReplyReader(self.redis, self.reply_stream, self._mailbox)
+                self._reader.start()
 
     # --- reading and cancelling jobs -------------------------------------------------------------
 

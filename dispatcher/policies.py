@@ -24,7 +24,8 @@ def dio(prefetch: int = 2, prefix_index: PrefixIndex | None = None, seed: int | 
         name="dio",
         filters=[filters.ServesModel(), filters.FitsWhenIdle(), filters.Alive(), filters.KvAdmission(),
                  filters.QueueBound(prefetch)],
-        scorers=[(scorers.PredictedLatency(), 1.0), (scorers.QueueWait(), 1.0), (scorers.KvHeadroom(), 1.0),
+        scorers=[(scorers.PredictedLatency(), 1.0), (scorers.Interference(), 1.0), (scorers.QueueWait(), 1.0),
+                 (scorers.KvHeadroom(), 1.0),
                  (scorers.DeadlineFeasibility(), 1.0), (scorers.PrefixAffinity(index), 1.0)],
         picker=pickers.MinCost(seed),
     )

@@ -35,6 +35,27 @@ class PredictedLatency(Scorer):
         return predicted_ms(request, cluster, rows)
 
 
+class Interference(Scorer):
+    """The latency a request adds to the jobs already on the worker (continuous batching).
+
+    Every decode step reads the KV of the whole batch, so a request slows each job it joins.
+    Greedy routing on its own latency alone piles work onto the fastest GPU until its jobs are
+    as slow as the slowest GPU's; pricing the slowdown it imposes on the others (the predictor's
+    load term, times the jobs in flight) routes by the cluster's total latency instead.
+    """
+
+    name = "interference"
+
+    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        outstanding = cluster.outstanding[rows]
+        if not outstanding.any():
+            return np.zeros(len(rows))
+        with_it = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens,
+                                                cluster.load_with(request.kv_tokens))[rows]
+        without = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, cluster.reserved_kv)[rows]
+        return outstanding * np.maximum(with_it - without, 0.0)
+
+
 class QueueWait(Scorer):
     """Algorithm 1's second term: time until the worker can start the request.
 

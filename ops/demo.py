@@ -39,8 +39,8 @@ class DemoConfig:
     policy: str = "dio"
     workers: str = "H100:1,A100-40GB:1,L4:1,T4:1"
     trace: str = "azure-conv"
-    load: float = 0.8
-    time_scale: float = 20.0
+    load: float = 0.6
+    time_scale: float = 10.0
     slo_k: float = 5.0
     seed: int = 0
     model: str = "llama-3.2-3b"
@@ -195,10 +195,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             cluster.stop()
         summary = summarize(config, specs, trace, results, _predictors(server.url, prefix), wall_s, offered_rps)
         _cleanup(server.url, prefix)
-    if not config.quiet:
-        print_summary(summary)
-    else:
-        print_summary(summary)
+    print_summary(summary)
     return summary
 
 

@@ -226,7 +226,8 @@ def from_hash(cls: type[Strict], fields: dict[str, str], **extra: Any) -> Strict
         if name not in fields:
             continue
         raw = fields[name]
-        if raw.startswith("[") or raw.startswith("{"):
+        annotation = str(info.annotation)
+        if "list" in annotation or "dict" in annotation:  # stored as JSON by to_hash
             data[name] = json.loads(raw)
         elif info.annotation is bool or info.annotation == "bool":
             data[name] = raw in ("1", "true", "True")

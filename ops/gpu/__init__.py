@@ -1,0 +1,1 @@
+"""Scripts and measurements for the lent GPU machine (see README.md here)."""
