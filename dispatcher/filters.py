@@ -90,3 +90,23 @@ class QueueBound(Filter):
 
     def explain(self, request: Request, cluster: Cluster) -> str:
         return "every worker's queue is full"
+
+
+class ColdStartProbe(Filter):
+    """A worker whose predictor has learned nothing yet takes at most ``probes`` jobs. Transient.
+
+    Until its first completion comes back, DIO cannot tell a T4 from an H100; a burst routed
+    blind would pile hundreds of requests onto a slow GPU. A few probes teach the predictor within
+    one service time, then the worker is priced like any other.
+    """
+
+    name = "cold-start-probe"
+
+    def __init__(self, probes: int = 2) -> None:
+        self.probes = probes
+
+    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+        return (cluster.predictor.seen > 0) | (cluster.outstanding < self.probes)
+
+    def explain(self, request: Request, cluster: Cluster) -> str:
+        return "waiting for the first completions of new workers"

@@ -23,7 +23,7 @@ def dio(prefetch: int = 2, prefix_index: PrefixIndex | None = None, seed: int | 
     return Scheduler(
         name="dio",
         filters=[filters.ServesModel(), filters.FitsWhenIdle(), filters.Alive(), filters.KvAdmission(),
-                 filters.QueueBound(prefetch)],
+                 filters.QueueBound(prefetch), filters.ColdStartProbe()],
         scorers=[(scorers.PredictedLatency(), 1.0), (scorers.Interference(), 1.0), (scorers.QueueWait(), 1.0),
                  (scorers.KvHeadroom(), 1.0),
                  (scorers.DeadlineFeasibility(), 1.0), (scorers.PrefixAffinity(index), 1.0)],

@@ -246,6 +246,7 @@ class VllmEngine(Engine):
         self._config = read_model_config(self.model)
         self._engine: Any = None
         self._capacity: EngineCapacity | None = None
+        self._vocab = int(self._config.get("vocab_size") or DEFAULT_VOCAB_SIZE)
         self._active: dict[str, int] = {}  # id -> streams that handed it to vLLM (a redelivery may overlap)
         self._pending_aborts: dict[str, None] = {}  # aborted before their stream reached vLLM (ordered)
 
@@ -279,6 +280,7 @@ class VllmEngine(Engine):
                 raise OutOfMemory(f"vLLM could not start, out of GPU memory: {exc}") from exc
             raise EngineError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
         self._capacity = self._read_capacity()
+        self._vocab = self._vocab_size()
 
     async def shutdown(self) -> None:
         """Stop vLLM's engine core and free the GPU."""
@@ -341,13 +343,21 @@ class VllmEngine(Engine):
             self._active[request_id] = left
 
     def _prompt(self, request: EngineRequest) -> tuple[Any, int]:
-        """Return vLLM's prompt (token ids, or text when there is a tokenizer) and its token count."""
+        """Return vLLM's prompt (token ids, or text when there is a tokenizer) and its token count.
+
+        Raises RequestRejected for a token id outside the vocabulary when there is no tokenizer:
+        vLLM checks ids only when it has one, and an out-of-range id on the GPU would kill the
+        engine for every job.
+        """
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
+            if self.skip_tokenizer and ids and (max(ids) >= self._vocab or min(ids) < 0):
+                bad = max(ids) if max(ids) >= self._vocab else min(ids)
+                raise RequestRejected(f"token id {bad} is outside the model's vocabulary of {self._vocab}")
             return {"prompt_token_ids": ids}, len(ids)
         text = request.prompt or ""
         if self.skip_tokenizer:
-            ids = synthetic_token_ids(text, max(1, request.prompt_tokens), self._vocab_size())
+            ids = synthetic_token_ids(text, max(1, request.prompt_tokens), self._vocab)
             return {"prompt_token_ids": ids}, len(ids)
         return text, request.prompt_tokens
 
@@ -387,7 +397,7 @@ class VllmEngine(Engine):
         )
 
     def _vocab_size(self) -> int:
-        """Return the model's vocabulary size (for synthetic token ids)."""
+        """Return the model's vocabulary size (synthetic token ids, the token id range check)."""
         try:
             return int(self._engine.vllm_config.model_config.get_vocab_size())
         except Exception:  # a stand-in or an older vLLM: read the config file instead

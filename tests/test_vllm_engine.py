@@ -164,6 +164,12 @@ async def test_prompt_longer_than_the_model_is_rejected(engine: VllmEngine, leng
 
 
 @module_loop
+async def test_token_id_outside_the_vocabulary_is_rejected_before_vllm(engine: VllmEngine) -> None:
+    with pytest.raises(RequestRejected, match="vocabulary of 32000"):
+        await engine.generate(_request("oov", prompt_token_ids=[5, 6, VOCAB]))
+
+
+@module_loop
 async def test_repeated_prompt_hits_the_prefix_cache(engine: VllmEngine) -> None:
     ids = _ids(256, start=4242)
     first = await engine.generate(_request("prefix-1", prompt_token_ids=ids, max_tokens=2))

@@ -8,8 +8,8 @@ vLLM 0.26.0 source):
   ``finish_reason`` "length"/"abort", ``num_cached_tokens`` = prompt tokens found in the prefix
   cache in whole blocks, never the whole prompt);
 - a prompt of ``max_model_len`` tokens or more raises ValueError with vLLM's message
-  (v1/engine/input_processor.py ``_validate_prompt_len``), as does an empty prompt, a token id
-  outside the vocabulary and a text prompt without a tokenizer;
+  (v1/engine/input_processor.py ``_validate_prompt_len``), as does an empty prompt and a text
+  prompt without a tokenizer (like vLLM without a tokenizer, token ids are not range-checked);
 - ``abort(request_id)`` ends that request's stream with a finished output, finish reason "abort";
 - ``vllm_config.cache_config.num_gpu_blocks`` / ``block_size`` / ``kv_cache_size_tokens``,
   ``scheduler_config.max_num_seqs``, ``model_config.max_model_len``;
@@ -169,8 +169,6 @@ class StandinAsyncLLM:
         max_len = self.vllm_config.model_config.max_model_len
         if not ids:
             raise ValueError("The decoder prompt cannot be empty")
-        if max(ids) >= self.vocab_size:
-            raise ValueError(f"Token id {max(ids)} is out of vocabulary")
         if len(ids) >= max_len:
             raise ValueError(too_long_message(len(ids), max_len))
         return ids
