@@ -1,0 +1,76 @@
+"""The wire protocol: validation with clear messages, size limits, hash round trips, key names."""
+
+import pytest
+from pydantic import ValidationError
+
+from dispatcher.intake import Refusal, parse_entry
+from protocol import defaults as d
+from protocol.keys import Keys
+from protocol.models import (
+    JobStatus,
+    Request,
+    WorkerInfo,
+    WorkerTelemetry,
+    describe_validation_error,
+    from_hash,
+    to_hash,
+)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"id": "a", "prompt": "x", "prompt_token_ids": [1]}, "exactly one of"),
+        ({"id": "a"}, "exactly one of"),
+        ({"id": "a", "prompt": ""}, "empty"),
+        ({"id": "a b", "prompt": "x"}, "id: String should match pattern"),
+        ({"id": "a", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"id": "a", "prompt": "x", "max_tokens": d.MAX_OUTPUT_TOKENS + 1}, "max_tokens"),
+        ({"id": "a", "prompt_token_ids": [1] * (d.MAX_PROMPT_TOKENS + 1)}, "prompt_token_ids"),
+        ({"id": "a", "prompt": "x", "temperature": 9}, "temperature"),
+        ({"id": "a", "prompt": "x", "pickle": "cos\nsystem"}, "pickle: Extra inputs are not permitted"),
+        ({"id": "x" * 200, "prompt": "x"}, "id"),
+    ],
+)
+def test_bad_requests_get_a_clear_message(fields, message):
+    with pytest.raises(ValidationError) as caught:
+        Request.model_validate(fields)
+    assert message in describe_validation_error(caught.value)
+
+
+def test_prompt_tokens_and_kv_tokens():
+    assert Request(id="a", prompt_token_ids=[1, 2, 3], max_tokens=5).kv_tokens == 8
+    assert Request(id="a", prompt="x" * 400, max_tokens=5).prompt_tokens == 100  # 4 characters per token
+    assert Request(id="a", prompt="hi", num_prompt_tokens=700, max_tokens=5).prompt_tokens == 700
+
+
+def test_terminal_statuses():
+    assert {s for s in JobStatus if s.terminal} == {JobStatus.completed, JobStatus.rejected, JobStatus.failed,
+                                                   JobStatus.cancelled}
+
+
+def test_worker_models_round_trip_through_a_hash():
+    info = WorkerInfo(id="L4-1", engine="sim", model="m", gpu="L4", kv_capacity_tokens=100, kv_bytes_per_token=2,
+                      max_num_seqs=8, max_model_len=100)
+    telemetry = WorkerTelemetry(running=3, draining=True, kv_usage=0.5)
+    fields = {**to_hash(info), **to_hash(telemetry)}
+    assert all(isinstance(v, str) for v in fields.values())
+    assert from_hash(WorkerInfo, fields) == info
+    assert from_hash(WorkerTelemetry, fields).draining is True
+
+
+def test_intake_entries_without_an_id_are_dead_lettered_others_rejected():
+    refusal = parse_entry("1-0", {"req": '{"id": "ok-id", "prompt": "x", "max_tokens": -1, "reply_to": "c"}'})
+    assert isinstance(refusal, Refusal) and refusal.result.status == JobStatus.rejected
+    assert refusal.reply_to == "c" and "max_tokens" in refusal.result.reason
+    for raw in ("not json", "[]", '{"id": "bad id", "prompt": "x"}', ""):
+        refusal = parse_entry("1-0", {"req": raw})
+        assert isinstance(refusal, Refusal) and refusal.result is None
+
+
+def test_keys_share_one_cluster_hash_tag():
+    keys = Keys()
+    names = [keys.intake, keys.completions, keys.workers, keys.predictor, keys.lease, keys.deadletter,
+             keys.job("j"), keys.reply("c"), keys.worker("w"), keys.alive("w"), keys.queue("w"), keys.reserved("w")]
+    assert all(name.startswith("{dio}:") for name in names)
+    assert len(set(names)) == len(names)
