@@ -56,6 +56,8 @@ def worker(
     time_scale: float = typer.Option(1.0, help="sim: simulated seconds per wall second"),
     count: int = typer.Option(1, help="simulated workers hosted by this one process"),
     worker_id: str = typer.Option(None, "--id", help="worker id (with --count N, suffixed -1..N)"),
+    cluster: str = typer.Option(None, "--cluster",
+                                help="host one engine per GPU of a spec like H100:1,L4:2 (ids H100-1, L4-1, L4-2)"),
     max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once"),
     gpu_memory_utilization: float = typer.Option(None, help="fraction of VRAM for weights + KV cache"),
     max_model_len: int = typer.Option(None, help="vllm: the model's context length"),
@@ -74,12 +76,25 @@ def worker(
              "max_model_len": max_model_len, "kv_capacity_tokens": kv_capacity_tokens, "load_format": load_format}
     settings = WorkerSettings(**{k: v for k, v in given.items() if v is not None})
     try:
-        engines = [make_engine(settings) for _ in range(count)]
+        if cluster:
+            engines, ids = _cluster_engines(settings, cluster)
+        else:
+            engines = [make_engine(settings) for _ in range(count)]
+            base = worker_id or settings.worker_id
+            ids = [base] if count == 1 else [f"{base or profile}-{i + 1}" for i in range(count)]
     except ValueError as exc:
         _fail(str(exc))
-    base = worker_id or settings.worker_id
-    ids = [base] if count == 1 else [f"{base or profile}-{i + 1}" for i in range(count)]
     asyncio.run(serve(settings, engines, ids))
+
+
+def _cluster_engines(settings, spec: str) -> tuple[list, list[str]]:
+    """Build one engine per GPU of a ``PROFILE:COUNT,...`` spec, with the ids a LocalCluster uses."""
+    from gpu_worker.engines import make_engine
+    from ops.local_cluster import parse_workers, worker_ids
+
+    pairs = worker_ids(parse_workers(spec))
+    engines = [make_engine(settings.model_copy(update={"profile": profile})) for profile, _ in pairs]
+    return engines, [worker_id for _, worker_id in pairs]
 
 
 @app.command()

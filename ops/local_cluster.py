@@ -2,6 +2,8 @@
 
 Used by ``dio up``, ``dio demo`` and the benchmarks. Each process is the real thing started
 with ``python -m ops.cli ...``: the same code an operator runs, talking through a real Redis.
+With ``one_worker_process`` every simulated GPU runs in a single worker process (``dio worker
+--cluster``), so a benchmark on a small machine does not spend its cores on idle interpreters.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def parse_workers(spec: str) -> list[WorkerSpec]:
     return out
 
 
+def format_workers(specs: list[WorkerSpec]) -> str:
+    """Return the ``H100:1,L4:2`` spec of a worker list (the inverse of ``parse_workers``)."""
+    return ",".join(f"{s.profile}:{s.count}" for s in specs)
+
+
 def worker_ids(specs: list[WorkerSpec]) -> list[tuple[str, str]]:
     """(profile, worker id) for every worker, ids like ``L4-1``."""
     return [(s.profile, f"{s.profile}-{i + 1}") for s in specs for i in range(s.count)]
@@ -66,6 +73,7 @@ class LocalCluster:
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
+    one_worker_process: bool = False  # host every worker in one process (dio worker --cluster)
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
@@ -89,10 +97,23 @@ class LocalCluster:
     def start(self) -> None:
         """Start the dispatcher and every worker, and wait until all workers registered."""
         self._spawn("dispatcher", ["dispatcher", "--policy", self.policy, "--predictor", self.predictor])
-        for profile, worker_id in worker_ids(self.workers):
-            self._spawn(worker_id, ["worker", "--engine", self.engine, "--profile", profile, "--model", self.model,
-                                    "--time-scale", str(self.time_scale), "--id", worker_id, *self.worker_args])
+        common = ["--engine", self.engine, "--model", self.model, "--time-scale", str(self.time_scale)]
+        if self.one_worker_process:
+            self._spawn("workers", ["worker", *common, "--cluster", format_workers(self.workers), *self.worker_args])
+        else:
+            for profile, worker_id in worker_ids(self.workers):
+                self._spawn(worker_id, ["worker", *common, "--profile", profile, "--id", worker_id, *self.worker_args])
         self.wait_ready()
+
+    @property
+    def dispatcher_pid(self) -> int | None:
+        """Return the dispatcher's process id (None before ``start``)."""
+        return self.processes[0].pid if self.processes else None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Return the worker processes' ids."""
+        return [proc.pid for proc in self.processes[1:]]
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         keys = Keys(self.key_prefix)

@@ -159,7 +159,7 @@ async def test_abort_before_the_stream_starts(engine: VllmEngine) -> None:
 @module_loop
 @pytest.mark.parametrize("length", [MAX_MODEL_LEN, MAX_MODEL_LEN + 500])
 async def test_prompt_longer_than_the_model_is_rejected(engine: VllmEngine, length: int) -> None:
-    with pytest.raises(RequestRejected, match="maximum model length"):
+    with pytest.raises(RequestRejected, match="maximum (model|context) length"):
         await engine.generate(_request(f"long-{length}", n_prompt=length))
 
 

@@ -1,0 +1,132 @@
+"""What a benchmark replays: a trace's requests, the cluster's capacity and each request's SLO (pure).
+
+Arrival times are in simulated seconds. A trace is loaded once with its own arrival pattern (or
+Poisson arrivals), then rescaled to each offered load: ``load × capacity`` requests per simulated
+second, every gap scaled by the same factor so bursts stay bursts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from gpu_worker.sim.profiles import get_model, get_profile
+from gpu_worker.sim.roofline import estimate_capacity_rps, unloaded_service_time_s
+from ops.local_cluster import WorkerSpec
+from ops.traces import BUNDLED, Trace, TraceRequest, bundled, detect_format, load_trace, rescale_arrivals
+
+POISSON = "poisson"
+TRACE_ARRIVALS = "trace"
+NICE_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)  # time scales are rounded to these × 10^k
+
+
+def trace_path(trace: str) -> Path:
+    """Return the file of a bundled trace name (``azure-conv``, ...) or of a path."""
+    if trace in BUNDLED:
+        return bundled(trace)
+    path = Path(trace)
+    if not path.is_file():
+        raise ValueError(f"no trace file {trace!r} (bundled names: {', '.join(sorted(BUNDLED))})")
+    return path
+
+
+def trace_name(trace: str) -> str:
+    """Return a short name for a trace: the bundled name, or the file's stem."""
+    return trace if trace in BUNDLED else Path(trace).stem
+
+
+def load_workload(trace: str, *, arrivals: str = TRACE_ARRIVALS, max_requests: int | None = None,
+                  seed: int = 0) -> Trace:
+    """Load up to ``max_requests`` requests of a trace, with arrivals from the trace, Poisson, or a file.
+
+    Args:
+        arrivals: ``trace`` (the trace's own timestamps; Poisson for a length-only trace),
+            ``poisson``, or the path of a timed trace whose arrival times to use.
+    """
+    path = trace_path(trace)
+    fmt = detect_format(path)
+    if arrivals not in (TRACE_ARRIVALS, POISSON):
+        times = load_trace(trace_path(arrivals), max_requests=max_requests)
+        loaded = load_trace(path, arrivals=times, max_requests=max_requests) if fmt == "lengths" else None
+        if loaded is None:
+            loaded = _with_arrivals_of(load_trace(path, max_requests=max_requests), times)
+        return loaded
+    if fmt == "lengths" or arrivals == POISSON:
+        rows = load_trace(path, rate=1.0, seed=seed, max_requests=max_requests) if fmt == "lengths" else \
+            load_trace(path, max_requests=max_requests)
+        return _poisson(rows, seed) if arrivals == POISSON and fmt != "lengths" else rows
+    return load_trace(path, max_requests=max_requests)
+
+
+def _with_arrivals_of(trace: Trace, timed: Trace) -> Trace:
+    """Give a trace's requests (in order) the arrival times of another trace."""
+    from ops.traces import with_arrivals
+
+    return with_arrivals(trace, [r.arrival_s for r in timed])
+
+
+def _poisson(trace: Trace, seed: int) -> Trace:
+    """Replace a trace's arrivals with a Poisson process at 1 request/s (rescaled later)."""
+    from ops.traces import poisson_arrivals, with_arrivals
+
+    return with_arrivals(trace, poisson_arrivals(len(trace), 1.0, seed))
+
+
+def capacity_rps(specs: list[WorkerSpec], model_name: str, trace: Trace) -> float:
+    """Return the roofline estimate of the cluster's saturation throughput (requests per simulated s)."""
+    model = get_model(model_name)
+    mean_prompt = float(np.mean([r.prompt_tokens for r in trace]))
+    mean_output = float(np.mean([r.output_tokens for r in trace]))
+    return sum(s.count * estimate_capacity_rps(get_profile(s.profile), model, mean_prompt, mean_output)
+               for s in specs)
+
+
+def at_rate(trace: Trace, rps: float) -> Trace:
+    """Rescale the arrivals to ``rps`` requests per simulated second (bursts kept)."""
+    return rescale_arrivals(trace, rps)
+
+
+def span_s(trace: Trace) -> float:
+    """Return the time from the first arrival to the last, in simulated seconds."""
+    return trace[-1].arrival_s - trace[0].arrival_s if trace else 0.0
+
+
+def unloaded_ms(specs: list[WorkerSpec], model_name: str, request: TraceRequest) -> float:
+    """Return the request's latency alone on the fastest GPU of the cluster, in simulated ms."""
+    model = get_model(model_name)
+    return 1000.0 * min(unloaded_service_time_s(get_profile(s.profile), model, request.prompt_tokens,
+                                                request.output_tokens) for s in specs)
+
+
+def deadline_ms(specs: list[WorkerSpec], model_name: str, request: TraceRequest, k: float) -> float:
+    """Return the request's SLO: k × its unloaded latency on the fastest GPU, in simulated ms."""
+    return k * unloaded_ms(specs, model_name, request)
+
+
+def deadlines_ms(specs: list[WorkerSpec], model_name: str, trace: Trace, k: float) -> list[float]:
+    """Return every request's SLO in simulated ms (equal lengths are costed once)."""
+    cache: dict[tuple[int, int], float] = {}
+    out = []
+    for request in trace:
+        key = (request.prompt_tokens, request.output_tokens)
+        if key not in cache:
+            cache[key] = deadline_ms(specs, model_name, request, k)
+        out.append(cache[key])
+    return out
+
+
+def nice_time_scale(raw: float) -> float:
+    """Round a time scale down to 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 × a power of ten (at least 1)."""
+    if raw <= 1.0:
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(raw))
+    return max(step * power for step in NICE_STEPS if step * power <= raw * (1 + 1e-9))
+
+
+def auto_time_scale(sim_span_s: float, target_wall_s: float) -> float:
+    """Return the time scale that plays ``sim_span_s`` of arrivals in about ``target_wall_s`` wall seconds."""
+    if target_wall_s <= 0:
+        raise ValueError(f"target_wall_s must be positive, got {target_wall_s}")
+    return nice_time_scale(sim_span_s / target_wall_s)
