@@ -15,10 +15,12 @@ import numpy as np
 from dispatcher.nlms import Predictor, make_predictor
 from protocol.models import WorkerInfo, WorkerTelemetry
 
+DEFAULT_LOAD_UNIT_TOKENS = 50_000.0  # when a worker does not report its weights (≈ a 3B model's)
+
 
 @dataclass
 class Cluster:
-    predictor_kind: str = "rls"
+    predictor_kind: str = "vector"
     ids: list[str] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
     infos: list[WorkerInfo] = field(default_factory=list)
@@ -38,6 +40,9 @@ class Cluster:
         self.waiting = np.zeros(0, dtype=np.int64)
         self.kv_usage = np.zeros(0)
         self.service_ms = np.zeros(0)  # recent mean service time, for queue-wait estimates
+        # KV tokens whose bytes equal the model's weights: a decode step reads the weights plus the
+        # batch's KV, so (KV in flight / load_unit) is how much slower each token gets.
+        self.load_unit = np.zeros(0)
         # Per-worker reservations by job id, so a completion releases exactly what was reserved,
         # with the KV in flight on the worker when it was sent (the predictor's load feature).
         self.reservations: list[dict[str, tuple[int, float]]] = []
@@ -46,7 +51,7 @@ class Cluster:
         return len(self.ids)
 
     _ARRAYS = ("model", "kv_capacity", "max_model_len", "slots", "time_scale", "reserved_kv", "outstanding",
-               "alive", "draining", "running", "waiting", "kv_usage", "service_ms")
+               "alive", "draining", "running", "waiting", "kv_usage", "service_ms", "load_unit")
 
     def upsert(self, info: WorkerInfo) -> int:
         """Add a worker or refresh its capabilities; return its row."""
@@ -67,6 +72,8 @@ class Cluster:
         self.max_model_len[row] = info.max_model_len
         self.slots[row] = info.max_num_seqs
         self.time_scale[row] = info.time_scale
+        known = info.weight_bytes > 0 and info.kv_bytes_per_token > 0
+        self.load_unit[row] = info.weight_bytes / info.kv_bytes_per_token if known else DEFAULT_LOAD_UNIT_TOKENS
         return row
 
     def remove(self, worker_id: str) -> None:
@@ -88,13 +95,17 @@ class Cluster:
         self.kv_usage[row] = telemetry.kv_usage
 
     def load_with(self, kv_tokens: int) -> np.ndarray:
-        """KV tokens each worker would have in flight with a new request of ``kv_tokens``."""
-        return self.reserved_kv + kv_tokens
+        """Each worker's KV load with a new request of ``kv_tokens``, in units of its weights' size."""
+        return (self.reserved_kv + kv_tokens) / self.load_unit
+
+    def load_now(self) -> np.ndarray:
+        """Each worker's KV load now, in units of its weights' size."""
+        return self.reserved_kv / self.load_unit
 
     def reserve(self, row: int, job_id: str, kv_tokens: int) -> None:
         """Count a job sent to a worker until its completion comes back."""
         self.reserved_kv[row] += kv_tokens
-        self.reservations[row][job_id] = (kv_tokens, float(self.reserved_kv[row]))
+        self.reservations[row][job_id] = (kv_tokens, float(self.reserved_kv[row] / self.load_unit[row]))
         self.outstanding[row] += 1
 
     def release(self, row: int, job_id: str) -> float | None:
@@ -110,7 +121,8 @@ class Cluster:
         """Replace a worker's reservations with the ones Redis holds (the source of truth)."""
         total = sum(held.values())
         known = self.reservations[row]
-        self.reservations[row] = {job: known.get(job, (kv, float(total))) for job, kv in held.items()}
+        load = float(total / self.load_unit[row])
+        self.reservations[row] = {job: known.get(job, (kv, load)) for job, kv in held.items()}
         self.reserved_kv[row] = total
         self.outstanding[row] = len(held)
 

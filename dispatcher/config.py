@@ -13,7 +13,7 @@ from protocol.settings import CommonSettings
 
 class DispatcherSettings(CommonSettings):
     policy: str = "dio"  # dio | round-robin | random | least-loaded | power-of-two | queue-kv
-    predictor: str = "rls"  # seed | vector | rls (see dispatcher/nlms.py)
+    predictor: str = "vector"  # seed | vector | rls (see dispatcher/nlms.py)
     dispatcher_name: str = Field(default_factory=lambda: f"dispatcher-{socket.gethostname()}-{os.getpid()}")
     read_count: int = 1024  # intake entries read per round trip
     block_ms: int = 50  # longest wait for new work when idle

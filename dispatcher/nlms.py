@@ -14,18 +14,21 @@ feature, which absorbs the fixed per-request cost (scheduling, first step) that 
 slope cannot. Both predictors start from the first completion (``s = y/N``, ``b = 0``) rather
 than from zero, so no offline profiling is needed and the first prediction is already in range.
 
-``vector`` — the natural extension: features ``x = (prompt tokens / 1000, output tokens / 100, 1,
-output tokens / 100 × KV tokens in flight / 100k)`` (at prediction time the output is the
-request's ``max_tokens`` and the load is the worker's reserved KV with this request). The last
-term is continuous batching's physics: every decode step reads the KV of the whole batch, so a
-token costs more the more KV is in flight. It makes the prediction react to load at the moment
-of the decision, not only after slow completions come back. Weights learned by normalized LMS
+``vector`` — the natural extension: features ``x = (prompt tokens / 1000, output tokens / 100 ×
+(1 + ℓ), 1)`` where ℓ is the worker's KV in flight (with this request) over the KV tokens whose
+bytes equal the model's weights. That factor is continuous batching's physics: a decode step
+reads the weights plus the whole batch's KV, so each output token costs (1 + ℓ) times what it
+costs alone, on any GPU. Putting it in the feature makes the prediction react to load at the
+moment of the decision, not only after slow completions come back; the weights stay per worker
+(how fast this GPU is). At prediction the output is the request's ``max_tokens``. Learned by
+normalized LMS
 ``w ← w + μ·e·x / (ε + x·x)`` at the same two timescales (μ_fast, μ_slow), mixed 0.8 / 0.2.
 Prefill and decode cost differ by orders of magnitude per token, so one slope over N cannot fit
 both; two slopes can.
 
 ``rls`` — the same features learned by recursive least squares (see ``VectorRLS``): it converges
-in a few completions. The default.
+in a few completions, but with forgetting factors short enough to track contention it is
+noisier than NLMS as a router's cost; ``vector`` is the default (see the replay benchmarks).
 
 A measured caveat of the seed's rule: its step ``(y − ŷ)/N`` is normalized by N, not N², so a
 slope learned on a short request is applied to a long one with a gain of N_long/N_short. On
@@ -153,22 +156,18 @@ class VectorNLMS(Predictor):
     """Normalized LMS over (prompt/1000, output/100, 1) at two timescales."""
 
     kind = "vector"
-    dims = 4
+    dims = 3
     MU_FAST = 1.0
     MU_SLOW = 0.1
-    LOAD_UNIT_TOKENS = 100_000.0
 
     def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> np.ndarray:
-        out = output_tokens / 100.0
-        return np.array([prompt_tokens / 1000.0, out, 1.0, out * load / self.LOAD_UNIT_TOKENS])
+        return np.array([prompt_tokens / 1000.0, output_tokens / 100.0 * (1.0 + load), 1.0])
 
     def _features_many(self, prompt_tokens: float, output_tokens: float, loads: np.ndarray) -> np.ndarray:
-        out = output_tokens / 100.0
-        xs = np.empty((len(loads), 4))
+        xs = np.empty((len(loads), 3))
         xs[:, 0] = prompt_tokens / 1000.0
-        xs[:, 1] = out
+        xs[:, 1] = output_tokens / 100.0 * (1.0 + np.asarray(loads, dtype=float))
         xs[:, 2] = 1.0
-        xs[:, 3] = out * np.asarray(loads, dtype=float) / self.LOAD_UNIT_TOKENS
         return xs
 
     def _warm_start(self, row: int, x: np.ndarray, latency_ms: float) -> None:

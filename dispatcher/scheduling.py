@@ -96,6 +96,6 @@ class Scheduler:
         row = self.picker.pick(rows, total, cluster)
         predicted = None
         if cluster.predictor.seen[row] > 0:
-            load = float(cluster.reserved_kv[row] + request.kv_tokens)
+            load = float(cluster.load_with(request.kv_tokens)[row])
             predicted = cluster.predictor.predict(row, request.prompt_tokens, request.max_tokens, load)
         return Decision(row=int(row), predicted_ms=predicted)

@@ -52,7 +52,7 @@ class Interference(Scorer):
             return np.zeros(len(rows))
         with_it = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens,
                                                 cluster.load_with(request.kv_tokens))[rows]
-        without = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, cluster.reserved_kv)[rows]
+        without = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, cluster.load_now())[rows]
         return outstanding * np.maximum(with_it - without, 0.0)
 
 

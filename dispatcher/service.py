@@ -267,7 +267,7 @@ class Dispatcher:
                 continue
             load = self.cluster.release(row, done.job)
             if done.status == JobStatus.completed:
-                load = float(self.cluster.reserved_kv[row]) if load is None else load
+                load = float(self.cluster.load_now()[row]) if load is None else load
                 error = self.cluster.learn(row, done.prompt_tokens, done.output_tokens, done.service_ms, load)
                 self.errors.setdefault(done.worker, deque(maxlen=PREDICTOR_ERRORS_KEPT)).append(abs(error))
         pipe = self.redis.pipeline(transaction=False)

@@ -70,6 +70,7 @@ class EngineCapacity:
     max_model_len: int
     total_vram_bytes: int = 0
     time_scale: float = 1.0
+    weight_bytes: int = 0  # model weights in GPU memory (0: unknown); sets how KV load slows decode
 
 
 @dataclass

@@ -11,8 +11,11 @@ import threading
 
 import typer
 
+from ops.bench.cli import bench_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DIO: a Distributed Inference Orchestrator for LLM serving on Redis.")
+app.add_typer(bench_app, name="bench")
 
 
 def _logging(verbose: bool) -> None:
@@ -97,11 +100,40 @@ def _cluster_engines(settings, spec: str) -> tuple[list, list[str]]:
     return engines, [worker_id for _, worker_id in pairs]
 
 
+@app.command("sim-server")
+def sim_server(
+    profile: str = typer.Option("H100-80GB", help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4"),
+    model: str = typer.Option("llama-3.2-3b", help="model shape"),
+    port: int = typer.Option(8000, help="HTTP port (with --cluster: the first of consecutive ports)"),
+    host: str = typer.Option("127.0.0.1"),
+    time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
+    max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once"),
+    kv_capacity_tokens: int = typer.Option(None, help="override the KV capacity in tokens"),
+    cluster: str = typer.Option(None, help="serve several GPUs from this process, e.g. H100:1,L4:2"),
+    load_format: str = typer.Option("vllm-router", help="/get_load's shape: vllm-router | sglang"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve simulated GPUs over HTTP as vLLM OpenAI servers (for testing routers)."""
+    from gpu_worker.http_server import LOAD_FORMATS, serve_forever, sim_specs
+    from ops.local_cluster import parse_workers
+
+    _logging(verbose)
+    if load_format not in LOAD_FORMATS:
+        _fail(f"--load-format must be one of {', '.join(LOAD_FORMATS)}")
+    try:
+        profiles = [s.profile for s in parse_workers(cluster) for _ in range(s.count)] if cluster else [profile]
+        specs = sim_specs(profiles, model, port, time_scale=time_scale, max_num_seqs=max_num_seqs,
+                          kv_capacity_tokens=kv_capacity_tokens)
+    except ValueError as exc:
+        _fail(str(exc))
+    asyncio.run(serve_forever(specs, host, load_format=load_format))
+
+
 @app.command()
 def up(
     workers: str = typer.Option("H100:1,A100-40GB:1,L4:1,T4:1", help="GPU profiles and counts"),
     policy: str = typer.Option("dio"),
-    predictor: str = typer.Option("rls"),
+    predictor: str = typer.Option("vector"),
     model: str = typer.Option("llama-3.2-3b"),
     time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
     log_dir: str = typer.Option(None, help="write each process's log here"),

@@ -66,7 +66,7 @@ class LocalCluster:
     workers: list[WorkerSpec]
     key_prefix: str = Keys().prefix
     policy: str = "dio"
-    predictor: str = "rls"
+    predictor: str = "vector"
     model: str = "llama-3.2-3b"
     engine: str = "sim"
     time_scale: float = 1.0

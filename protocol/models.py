@@ -180,6 +180,7 @@ class WorkerInfo(Strict):
     max_num_seqs: int = Field(ge=1)
     max_model_len: int = Field(ge=1)
     total_vram_bytes: int = 0
+    weight_bytes: int = 0  # model weights in GPU memory (0: unknown)
     time_scale: float = 1.0  # simulated engines: simulated seconds per wall second
     host: str = ""
     pid: int = 0

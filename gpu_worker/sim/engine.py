@@ -119,6 +119,7 @@ class SimEngine(Engine):
             max_model_len=self.scheduler.max_model_len,
             total_vram_bytes=self.profile.vram_bytes,
             time_scale=self.time_scale,
+            weight_bytes=self.shape.weight_bytes,
         )
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:

@@ -15,7 +15,17 @@ import numpy as np
 from gpu_worker.sim.profiles import get_model, get_profile
 from gpu_worker.sim.roofline import estimate_capacity_rps, unloaded_service_time_s
 from ops.local_cluster import WorkerSpec
-from ops.traces import BUNDLED, Trace, TraceRequest, bundled, detect_format, load_trace, rescale_arrivals
+from ops.traces import (
+    BUNDLED,
+    Trace,
+    TraceRequest,
+    bundled,
+    detect_format,
+    load_trace,
+    poisson_arrivals,
+    rescale_arrivals,
+    with_arrivals,
+)
 
 POISSON = "poisson"
 TRACE_ARRIVALS = "trace"
@@ -46,32 +56,21 @@ def load_workload(trace: str, *, arrivals: str = TRACE_ARRIVALS, max_requests: i
             ``poisson``, or the path of a timed trace whose arrival times to use.
     """
     path = trace_path(trace)
-    fmt = detect_format(path)
-    if arrivals not in (TRACE_ARRIVALS, POISSON):
-        times = load_trace(trace_path(arrivals), max_requests=max_requests)
-        loaded = load_trace(path, arrivals=times, max_requests=max_requests) if fmt == "lengths" else None
-        if loaded is None:
-            loaded = _with_arrivals_of(load_trace(path, max_requests=max_requests), times)
-        return loaded
-    if fmt == "lengths" or arrivals == POISSON:
-        rows = load_trace(path, rate=1.0, seed=seed, max_requests=max_requests) if fmt == "lengths" else \
-            load_trace(path, max_requests=max_requests)
-        return _poisson(rows, seed) if arrivals == POISSON and fmt != "lengths" else rows
-    return load_trace(path, max_requests=max_requests)
+    if detect_format(path) == "lengths":
+        if arrivals in (TRACE_ARRIVALS, POISSON):
+            return load_trace(path, rate=1.0, seed=seed, max_requests=max_requests)
+        return load_trace(path, arrivals=_arrival_times(arrivals, max_requests), max_requests=max_requests)
+    rows = load_trace(path, max_requests=max_requests)
+    if arrivals == TRACE_ARRIVALS:
+        return rows
+    if arrivals == POISSON:
+        return with_arrivals(rows, poisson_arrivals(len(rows), 1.0, seed))
+    return with_arrivals(rows, _arrival_times(arrivals, max_requests))
 
 
-def _with_arrivals_of(trace: Trace, timed: Trace) -> Trace:
-    """Give a trace's requests (in order) the arrival times of another trace."""
-    from ops.traces import with_arrivals
-
-    return with_arrivals(trace, [r.arrival_s for r in timed])
-
-
-def _poisson(trace: Trace, seed: int) -> Trace:
-    """Replace a trace's arrivals with a Poisson process at 1 request/s (rescaled later)."""
-    from ops.traces import poisson_arrivals, with_arrivals
-
-    return with_arrivals(trace, poisson_arrivals(len(trace), 1.0, seed))
+def _arrival_times(path: str, max_requests: int | None) -> list[float]:
+    """Return the arrival times of a timed trace file."""
+    return [r.arrival_s for r in load_trace(trace_path(path), max_requests=max_requests)]
 
 
 def capacity_rps(specs: list[WorkerSpec], model_name: str, trace: Trace) -> float:

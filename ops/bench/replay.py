@@ -1,0 +1,221 @@
+"""``dio bench replay``: a real trace through the whole system, for every policy, at several loads.
+
+For each load and policy a fresh local cluster (real Redis, one dispatcher process, the simulated
+GPUs in one worker process) serves the trace open loop at ``load × capacity``. Capacity is the
+roofline estimate, or with ``--calibrate`` the rate a short saturation run measured. Every figure
+is in simulated time; the time scale is chosen so the arrivals take about ``target_wall_s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dispatcher.policies import POLICIES
+from ops.bench import plots, report
+from ops.bench.calibrate import measure_capacity
+from ops.bench.cluster_run import RunConfig, run_trace
+from ops.bench.metrics import latency_cdf, summarize_run
+from ops.bench.workload import (
+    TRACE_ARRIVALS,
+    at_rate,
+    auto_time_scale,
+    capacity_rps,
+    deadlines_ms,
+    load_workload,
+    span_s,
+    trace_name,
+)
+from ops.local_cluster import parse_workers
+from ops.redis_server import ensure_redis
+from ops.traces import Trace, trace_stats
+from protocol.connection import connect
+from protocol.settings import CommonSettings
+
+DEFAULT_CLUSTER = "H100:1,A100-40GB:2,L4:2,T4:3"
+HEADLINE_KEYS = ("p50_ms", "p99_ms", "slo_attainment", "goodput_tok_s", "completed", "rejected", "failed", "lost")
+TABLE_KEYS = ("p50_ms", "p90_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "slo_attainment", "goodput_tok_s",
+              "completed", "rejected", "failed", "lost", "predictor_error_ms")
+MIN_DRAIN_WALL_S = 10.0
+
+
+@dataclass
+class ReplayConfig:
+    """Options of ``dio bench replay`` (times in simulated seconds unless named wall)."""
+
+    trace: str
+    cluster: str = DEFAULT_CLUSTER
+    model: str = "llama-3.2-3b"
+    loads: list[float] = field(default_factory=lambda: [0.7, 0.9])
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    slo_k: float = 5.0
+    time_scale: float | None = None  # None: chosen so the arrivals at the lowest load take target_wall_s
+    target_wall_s: float = 15.0
+    drain_wall_s: float = 30.0  # after the last arrival, wait at most this long for the last results
+    max_requests: int | None = 3000
+    arrivals: str = TRACE_ARRIVALS
+    predictor: str = "rls"
+    deadlines: bool = False  # send each request's SLO as its deadline (the dispatcher then drops late ones)
+    max_wait_s: float = 60.0
+    calibrate: bool = False
+    seed: int = 0
+    out_dir: Path | None = None
+    name: str | None = None  # result file stem; default replay-<trace>
+    benchmark: str = "replay"
+
+
+@dataclass
+class Plan:
+    """What a benchmark will run: the trace, the SLOs, the capacity and the time scale."""
+
+    trace: Trace
+    deadlines: list[float]
+    capacity_rps: float
+    capacity: dict[str, Any]
+    time_scale: float
+    drain_wall_s: float
+
+
+def validate(config: ReplayConfig) -> None:
+    """Refuse unknown policies and empty or non-positive loads before anything starts."""
+    unknown = [p for p in config.policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    if not config.loads or min(config.loads) <= 0:
+        raise ValueError(f"loads must be positive fractions of capacity, got {config.loads}")
+
+
+def plan(config: ReplayConfig, redis_url: str, progress: Any = None) -> Plan:
+    """Load the trace, cost its SLOs, estimate (or measure) capacity and pick the time scale."""
+    specs = parse_workers(config.cluster)
+    trace = load_workload(config.trace, arrivals=config.arrivals, max_requests=config.max_requests, seed=config.seed)
+    if len(trace) < 2:
+        raise ValueError(f"the trace {config.trace!r} has {len(trace)} requests; a replay needs at least 2")
+    deadlines = deadlines_ms(specs, config.model, trace, config.slo_k)
+    estimate = capacity_rps(specs, config.model, trace)
+    capacity = {"source": "roofline", "roofline_rps": round(estimate, 3)}
+    rps = estimate
+    scale = config.time_scale or auto_time_scale(span_s(at_rate(trace, min(config.loads) * estimate)),
+                                                 config.target_wall_s)
+    if config.calibrate:
+        measured = measure_capacity(redis_url, _run_config(config, "dio", scale, 60.0), trace, estimate,
+                                    progress=progress)
+        if measured is not None:
+            rps = measured
+            capacity.update(source="calibrated", calibrated_rps=round(measured, 3))
+            if not config.time_scale:
+                scale = auto_time_scale(span_s(at_rate(trace, min(config.loads) * rps)), config.target_wall_s)
+    drain = max(config.drain_wall_s, MIN_DRAIN_WALL_S, 1.2 * max(deadlines) / 1000.0 / scale)
+    return Plan(trace, deadlines, rps, capacity, scale, drain)
+
+
+def _run_config(config: ReplayConfig, policy: str, time_scale: float, drain_wall_s: float) -> RunConfig:
+    return RunConfig(workers=parse_workers(config.cluster), model=config.model, policy=policy,
+                     predictor=config.predictor, time_scale=time_scale, drain_wall_s=drain_wall_s,
+                     max_wait_s=config.max_wait_s, seed=config.seed)
+
+
+def run_grid(config: ReplayConfig, the_plan: Plan, redis_url: str) -> tuple[dict, dict]:
+    """Run every policy at every load; return figures[policy][load] and CDFs[policy] at the top load."""
+    runs: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in config.policies}
+    cdfs: dict[str, dict[str, Any]] = {}
+    top = max(config.loads)
+    with report.progress() as bar:
+        overall = bar.add_task(f"{config.benchmark} {trace_name(config.trace)}",
+                               total=len(config.loads) * len(config.policies))
+        for load in config.loads:
+            trace = at_rate(the_plan.trace, load * the_plan.capacity_rps)
+            for policy in config.policies:
+                bar.update(overall, description=f"{trace_name(config.trace)} {policy} @ {load:g}")
+                run = _run_config(config, policy, the_plan.time_scale, the_plan.drain_wall_s)
+                record = run_trace(redis_url, run, trace, the_plan.deadlines if config.deadlines else None, bar)
+                figures = summarize_run(record, the_plan.deadlines, the_plan.time_scale)
+                figures["offered_rps"] = round(load * the_plan.capacity_rps, 3)
+                runs[policy][f"{load:g}"] = figures
+                if load == top:
+                    cdfs[policy] = latency_cdf(record.outcomes)
+                bar.advance(overall)
+    return runs, cdfs
+
+
+def headline(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per load: DIO, the best baseline (highest SLO attainment, then lowest p99) and round-robin."""
+    out = {}
+    loads = sorted({load for by_load in runs.values() for load in by_load}, key=float)
+    for load in loads:
+        at = {p: runs[p][load] for p in runs if load in runs[p]}
+        baselines = [p for p in at if p != "dio"]
+        entry: dict[str, Any] = {}
+        if "dio" in at:
+            entry["dio"] = _brief(at["dio"])
+        if baselines:
+            best = max(baselines, key=lambda p: (at[p]["slo_attainment"] or 0.0, -(at[p]["p99_ms"] or float("inf"))))
+            entry["best_baseline"] = {"policy": best, **_brief(at[best])}
+        if "round-robin" in at:
+            entry["round-robin"] = _brief(at["round-robin"])
+        if "dio" in at and "round-robin" in at and at["dio"]["p99_ms"] and at["round-robin"]["p99_ms"]:
+            entry["rr_over_dio_p99"] = round(at["round-robin"]["p99_ms"] / at["dio"]["p99_ms"], 2)
+        out[load] = entry
+    return out
+
+
+def _brief(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: figures[k] for k in ("p99_ms", "slo_attainment", "failed", "lost", "goodput_tok_s")}
+
+
+def print_tables(title: str, runs: dict[str, dict[str, dict[str, Any]]], keys: tuple[str, ...] = TABLE_KEYS) -> None:
+    """Print one table per load: a row per policy (simulated ms)."""
+    loads = sorted({load for by_load in runs.values() for load in by_load}, key=float)
+    for load in loads:
+        rows = [[policy, *(runs[policy][load].get(k) for k in keys)] for policy in runs if load in runs[policy]]
+        report.console.print(report.table(f"{title} at load {load} (latencies in simulated ms)",
+                                          ["policy", *keys], rows))
+
+
+def run_replay(config: ReplayConfig) -> dict[str, Any]:
+    """Run the benchmark, print its tables, write its JSON and plot; return the --json summary."""
+    validate(config)
+    name = config.name or f"{config.benchmark}-{trace_name(config.trace)}"
+    settings = CommonSettings()
+    with ensure_redis(settings.redis_url) as server:
+        with report.progress() as bar:
+            the_plan = plan(config, server.url, bar)
+        report.status.print(f"{trace_name(config.trace)}: {len(the_plan.trace)} requests, capacity "
+                            f"{the_plan.capacity_rps:.2f} req/s ({the_plan.capacity['source']}), time scale "
+                            f"{the_plan.time_scale:g}")
+        runs, cdfs = run_grid(config, the_plan, server.url)
+        figures = result_figures(config, the_plan, runs)
+        data = report.payload(config.benchmark, figures, connect(CommonSettings(redis_url=server.url)))
+    out_dir = Path(config.out_dir or report.RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = (f"{config.benchmark}: {trace_name(config.trace)} on {config.cluster} ({config.model}), "
+             f"{len(the_plan.trace)} requests, SLO {config.slo_k:g}x unloaded")
+    png = plots.load_lines(runs, title, out_dir / f"{name}.png", cdfs)
+    data["figures_png"] = [png.name]
+    data["cdf_at_top_load"] = cdfs
+    path = report.save(name, data, out_dir)
+    print_tables(title, runs)
+    report.status.print(f"wrote {path} and {png}")
+    return {"trace": trace_name(config.trace), "time_scale": the_plan.time_scale,
+            "capacity_rps": round(the_plan.capacity_rps, 3), "capacity_source": the_plan.capacity["source"],
+            "latency_unit": "simulated ms",
+            "policies": {p: {load: {k: f[k] for k in HEADLINE_KEYS} for load, f in by.items()}
+                         for p, by in runs.items()}}
+
+
+def result_figures(config: ReplayConfig, the_plan: Plan, runs: dict[str, dict[str, dict[str, Any]]]) -> dict:
+    """Return the result file's body: the setup, the headline and every run's figures."""
+    stats = trace_stats(the_plan.trace)
+    return {
+        "trace": trace_name(config.trace), "trace_file": str(config.trace), "arrivals": config.arrivals,
+        "requests": len(the_plan.trace), "cluster": config.cluster, "model": config.model,
+        "loads": config.loads, "policies": config.policies, "predictor": config.predictor, "slo_k": config.slo_k,
+        "deadlines_sent": config.deadlines, "max_wait_s": config.max_wait_s,
+        "capacity": {**the_plan.capacity, "used_rps": round(the_plan.capacity_rps, 3)},
+        "time_scale": the_plan.time_scale, "drain_wall_s": round(the_plan.drain_wall_s, 1),
+        "latency_unit": "simulated ms (wall ms x time_scale)",
+        "trace_stats": {k: v for k, v in stats.__dict__.items() if k not in ("duration_s", "mean_rps")},
+        "headline": headline(runs),
+        "runs": runs,
+    }
