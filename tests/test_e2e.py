@@ -136,3 +136,24 @@ def test_predictor_state_survives_a_dispatcher_restart(redis_url: str, redis_pre
     finally:
         running.stop()
     assert "restored (2" in restarted.stderr.read()
+
+
+def test_sigterm_drains_in_flight_jobs(redis_url: str, redis_prefix: str):
+    keys = Keys(redis_prefix)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    running = LocalCluster(redis_url, [WorkerSpec("L4", 1)], key_prefix=redis_prefix, time_scale=10.0)
+    running.start()
+    try:
+        with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+            handles = dio.submit_many([{"prompt": "x", "num_prompt_tokens": 100, "max_tokens": 400}
+                                       for _ in range(5)])
+            deadline = time.monotonic() + 10
+            while raw.hget(keys.worker("L4-1"), "in_flight") != "5" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            worker = running.processes[1]
+            worker.send_signal(signal.SIGTERM)  # draining: stop reading, finish what runs
+            results = dio.wait_all(handles, timeout=30)
+            assert worker.wait(timeout=30) == 0
+        assert [(r.status.value, r.worker, r.attempts) for r in results] == [("completed", "L4-1", 1)] * 5
+    finally:
+        running.stop()
