@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -211,6 +212,7 @@ class Job:
 
     index: int
     request: EngineRequest
+    prompt_index: int = 0  # which prompt of the request (samples of one prompt share it)
     sent_tokens: int = 0  # output tokens already streamed to the client
 
 
@@ -255,7 +257,7 @@ def build_jobs(served: ServedEngine, body: dict[str, Any], prompts: list[Prompt]
     n = _int_param(body, "n", 1) or 1
     seed = body.get("seed")
     jobs = []
-    for prompt in prompts:
+    for prompt_index, prompt in enumerate(prompts):
         _check_length(served, prompt, max_tokens)
         for _ in range(n):
             request = EngineRequest(
@@ -271,7 +273,7 @@ def build_jobs(served: ServedEngine, body: dict[str, Any], prompts: list[Prompt]
                 prefix_hashes=prompt.prefix_hashes or None,
                 priority=_int_param(body, "priority", 0, minimum=-(2**31)) or 0,
             )
-            jobs.append(Job(len(jobs), request))
+            jobs.append(Job(len(jobs), request, prompt_index))
     return jobs
 
 
@@ -335,8 +337,8 @@ def new_text(job: Job, out: EngineOutput) -> str:
 
 
 def usage(jobs: list[Job], finals: dict[int, EngineOutput]) -> dict[str, Any]:
-    """Return the usage of a request: prompt tokens once per prompt sample, as vLLM counts them."""
-    prompt = sum(j.request.prompt_tokens for j in jobs)
+    """Return the usage of a request: prompt tokens once per prompt (not per sample), as vLLM counts them."""
+    prompt = sum({j.prompt_index: j.request.prompt_tokens for j in jobs}.values())
     completion = sum(out.output_tokens for out in finals.values())
     cached = sum(out.cached_tokens for out in finals.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -527,7 +529,7 @@ def metrics_text(served: ServedEngine) -> str:
     for name, kind, help_text, value in series:
         base = name.removesuffix("_total") if kind == "counter" else name
         lines += [f"# HELP {base} {help_text}", f"# TYPE {base} {kind}", f"{name}{{{labels}}} {float(value)}"]
-    lines += ["# HELP vllm:request_success_total Count of successfully processed requests.",
+    lines += ["# HELP vllm:request_success Count of successfully processed requests.",
               "# TYPE vllm:request_success counter"]
     for reason in sorted({"length", "stop", "abort", *counters.finished}):
         count = float(counters.finished.get(reason, 0))
@@ -605,9 +607,14 @@ async def start_servers(specs: Sequence[ServerSpec], host: str = "127.0.0.1", *,
     return runners
 
 
+def bound_port(runner: web.AppRunner) -> int:
+    """Return the port a started server listens on (the one the OS chose for port 0)."""
+    return int(runner.addresses[0][1])
+
+
 async def serve_forever(specs: Sequence[ServerSpec], host: str = "127.0.0.1", *,
-                        load_format: str = "vllm-router") -> None:
-    """Serve every spec until cancelled (SIGINT or SIGTERM end it cleanly)."""
+                        load_format: str = "vllm-router", ports_file: str | None = None) -> None:
+    """Serve every spec until SIGINT or SIGTERM; print the ports (and write them to ``ports_file``)."""
     import signal
 
     _quiet_handshake_noise()
@@ -617,8 +624,12 @@ async def serve_forever(specs: Sequence[ServerSpec], host: str = "127.0.0.1", *,
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    ports = ", ".join(str(s.port) for s in specs)
-    print(f"sim-server ready on {host}: {ports}", flush=True)
+    ports = [bound_port(runner) for runner in runners]
+    if ports_file:  # written whole, then renamed: a reader never sees half a list
+        with open(ports_file + ".tmp", "w") as handle:
+            json.dump(ports, handle)
+        os.replace(ports_file + ".tmp", ports_file)
+    print(f"sim-server ready on {host}: {', '.join(map(str, ports))}", flush=True)
     try:
         await stop.wait()
     finally:
@@ -635,6 +646,8 @@ def sim_specs(profiles: Sequence[str], model: str, base_port: int, *, time_scale
               max_num_seqs: int | None = None, kv_capacity_tokens: int | None = None) -> list[ServerSpec]:
     """Return one simulated-GPU server spec per profile, on ports ``base_port``, ``base_port + 1``, ...
 
+    A ``base_port`` of 0 lets the OS choose a free port for each server.
+
     Raises:
         ValueError: an unknown GPU profile or model, or a model that does not fit.
     """
@@ -643,4 +656,6 @@ def sim_specs(profiles: Sequence[str], model: str, base_port: int, *, time_scale
     options: dict[str, Any] = {"time_scale": time_scale, "kv_capacity_tokens": kv_capacity_tokens}
     if max_num_seqs is not None:
         options["max_num_seqs"] = max_num_seqs
-    return [ServerSpec(SimEngine(profile, model, **options), base_port + i) for i, profile in enumerate(profiles)]
+    ports = [base_port + i if base_port else 0 for i in range(len(profiles))]
+    engines = [SimEngine(profile, model, **options) for profile in profiles]
+    return [ServerSpec(engine, port) for engine, port in zip(engines, ports, strict=True)]

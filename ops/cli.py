@@ -104,13 +104,14 @@ def _cluster_engines(settings, spec: str) -> tuple[list, list[str]]:
 def sim_server(
     profile: str = typer.Option("H100-80GB", help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4"),
     model: str = typer.Option("llama-3.2-3b", help="model shape"),
-    port: int = typer.Option(8000, help="HTTP port (with --cluster: the first of consecutive ports)"),
+    port: int = typer.Option(8000, help="HTTP port (with --cluster: the first of consecutive ports; 0: any free)"),
     host: str = typer.Option("127.0.0.1"),
     time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
     max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once"),
     kv_capacity_tokens: int = typer.Option(None, help="override the KV capacity in tokens"),
     cluster: str = typer.Option(None, help="serve several GPUs from this process, e.g. H100:1,L4:2"),
     load_format: str = typer.Option("vllm-router", help="/get_load's shape: vllm-router | sglang"),
+    ports_file: str = typer.Option(None, help="write the ports served (a JSON list) to this file when ready"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve simulated GPUs over HTTP as vLLM OpenAI servers (for testing routers)."""
@@ -126,7 +127,7 @@ def sim_server(
                           kv_capacity_tokens=kv_capacity_tokens)
     except ValueError as exc:
         _fail(str(exc))
-    asyncio.run(serve_forever(specs, host, load_format=load_format))
+    asyncio.run(serve_forever(specs, host, load_format=load_format, ports_file=ports_file))
 
 
 @app.command()

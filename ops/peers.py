@@ -18,11 +18,13 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +50,7 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.1
 REJECTED_HTTP = (400, 404, 413, 422)
+LISTEN_PORTS = (20_000, 32_000)  # free_port's range: below the ephemeral ports clients are given
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -55,8 +58,17 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port free on ``host`` now."""
-    with socket.socket() as sock:
+    """Return a TCP port free on ``host`` now, below Linux's ephemeral range (so no client takes it next)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*LISTEN_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded range: let the OS choose
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
@@ -128,7 +140,7 @@ def start_sim_servers(
     cluster_spec: str,
     model: str,
     time_scale: float,
-    base_port: int,
+    base_port: int = 0,
     *,
     processes: int = 1,
     load_format: str = "vllm-router",
@@ -137,31 +149,36 @@ def start_sim_servers(
     log_dir: Path | None = None,
     timeout_s: float = READY_TIMEOUT_S,
 ) -> list[tuple[str, subprocess.Popen]]:
-    """Serve each simulated GPU of ``cluster_spec`` on ports ``base_port``, ``base_port + 1``, ...
+    """Serve each simulated GPU of ``cluster_spec`` over HTTP (``dio sim-server``); return ``(url, process)``.
 
-    The GPUs are spread over ``processes`` processes (``dio sim-server --cluster``; one asyncio loop
-    each serves all its GPUs, so the default 1 keeps CPU use low). Returns ``(url, process)`` per GPU,
-    in the spec's order (a process appears once per GPU it serves), once every server answers /health.
+    Ports are ``base_port``, ``base_port + 1``, ... or, with ``base_port=0`` (the default, immune to
+    port races), whatever free ports the OS gives. The GPUs are spread over ``processes`` processes
+    (one asyncio loop each serves all its GPUs, so the default 1 keeps CPU use low); a process
+    appears once per GPU it serves. Returns, in the spec's order, once every server answers /health.
     """
     profiles = cluster_profiles(cluster_spec)
     groups = np.array_split(np.arange(len(profiles)), max(1, min(processes, len(profiles))))
-    out: list[tuple[str, subprocess.Popen]] = []
-    for n, group in enumerate(groups):
-        first = int(group[0])
-        spec = ",".join(f"{profiles[i]}:1" for i in group)
-        args = [sys.executable, "-m", "ops.cli", "sim-server", "--cluster", spec, "--model", model,
-                "--port", str(base_port + first), "--host", host, "--time-scale", str(time_scale),
-                "--load-format", load_format]
-        if max_num_seqs is not None:
-            args += ["--max-num-seqs", str(max_num_seqs)]
-        proc = _spawn(args, None if log_dir is None else log_dir / f"sim-server-{n}.log")
-        out += [(f"http://{host}:{base_port + int(i)}", proc) for i in group]
-    try:
-        _wait(lambda: all(_http_status(f"{url}/health") == 200 for url, _ in out),
-              [proc for _, proc in out], "sim-server", timeout_s)
-    except BaseException:
-        stop_processes([proc for _, proc in out])
-        raise
+    with tempfile.TemporaryDirectory(prefix="dio-sim-") as tmp:
+        procs: list[tuple[subprocess.Popen, Path, int]] = []
+        for n, group in enumerate(groups):
+            spec = ",".join(f"{profiles[i]}:1" for i in group)
+            port = base_port + int(group[0]) if base_port else 0
+            ports_file = Path(tmp) / f"ports-{n}.json"
+            args = [sys.executable, "-m", "ops.cli", "sim-server", "--cluster", spec, "--model", model,
+                    "--port", str(port), "--host", host, "--time-scale", str(time_scale),
+                    "--load-format", load_format, "--ports-file", str(ports_file)]
+            if max_num_seqs is not None:
+                args += ["--max-num-seqs", str(max_num_seqs)]
+            log_path = None if log_dir is None else log_dir / f"sim-server-{n}.log"
+            procs.append((_spawn(args, log_path), ports_file, len(group)))
+        try:
+            _wait(lambda: all(f.exists() for _, f, _ in procs), [p for p, _, _ in procs], "sim-server", timeout_s)
+            out = [(f"http://{host}:{port}", proc) for proc, f, _ in procs for port in json.loads(f.read_text())]
+            _wait(lambda: all(_http_status(f"{url}/health") == 200 for url, _ in out),
+                  [p for p, _, _ in procs], "sim-server", timeout_s)
+        except BaseException:
+            stop_processes([p for p, _, _ in procs])
+            raise
     return out
 
 
