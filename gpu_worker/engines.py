@@ -1,11 +1,34 @@
-"""Build the engine a worker runs, by name (heavy engines are imported only when chosen)."""
+"""Build the engine a worker runs, by name (heavy engines are imported only when chosen).
+
+Dry runs of the GPU measurements (``ops/gpu``) on a machine without a GPU set
+``DIO_VLLM_STANDIN=<seconds per token>``: ``--engine vllm`` then runs DIO's real ``VllmEngine`` on
+the CPU stand-in of vLLM that the tests use (``tests/vllm_standin.py``), in every worker process.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
 
 from gpu_worker.config import WorkerSettings
 from gpu_worker.engine import Engine
 
 ENGINES = ("sim", "vllm", "instant")
+STANDIN_ENV = "DIO_VLLM_STANDIN"  # seconds per output token of the stand-in; unset: the real vLLM
+STANDIN_BLOCKS_PER_UTILIZATION = 40_000  # stand-in KV blocks (16 tokens) per unit of gpu_memory_utilization
+
+
+def standin_backend(step_s: float, gpu_memory_utilization: float) -> Any:
+    """Return the CPU stand-in of vLLM (a VllmBackend), its KV cache sized by the memory share."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from vllm_standin import StandinBackend
+
+    blocks = max(64, int(gpu_memory_utilization * STANDIN_BLOCKS_PER_UTILIZATION))
+    return StandinBackend(step_s=step_s, num_gpu_blocks=blocks)
 
 
 def make_engine(settings: WorkerSettings) -> Engine:
@@ -37,5 +60,12 @@ def make_engine(settings: WorkerSettings) -> Engine:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enforce_eager=settings.enforce_eager,
             load_format=settings.load_format,
+            backend=_standin_from_env(settings),
         )
     raise ValueError(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def _standin_from_env(settings: WorkerSettings) -> Any:
+    """Return the stand-in backend when ``DIO_VLLM_STANDIN`` is set (dry runs), else None (real vLLM)."""
+    step = os.environ.get(STANDIN_ENV)
+    return standin_backend(float(step), settings.gpu_memory_utilization) if step else None

@@ -109,12 +109,14 @@ rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "setup failed (rc=$rc), see setup.log"; exit "$rc"; }
 setup_env
 left=$(( CALL_LIMIT_S - ($(date +%s) - T0) ))
+# measurements that replay several runs skip those that no longer fit before this time (epoch s)
+export MEASURE_DEADLINE=$(( $(date +%s) + ${T_MEASURE:-$left} - 10 ))
 ts "measure $* (up to ${T_MEASURE:-$left}s)" | tee -a "$OUT/setup.log"
 # shellcheck disable=SC2086  # MEASURE_ARGS is a list of options
 timeout -k 10 "${T_MEASURE:-$left}" "$PYTHON" -m ops.gpu.measure "$@" --out "$OUT" ${MEASURE_ARGS:-} \
   > "$OUT/measure.log" 2>&1
 rc=$?
 echo "rc=$rc" >> "$OUT/measure.log"
-grep -E '^RESULT|Error|error|Traceback|rc=' "$OUT/measure.log" | cut -c1-600 | tail -40
+grep -E '^RESULT|^\[|Error|error|Traceback|rc=' "$OUT/measure.log" | cut -c1-600 | tail -60
 ts "done rc=$rc"
 exit "$rc"
