@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from gpu_worker.config import WorkerSettings
-from gpu_worker.engine import Engine, EngineError, EngineOutput, EngineRequest, RequestRejected
+from gpu_worker.engine import Engine, EngineError, EngineOutput, EngineRequest, EngineStats, RequestRejected
 from protocol.connection import connect_async
 from protocol.keys import QUEUE_GROUP
 from protocol.models import (
@@ -96,7 +96,8 @@ class WorkerDaemon:
         self.counters = Counters()
         self.draining = False
         self._pending: list[Finished] = []
-        self._flushed = asyncio.Event()
+        self._has_pending = asyncio.Event()
+        self._stats = EngineStats()  # the engine's telemetry as of the last heartbeat
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self.info: WorkerInfo | None = None
@@ -158,7 +159,9 @@ class WorkerDaemon:
     # --- heartbeat ------------------------------------------------------------------------------
 
     def telemetry(self) -> WorkerTelemetry:
-        stats = self.engine.stats()
+        # Read once per heartbeat: an engine's stats can be costly (vLLM collects its Prometheus
+        # registry), and the event loop it would block also streams vLLM's tokens.
+        stats = self._stats = self.engine.stats()
         return WorkerTelemetry(
             running=stats.running, waiting=stats.waiting, in_flight=len(self.counters.in_flight),
             kv_used_tokens=stats.kv_used_tokens, kv_usage=stats.kv_usage, free_vram_bytes=stats.free_vram_bytes,
@@ -296,7 +299,7 @@ class WorkerDaemon:
             output_tokens=out.output_tokens, error=error, reason=reason, first_token_at=out.first_token_at,
             finished_at=finished_at, preemptions=out.preemptions,
         )
-        stats = self.engine.stats()
+        stats = self._stats
         assert self.info is not None
         completion = Completion(
             job=request.id, worker=self.worker_id, status=status, prompt_tokens=result.prompt_tokens or 0,
@@ -311,6 +314,7 @@ class WorkerDaemon:
 
     def _finish(self, entry_id: str, result: JobResult, reply_to: str | None, completion: Completion | None) -> None:
         self._pending.append(Finished(entry_id, result, reply_to, completion))
+        self._has_pending.set()
 
     async def _flush(self) -> None:
         """Write every finished job in one pipeline (terminal state, ack, completion, notice)."""
@@ -331,9 +335,14 @@ class WorkerDaemon:
             await asyncio.sleep(0.2)
 
     async def _flush_loop(self) -> None:
+        """Write finished jobs as they come, coalescing those that end within FLUSH_INTERVAL_S."""
         while True:
+            await self._has_pending.wait()
             await asyncio.sleep(FLUSH_INTERVAL_S)
+            self._has_pending.clear()
             await self._flush()
+            if self._pending:  # a failed write put them back
+                self._has_pending.set()
 
     async def _cancel_loop(self) -> None:
         """Abort running jobs whose client cancelled them (their hash says ``cancelled``)."""
