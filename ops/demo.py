@@ -20,16 +20,16 @@ from rich.console import Console
 from rich.table import Table
 
 from client import Client
-from gpu_worker.sim.profiles import get_model, get_profile
-from gpu_worker.sim.roofline import estimate_capacity_rps, unloaded_service_time_s
+from ops.bench.cluster_run import delete_prefix, read_predictors
+from ops.bench.metrics import reason_key
+from ops.bench.openloop import request_fields, submit_on_schedule
+from ops.bench.workload import capacity_rps, deadline_ms
 from ops.local_cluster import LocalCluster, WorkerSpec, parse_workers, worker_ids
 from ops.redis_server import ensure_redis
 from ops.traces import BUNDLED, TraceRequest, bundled, load_trace, rescale_arrivals
-from protocol.connection import connect
 from protocol.models import JobResult, JobStatus
 from protocol.settings import CommonSettings
 
-SUBMIT_TICK_S = 0.005
 RESULT_GRACE_S = 120.0  # after the last submission, how long to wait for the last results
 
 
@@ -47,49 +47,12 @@ class DemoConfig:
     quiet: bool = False
 
 
-def cluster_capacity_rps(specs: list[WorkerSpec], model_name: str, trace: list[TraceRequest]) -> float:
-    """Estimated saturation throughput of the cluster (requests per simulated second)."""
-    model = get_model(model_name)
-    mean_prompt = float(np.mean([r.prompt_tokens for r in trace]))
-    mean_output = float(np.mean([r.output_tokens for r in trace]))
-    return sum(s.count * estimate_capacity_rps(get_profile(s.profile), model, mean_prompt, mean_output)
-               for s in specs)
-
-
-def slo_ms(specs: list[WorkerSpec], model_name: str, request: TraceRequest, k: float) -> float:
-    """The request's deadline: k × its unloaded service time on the fastest GPU of the cluster."""
-    model = get_model(model_name)
-    fastest = min(unloaded_service_time_s(get_profile(s.profile), model, request.prompt_tokens,
-                                          request.output_tokens) for s in specs)
-    return k * fastest * 1000.0
-
-
 def load_demo_trace(name: str, count: int, seed: int) -> list[TraceRequest]:
     path = bundled(name) if name in BUNDLED else Path(name)
     trace = load_trace(path, seed=seed)
     if len(trace) < count:
         raise ValueError(f"the trace {name!r} has {len(trace)} requests; asked for {count}")
     return trace[:count]
-
-
-def submit_on_schedule(client: Client, trace: list[TraceRequest], time_scale: float, model: str) -> list:
-    """Submit each request at its (scaled) arrival time, open loop; return the handles."""
-    handles = []
-    start = time.monotonic()
-    i = 0
-    while i < len(trace):
-        now = time.monotonic() - start
-        due = []
-        while i < len(trace) and trace[i].arrival_s / time_scale <= now:
-            r = trace[i]
-            due.append({"prompt": f"request {i}", "num_prompt_tokens": r.prompt_tokens, "max_tokens": r.output_tokens,
-                        "ignore_eos": True, "model": model, "prefix_hashes": r.prefix_hashes})
-            i += 1
-        if due:
-            handles += client.submit_many(due)
-        else:
-            time.sleep(min(SUBMIT_TICK_S, max(trace[i].arrival_s / time_scale - now, 0)))
-    return handles
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -119,7 +82,7 @@ def summarize(config: DemoConfig, specs: list[WorkerSpec], trace: list[TraceRequ
         w["lat"].append(latency)
         if result.ttft_s is not None:
             ttfts.append(result.ttft_s * 1000.0 * scale)
-        met += latency <= slo_ms(specs, config.model, request, config.slo_k)
+        met += latency <= deadline_ms(specs, config.model, request, config.slo_k)
     workers = {}
     for wid, w in per_worker.items():
         pred = predictors.get(wid, {})
@@ -136,23 +99,16 @@ def summarize(config: DemoConfig, specs: list[WorkerSpec], trace: list[TraceRequ
         "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90), "p99_ms": percentile(latencies, 99),
         "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
         "slo_k": config.slo_k, "slo_attainment": round(met / len(trace), 4) if trace else None,
-        "rejected_reasons": dict(Counter(_short(r.reason) for r in seen if r.status == JobStatus.rejected)),
-        "failed_errors": dict(Counter(_short(r.error) for r in seen if r.status == JobStatus.failed)),
+        "rejected_reasons": dict(Counter(reason_key(r.reason) for r in seen if r.status == JobStatus.rejected)),
+        "failed_errors": dict(Counter(reason_key(r.error) for r in seen if r.status == JobStatus.failed)),
         "offered_rps_sim": round(offered_rps, 3), "load": config.load, "time_scale": scale, "wall_s": round(wall_s, 2),
         "latency_unit": "simulated ms (wall ms x time_scale)",
         "workers": workers,
     }
 
 
-def _short(text: str | None) -> str:
-    """A reason without its request-specific numbers, so equal causes group together."""
-    if not text:
-        return "(none)"
-    return "".join("#" if ch.isdigit() else ch for ch in text)[:160]
-
-
 def print_summary(summary: dict[str, Any]) -> None:
-    console = Console()
+    console = Console(width=max(Console().width, 130))
     console.print(f"[bold]DIO demo[/] — policy [cyan]{summary['policy']}[/], trace {summary['trace']}, "
                   f"{summary['submitted']} requests at {summary['load']:.0%} of estimated capacity "
                   f"({summary['offered_rps_sim']} req/s simulated), time scale {summary['time_scale']}×, "
@@ -177,7 +133,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the demo and return its summary (also printed unless quiet)."""
     specs = parse_workers(config.workers)
     trace = load_demo_trace(config.trace, config.requests, config.seed)
-    offered_rps = config.load * cluster_capacity_rps(specs, config.model, trace)
+    offered_rps = config.load * capacity_rps(specs, config.model, trace)
     trace = rescale_arrivals(trace, offered_rps)
     settings = CommonSettings()
     prefix = f"{{dio-demo-{uuid.uuid4().hex[:8]}}}:"
@@ -188,28 +144,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             cluster.start()
             started = time.monotonic()
             with Client(redis_url=server.url, key_prefix=prefix) as client:
-                handles = submit_on_schedule(client, trace, config.time_scale, config.model)
+                handles = submit_on_schedule(client, trace, config.time_scale,
+                                             lambda i, r: request_fields(r, i, config.model))
                 results = [h.result(timeout=RESULT_GRACE_S, raise_on_error=False) for h in handles]
             wall_s = time.monotonic() - started
         finally:
             cluster.stop()
-        summary = summarize(config, specs, trace, results, _predictors(server.url, prefix), wall_s, offered_rps)
-        _cleanup(server.url, prefix)
+        summary = summarize(config, specs, trace, results, read_predictors(server.url, prefix), wall_s, offered_rps)
+        delete_prefix(server.url, prefix)
     print_summary(summary)
     return summary
-
-
-def _predictors(url: str, prefix: str) -> dict[str, Any]:
-    import json
-
-    settings = CommonSettings(redis_url=url, key_prefix=prefix)
-    raw = connect(settings).hgetall(settings.keys.predictor)
-    return {wid: json.loads(v) for wid, v in raw.items()}
-
-
-def _cleanup(url: str, prefix: str) -> None:
-    settings = CommonSettings(redis_url=url, key_prefix=prefix)
-    client = connect(settings)
-    keys = list(client.scan_iter(match=settings.keys.all_keys_pattern(), count=1000))
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i:i + 500])

@@ -60,7 +60,7 @@ def collect(client: redis.Redis, keys: Keys) -> dict[str, Any]:
 
 
 def render(facts: dict[str, Any]) -> None:
-    console = Console()
+    console = Console(width=max(Console().width, 130))
     intake = facts["intake"]
     console.print(f"[bold]DIO[/] keys under [cyan]{facts['prefix']}[/]; active dispatcher: "
                   f"{facts['lease'] or '[red]none[/]'}")
