@@ -1,10 +1,10 @@
-"""Measure a cluster's capacity by a short saturation run, instead of trusting the roofline estimate.
+"""Measure a cluster's capacity through the whole system by a short saturation run.
 
-The first requests of the trace are offered at several times the estimated capacity, so a backlog
-builds at once; the cluster then serves at its real saturation rate. Capacity is the completion
-rate between the 10th and the 90th percentile of the finish times (the warm-up and the tail left
-out), in requests per simulated second. It is measured with the ``dio`` policy: how well a
-cluster is used depends on the router, and capacity is the most the best router gets out of it.
+The first requests of the trace are offered open loop at ``OVERDRIVE`` times the estimated
+capacity, so a backlog builds and every GPU stays busy while requests keep arriving. Capacity is
+the completion rate from the 10th percentile of the finish times (the warm-up left out) to the
+last arrival (before the drain, when only the slowest GPUs still work), in requests per simulated
+second. It is measured with the ``dio`` policy: how much a cluster serves depends on its router.
 """
 
 from __future__ import annotations
@@ -18,24 +18,28 @@ from ops.bench.cluster_run import RunConfig, run_trace
 from ops.bench.workload import at_rate
 from ops.traces import Trace
 
-OVERDRIVE = 3.0  # offered load during calibration, as a multiple of the estimate
-CALIBRATION_REQUESTS = 600
-WINDOW = (10.0, 90.0)  # percentiles of the finish times between which completions are counted
+OVERDRIVE = 1.5  # offered load during calibration, as a multiple of the estimate
+CALIBRATION_REQUESTS = 1000
+WARMUP_PERCENTILE = 10.0
+MIN_FINISHED = 20
 
 
 def saturation_rps(arrivals_s: list[float], latencies_ms: list[float | None]) -> float | None:
-    """Return the completion rate between the WINDOW percentiles of the finish times (per simulated s)."""
+    """Return the completion rate while requests still arrive, after warm-up (per simulated s)."""
     finish = np.sort([a + lat / 1000.0 for a, lat in zip(arrivals_s, latencies_ms, strict=True) if lat is not None])
-    if finish.size < 10:
+    if finish.size < MIN_FINISHED:
         return None
-    lo, hi = np.percentile(finish, WINDOW)
+    lo = float(np.percentile(finish, WARMUP_PERCENTILE))
+    hi = max(arrivals_s)
+    if hi <= lo:  # everything arrived before the warm-up ended: fall back to the 10th-90th percentiles
+        hi = float(np.percentile(finish, 100.0 - WARMUP_PERCENTILE))
     inside = np.count_nonzero((finish >= lo) & (finish <= hi))
     return float(inside / (hi - lo)) if hi > lo else None
 
 
 def measure_capacity(redis_url: str, config: RunConfig, trace: Trace, estimate_rps: float,
                      requests: int = CALIBRATION_REQUESTS, progress: Progress | None = None) -> float | None:
-    """Return the measured saturation throughput of the cluster (requests per simulated s)."""
+    """Return the measured saturation throughput of the cluster under ``dio`` (requests per simulated s)."""
     sample = at_rate(trace[:requests], OVERDRIVE * estimate_rps)
     calibration = replace(config, policy="dio", max_wait_s=1e6)
     record = run_trace(redis_url, calibration, sample, progress=progress)

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import typer
 
-from ops.bench import report
-
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                         help="Benchmarks: trace replay, overload, predictor convergence, decision cost, pipeline.")
 
@@ -38,8 +36,17 @@ EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
 
 
 def _finish(summary: dict, as_json: bool) -> None:
+    from ops.bench.report import json_line
+
     if as_json:
-        typer.echo(report.json_line(summary))
+        typer.echo(json_line(summary))
+
+
+def _predictor(given: str | None) -> str:
+    """Return the predictor to use: the one given, else the dispatcher's default."""
+    from ops.bench.cluster_run import DEFAULT_PREDICTOR
+
+    return given or DEFAULT_PREDICTOR
 
 
 @bench_app.command(context_settings=EXTRA_ARGS)
@@ -52,13 +59,15 @@ def replay(
     policies: str = typer.Option(ALL_POLICIES, help="comma-separated policies"),
     slo_k: float = typer.Option(5.0, help="SLO = k x the request's unloaded latency on the fastest GPU"),
     time_scale: float = typer.Option(None, help="simulated s per wall s (default: arrivals take --target-wall-s)"),
-    target_wall_s: float = typer.Option(15.0, help="wall seconds the arrivals of one run take (auto time scale)"),
-    drain_wall_s: float = typer.Option(30.0, help="after the last arrival, wall seconds to wait for results"),
+    target_wall_s: float = typer.Option(12.0, help="wall seconds the arrivals of one run take (auto time scale)"),
+    drain_wall_s: float = typer.Option(25.0, help="after the last arrival, wall seconds to wait for results"),
     max_requests: int = typer.Option(3000, help="requests replayed (the first N of the trace)"),
     arrivals: str = typer.Option("trace", help="trace | poisson | FILE (a timed trace whose arrival times to use)"),
-    predictor: str = typer.Option("rls", help="seed | vector | rls"),
+    predictor: str = typer.Option(None, help="seed | vector | rls (default: the dispatcher's)"),
     deadlines: bool = typer.Option(False, help="send each request's SLO as its deadline"),
-    calibrate: bool = typer.Option(False, help="measure capacity with a saturation run (else: roofline estimate)"),
+    capacity: str = typer.Option("engine", help="what load 1.0 is: engine (each GPU's measured saturation "
+                                 "throughput, summed) | roofline (estimate) | calibrate (a saturation run of DIO)"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="same as --capacity calibrate"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
     name: str = typer.Option(None, help="result file stem (default replay-<trace>)"),
@@ -69,10 +78,142 @@ def replay(
 
     config = ReplayConfig(trace=trace, cluster=cluster, model=model, loads=_loads(load, ctx), policies=_list(policies),
                           slo_k=slo_k, time_scale=time_scale, target_wall_s=target_wall_s, drain_wall_s=drain_wall_s,
-                          max_requests=max_requests, arrivals=arrivals, predictor=predictor, deadlines=deadlines,
-                          calibrate=calibrate, seed=seed, out_dir=out, name=name)
+                          max_requests=max_requests, arrivals=arrivals, predictor=_predictor(predictor),
+                          deadlines=deadlines,
+                          capacity="calibrate" if calibrate else capacity, seed=seed, out_dir=out, name=name)
     try:
         summary = run_replay(config)
     except (ValueError, RuntimeError, TimeoutError) as exc:
         _fail(str(exc))
     _finish(summary, as_json)
+
+
+@bench_app.command()
+def pipeline(
+    requests: int = typer.Option(20000, help="DIO requests submitted as fast as possible"),
+    half_load_s: float = typer.Option(5.0, help="seconds of open-loop traffic at half the measured rate"),
+    workers: int = typer.Option(2, help="instant-engine workers (one process)"),
+    policy: str = typer.Option("dio"),
+    rq_requests: int = typer.Option(1000, help="RQ jobs (one per request)"),
+    xadd_requests: int = typer.Option(100000, help="redis-benchmark XADD requests"),
+    out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
+    name: str = typer.Option("pipeline", help="result file stem"),
+    as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
+) -> None:
+    """Requests/s and added latency of DIO with an instant engine, against RQ and redis-benchmark."""
+    from ops.bench.pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig(requests=requests, half_load_s=half_load_s, workers=workers, policy=policy,
+                            rq_requests=rq_requests, xadd_requests=xadd_requests, out_dir=out, name=name)
+    try:
+        summary = run_pipeline(config)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        _fail(str(exc))
+    _finish(summary, as_json)
+
+
+@bench_app.command(context_settings=EXTRA_ARGS)
+def overload(
+    ctx: typer.Context,
+    trace: str = typer.Option("azure-conv", help="trace file, or a bundled name"),
+    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", help="simulated GPUs: PROFILE:COUNT,..."),
+    model: str = typer.Option("llama-3.2-3b"),
+    load: list[float] = typer.Option([1.0, 1.5, 2.0, 3.0], help="offered loads, multiples of capacity: --load 1 2 3"),
+    duration_s: float = typer.Option(20.0, help="simulated seconds each load is offered"),
+    policies: str = typer.Option(ALL_POLICIES, help="comma-separated policies"),
+    slo_k: float = typer.Option(5.0, help="SLO = k x the request's unloaded latency on the fastest GPU"),
+    time_scale: float = typer.Option(None, help="simulated s per wall s (default: a load takes --target-wall-s)"),
+    target_wall_s: float = typer.Option(12.0, help="wall seconds each load is offered (auto time scale)"),
+    drain_wall_s: float = typer.Option(25.0, help="after the last arrival, wall seconds to wait for results"),
+    arrivals: str = typer.Option("trace", help="trace | poisson | FILE"),
+    capacity: str = typer.Option("engine", help="engine | roofline | calibrate"),
+    deadlines: bool = typer.Option(True, help="send each request's SLO as its deadline"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
+    name: str = typer.Option(None, help="result file stem (default overload-<trace>)"),
+    as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
+) -> None:
+    """Offer 1x-3x capacity to every policy: goodput, rejections with retry-after, failures."""
+    from ops.bench.overload import OverloadConfig, run_overload
+
+    config = OverloadConfig(trace=trace, cluster=cluster, model=model, loads=_loads(load, ctx), duration_s=duration_s,
+                            policies=_list(policies), slo_k=slo_k, time_scale=time_scale, target_wall_s=target_wall_s,
+                            drain_wall_s=drain_wall_s, arrivals=arrivals, capacity=capacity, deadlines=deadlines,
+                            seed=seed, out_dir=out, name=name)
+    try:
+        summary = run_overload(config)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        _fail(str(exc))
+    _finish(summary, as_json)
+
+
+@bench_app.command()
+def convergence(
+    trace: str = typer.Option("azure-conv", help="trace whose request lengths to use"),
+    gpus: str = typer.Option("H100,A100-40GB,L4,T4", help="GPU profiles, one simulated worker each"),
+    predictors: str = typer.Option("seed,vector,rls"),
+    model: str = typer.Option("llama-3.2-3b"),
+    load: float = typer.Option(0.5, help="arrivals as a fraction of each GPU's saturation throughput"),
+    completions: int = typer.Option(200, help="completions per phase (cold start, then after the slowdown)"),
+    slowdown: float = typer.Option(2.0, help="drift: the GPU's compute and bandwidth are divided by this"),
+    repeats: int = typer.Option(20, help="runs (seeds) per GPU; curves are medians over them"),
+    threshold_ms: float = typer.Option(50.0, help="error target (simulated ms)"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
+    name: str = typer.Option("convergence", help="result file stem"),
+    as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
+) -> None:
+    """Predictor error against completions seen, per GPU, from a cold start and after a slowdown."""
+    from ops.bench.convergence import ConvergenceConfig, run_convergence
+
+    config = ConvergenceConfig(trace=trace, gpus=_list(gpus), predictors=_list(predictors), model=model, load=load,
+                               completions=completions, slowdown=slowdown, repeats=repeats,
+                               threshold_ms=threshold_ms, seed=seed, out_dir=out, name=name)
+    try:
+        summary = run_convergence(config)
+    except ValueError as exc:
+        _fail(str(exc))
+    _finish(summary, as_json)
+
+
+@bench_app.command()
+def decision(
+    workers: str = typer.Option("1,8,32,128,512,1024", help="worker counts"),
+    policies: str = typer.Option(ALL_POLICIES, help="policies timed (pure scoring)"),
+    e2e_policies: str = typer.Option(None, help="policies timed end to end (default: the same)"),
+    e2e: bool = typer.Option(True, help="also time one dispatcher process through Redis"),
+    batch: int = typer.Option(2000, help="decisions timed per policy and worker count (pure)"),
+    e2e_requests: int = typer.Option(10000, help="requests the dispatcher drains per e2e run"),
+    trace: str = typer.Option("azure-conv", help="trace whose request lengths to use"),
+    predictor: str = typer.Option(None, help="seed | vector | rls (default: the dispatcher's)"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
+    name: str = typer.Option("decision", help="result file stem"),
+    as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
+) -> None:
+    """Microseconds per routing decision against worker count: pure scoring and one dispatcher end to end."""
+    from ops.bench.decision import DecisionConfig, run_decision
+
+    try:
+        counts = [int(n) for n in _list(workers)]
+    except ValueError:
+        _fail(f"--workers takes whole numbers, got {workers!r}")
+    config = DecisionConfig(workers=counts, policies=_list(policies),
+                            e2e_policies=_list(e2e_policies) if e2e_policies else None, e2e=e2e, batch=batch,
+                            e2e_requests=e2e_requests, trace=trace, predictor=_predictor(predictor), seed=seed,
+                            out_dir=out,
+                            name=name)
+    try:
+        summary = run_decision(config)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        _fail(str(exc))
+    _finish(summary, as_json)
+
+
+@bench_app.command()
+def summary(folder: Path = typer.Option(None, help="results folder (default ops/bench/results)")) -> None:
+    """Print the headline tables of the result files as Markdown."""
+    from ops.bench.report import RESULTS_DIR
+    from ops.bench.summary import render
+
+    typer.echo(render(folder or RESULTS_DIR))

@@ -17,6 +17,7 @@ from typing import Any
 from rich.progress import Progress
 
 from client import Client
+from dispatcher.config import DispatcherSettings
 from ops.bench.cpu import CpuMeter
 from ops.bench.openloop import Outcome, collect, request_fields, submit_on_schedule, to_outcome
 from ops.local_cluster import LocalCluster, WorkerSpec, worker_ids
@@ -24,6 +25,7 @@ from ops.traces import Trace, TraceRequest
 from protocol.connection import connect
 from protocol.settings import CommonSettings
 
+DEFAULT_PREDICTOR = DispatcherSettings.model_fields["predictor"].default  # what `dio dispatcher` uses
 HEARTBEAT_SIM_S = 0.5  # a worker's telemetry is this old at most, in simulated seconds (DIO's default)
 MIN_HEARTBEAT_WALL_S = 0.05  # ...but a heartbeat never runs more often than this (CPU)
 WORKER_DRAIN_WALL_S = 2.0  # at the end of a run, workers stop after this long, finished or not
@@ -36,7 +38,7 @@ class RunConfig:
     workers: list[WorkerSpec]
     model: str = "llama-3.2-3b"
     policy: str = "dio"
-    predictor: str = "rls"
+    predictor: str = DEFAULT_PREDICTOR
     time_scale: float = 10.0
     drain_wall_s: float = 60.0  # after the last submission, wait this long for the last results
     max_wait_s: float = 60.0  # an interactive request without deadline waits at most this long
@@ -60,6 +62,7 @@ class RunRecord:
     predictors: dict[str, dict[str, Any]] = field(default_factory=dict)  # the {prefix}predictor hash
     cpu: dict[str, float | None] = field(default_factory=dict)
     worker_gpus: dict[str, str] = field(default_factory=dict)  # worker id → GPU profile
+    overhead_s: dict[str, float] = field(default_factory=dict)  # wall seconds to start and stop the cluster
 
 
 def run_trace(redis_url: str, config: RunConfig, trace: Trace, deadlines_ms: list[float] | None = None,
@@ -70,14 +73,18 @@ def run_trace(redis_url: str, config: RunConfig, trace: Trace, deadlines_ms: lis
                            predictor=config.predictor, model=config.model, time_scale=config.time_scale,
                            extra_env=config.env(), one_worker_process=config.one_worker_process)
     record: RunRecord | None = None
+    began = time.monotonic()
     try:
         cluster.start()
+        setup_s = time.monotonic() - began
         record = _replay(redis_url, prefix, cluster, config, trace, deadlines_ms, progress)
     finally:
+        ending = time.monotonic()
         cluster.stop()
         if record is not None:
             record.predictors = read_predictors(redis_url, prefix)  # persisted by the dispatcher as it stopped
         delete_prefix(redis_url, prefix)
+    record.overhead_s = {"start": round(setup_s, 2), "stop": round(time.monotonic() - ending, 2)}
     return record
 
 

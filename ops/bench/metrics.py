@@ -8,6 +8,7 @@ SLO, over the run's makespan (first submission to last result).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -19,13 +20,14 @@ from ops.stats import goodput, percentile, slo_attained
 
 STATUSES = ("completed", "rejected", "failed", "cancelled", LOST)
 REASON_CHARS = 160
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def reason_key(text: str | None) -> str:
     """Return a reason without its request-specific numbers, so equal causes group together."""
     if not text:
         return "(none)"
-    return "".join("#" if ch.isdigit() else ch for ch in text)[:REASON_CHARS]
+    return NUMBER.sub("#", text)[:REASON_CHARS]
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:
@@ -119,6 +121,7 @@ def summarize_run(record: RunRecord, deadlines_ms: list[float], time_scale: floa
         "makespan_s": round(span_s, 2),
         "wall_s": round(record.wall_s, 2),
         "cpu_cores": record.cpu,
+        "cluster_overhead_s": record.overhead_s,
     }
 
 

@@ -8,6 +8,7 @@ is in simulated time; the time scale is chosen so the arrivals take about ``targ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from dispatcher.policies import POLICIES
 from ops.bench import plots, report
 from ops.bench.calibrate import measure_capacity
-from ops.bench.cluster_run import RunConfig, run_trace
+from ops.bench.cluster_run import DEFAULT_PREDICTOR, RunConfig, run_trace
 from ops.bench.metrics import latency_cdf, summarize_run
 from ops.bench.workload import (
     TRACE_ARRIVALS,
@@ -23,6 +24,7 @@ from ops.bench.workload import (
     auto_time_scale,
     capacity_rps,
     deadlines_ms,
+    engine_capacity_rps,
     load_workload,
     span_s,
     trace_name,
@@ -38,6 +40,11 @@ HEADLINE_KEYS = ("p50_ms", "p99_ms", "slo_attainment", "goodput_tok_s", "complet
 TABLE_KEYS = ("p50_ms", "p90_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "slo_attainment", "goodput_tok_s",
               "completed", "rejected", "failed", "lost", "predictor_error_ms")
 MIN_DRAIN_WALL_S = 10.0
+CAPACITY_SOURCES = {
+    "engine": "each GPU's saturation throughput on the trace, its scheduler run alone, summed (ideal routing)",
+    "roofline": "gpu_worker.sim.roofline.estimate_capacity_rps per GPU, summed",
+    "calibrate": "a saturation run through the whole system with the dio policy (ops.bench.calibrate)",
+}
 
 
 @dataclass
@@ -51,14 +58,15 @@ class ReplayConfig:
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     slo_k: float = 5.0
     time_scale: float | None = None  # None: chosen so the arrivals at the lowest load take target_wall_s
-    target_wall_s: float = 15.0
-    drain_wall_s: float = 30.0  # after the last arrival, wait at most this long for the last results
+    target_wall_s: float = 12.0
+    drain_wall_s: float = 25.0  # after the last arrival, wait at most this long for the last results
     max_requests: int | None = 3000
+    duration_s: float | None = None  # offer each load for this long (simulated s) instead of max_requests
     arrivals: str = TRACE_ARRIVALS
-    predictor: str = "rls"
+    predictor: str = DEFAULT_PREDICTOR
     deadlines: bool = False  # send each request's SLO as its deadline (the dispatcher then drops late ones)
     max_wait_s: float = 60.0
-    calibrate: bool = False
+    capacity: str = "engine"  # engine | roofline | calibrate (see CAPACITY_SOURCES)
     seed: int = 0
     out_dir: Path | None = None
     name: str | None = None  # result file stem; default replay-<trace>
@@ -79,6 +87,8 @@ class Plan:
 
 def validate(config: ReplayConfig) -> None:
     """Refuse unknown policies and empty or non-positive loads before anything starts."""
+    if config.capacity not in CAPACITY_SOURCES:
+        raise ValueError(f"unknown capacity source {config.capacity!r}; choose from {', '.join(CAPACITY_SOURCES)}")
     unknown = [p for p in config.policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
@@ -93,21 +103,34 @@ def plan(config: ReplayConfig, redis_url: str, progress: Any = None) -> Plan:
     if len(trace) < 2:
         raise ValueError(f"the trace {config.trace!r} has {len(trace)} requests; a replay needs at least 2")
     deadlines = deadlines_ms(specs, config.model, trace, config.slo_k)
-    estimate = capacity_rps(specs, config.model, trace)
-    capacity = {"source": "roofline", "roofline_rps": round(estimate, 3)}
-    rps = estimate
-    scale = config.time_scale or auto_time_scale(span_s(at_rate(trace, min(config.loads) * estimate)),
-                                                 config.target_wall_s)
-    if config.calibrate:
-        measured = measure_capacity(redis_url, _run_config(config, "dio", scale, 60.0), trace, estimate,
+    capacity: dict[str, Any] = {"source": config.capacity,
+                                "roofline_rps": round(capacity_rps(specs, config.model, trace), 3),
+                                "engine_rps": round(engine_capacity_rps(specs, config.model, trace), 3)}
+    rps = capacity["roofline_rps"] if config.capacity == "roofline" else capacity["engine_rps"]
+    scale = config.time_scale or _auto_scale(config, trace, rps)
+    if config.capacity == "calibrate":
+        measured = measure_capacity(redis_url, _run_config(config, "dio", scale, 60.0), trace, rps,
                                     progress=progress)
-        if measured is not None:
-            rps = measured
-            capacity.update(source="calibrated", calibrated_rps=round(measured, 3))
-            if not config.time_scale:
-                scale = auto_time_scale(span_s(at_rate(trace, min(config.loads) * rps)), config.target_wall_s)
+        if measured is None:
+            raise RuntimeError("the calibration run completed too few requests to measure capacity")
+        rps = capacity["calibrated_rps"] = round(measured, 3)
+        scale = config.time_scale or _auto_scale(config, trace, rps)
     drain = max(config.drain_wall_s, MIN_DRAIN_WALL_S, 1.2 * max(deadlines) / 1000.0 / scale)
     return Plan(trace, deadlines, rps, capacity, scale, drain)
+
+
+def _auto_scale(config: ReplayConfig, trace: Trace, capacity_rps: float) -> float:
+    """Return the time scale at which the arrivals at the lowest load take ``target_wall_s``."""
+    span = config.duration_s or span_s(at_rate(trace, min(config.loads) * capacity_rps))
+    return auto_time_scale(span, config.target_wall_s)
+
+
+def offered(the_plan: Plan, load: float, duration_s: float | None) -> tuple[Trace, list[float]]:
+    """Return the requests offered at ``load`` (the first ``duration_s`` of arrivals, if given) and their SLOs."""
+    trace = at_rate(the_plan.trace, load * the_plan.capacity_rps)
+    if duration_s is not None:
+        trace = [r for r in trace if r.arrival_s < duration_s]
+    return trace, the_plan.deadlines[:len(trace)]
 
 
 def _run_config(config: ReplayConfig, policy: str, time_scale: float, drain_wall_s: float) -> RunConfig:
@@ -125,13 +148,14 @@ def run_grid(config: ReplayConfig, the_plan: Plan, redis_url: str) -> tuple[dict
         overall = bar.add_task(f"{config.benchmark} {trace_name(config.trace)}",
                                total=len(config.loads) * len(config.policies))
         for load in config.loads:
-            trace = at_rate(the_plan.trace, load * the_plan.capacity_rps)
+            trace, deadlines = offered(the_plan, load, config.duration_s)
             for policy in config.policies:
                 bar.update(overall, description=f"{trace_name(config.trace)} {policy} @ {load:g}")
                 run = _run_config(config, policy, the_plan.time_scale, the_plan.drain_wall_s)
-                record = run_trace(redis_url, run, trace, the_plan.deadlines if config.deadlines else None, bar)
-                figures = summarize_run(record, the_plan.deadlines, the_plan.time_scale)
+                record = run_trace(redis_url, run, trace, deadlines if config.deadlines else None, bar)
+                figures = summarize_run(record, deadlines, the_plan.time_scale)
                 figures["offered_rps"] = round(load * the_plan.capacity_rps, 3)
+                figures["offered_span_s"] = round(span_s(trace), 2)
                 runs[policy][f"{load:g}"] = figures
                 if load == top:
                     cdfs[policy] = latency_cdf(record.outcomes)
@@ -173,30 +197,41 @@ def print_tables(title: str, runs: dict[str, dict[str, dict[str, Any]]], keys: t
                                           ["policy", *keys], rows))
 
 
-def run_replay(config: ReplayConfig) -> dict[str, Any]:
-    """Run the benchmark, print its tables, write its JSON and plot; return the --json summary."""
+def run_benchmark(config: ReplayConfig, extra: Callable[[dict], dict] | None = None,
+                  table_keys: tuple[str, ...] = TABLE_KEYS, panels: tuple | None = None) -> tuple[Plan, dict]:
+    """Plan and run every policy at every load; print tables, write the JSON and the plot.
+
+    Args:
+        extra: returns more result-file figures from the runs (the overload benchmark's headline).
+        panels: what to plot against load (``plots.load_lines``); None: p99 and SLO attainment.
+    """
     validate(config)
     name = config.name or f"{config.benchmark}-{trace_name(config.trace)}"
-    settings = CommonSettings()
-    with ensure_redis(settings.redis_url) as server:
+    with ensure_redis(CommonSettings().redis_url) as server:
         with report.progress() as bar:
             the_plan = plan(config, server.url, bar)
         report.status.print(f"{trace_name(config.trace)}: {len(the_plan.trace)} requests, capacity "
                             f"{the_plan.capacity_rps:.2f} req/s ({the_plan.capacity['source']}), time scale "
                             f"{the_plan.time_scale:g}")
         runs, cdfs = run_grid(config, the_plan, server.url)
-        figures = result_figures(config, the_plan, runs)
+        figures = result_figures(config, the_plan, runs) | (extra(runs) if extra else {})
         data = report.payload(config.benchmark, figures, connect(CommonSettings(redis_url=server.url)))
     out_dir = Path(config.out_dir or report.RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = (f"{config.benchmark}: {trace_name(config.trace)} on {config.cluster} ({config.model}), "
-             f"{len(the_plan.trace)} requests, SLO {config.slo_k:g}x unloaded")
-    png = plots.load_lines(runs, title, out_dir / f"{name}.png", cdfs)
+             f"SLO {config.slo_k:g}x unloaded, capacity {the_plan.capacity_rps:.1f} req/s ({config.capacity})")
+    png = plots.load_lines(runs, title, out_dir / f"{name}.png", cdfs, **({"panels": panels} if panels else {}))
     data["figures_png"] = [png.name]
     data["cdf_at_top_load"] = cdfs
     path = report.save(name, data, out_dir)
-    print_tables(title, runs)
+    print_tables(title, runs, table_keys)
     report.status.print(f"wrote {path} and {png}")
+    return the_plan, runs
+
+
+def run_replay(config: ReplayConfig) -> dict[str, Any]:
+    """Run the replay benchmark; return the --json summary (per policy and load)."""
+    the_plan, runs = run_benchmark(config)
     return {"trace": trace_name(config.trace), "time_scale": the_plan.time_scale,
             "capacity_rps": round(the_plan.capacity_rps, 3), "capacity_source": the_plan.capacity["source"],
             "latency_unit": "simulated ms",
@@ -209,10 +244,12 @@ def result_figures(config: ReplayConfig, the_plan: Plan, runs: dict[str, dict[st
     stats = trace_stats(the_plan.trace)
     return {
         "trace": trace_name(config.trace), "trace_file": str(config.trace), "arrivals": config.arrivals,
-        "requests": len(the_plan.trace), "cluster": config.cluster, "model": config.model,
+        "requests": len(the_plan.trace), "duration_s": config.duration_s, "cluster": config.cluster,
+        "model": config.model,
         "loads": config.loads, "policies": config.policies, "predictor": config.predictor, "slo_k": config.slo_k,
         "deadlines_sent": config.deadlines, "max_wait_s": config.max_wait_s,
-        "capacity": {**the_plan.capacity, "used_rps": round(the_plan.capacity_rps, 3)},
+        "capacity": {**the_plan.capacity, "used_rps": round(the_plan.capacity_rps, 3),
+                     "meaning": CAPACITY_SOURCES[config.capacity]},
         "time_scale": the_plan.time_scale, "drain_wall_s": round(the_plan.drain_wall_s, 1),
         "latency_unit": "simulated ms (wall ms x time_scale)",
         "trace_stats": {k: v for k, v in stats.__dict__.items() if k not in ("duration_s", "mean_rps")},

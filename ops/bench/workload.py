@@ -14,6 +14,7 @@ import numpy as np
 
 from gpu_worker.sim.profiles import get_model, get_profile
 from gpu_worker.sim.roofline import estimate_capacity_rps, unloaded_service_time_s
+from gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
 from ops.local_cluster import WorkerSpec
 from ops.traces import (
     BUNDLED,
@@ -29,6 +30,7 @@ from ops.traces import (
 
 POISSON = "poisson"
 TRACE_ARRIVALS = "trace"
+SATURATION_SAMPLE = 800  # requests queued at once to measure one GPU's saturation throughput
 NICE_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)  # time scales are rounded to these × 10^k
 
 
@@ -80,6 +82,35 @@ def capacity_rps(specs: list[WorkerSpec], model_name: str, trace: Trace) -> floa
     mean_output = float(np.mean([r.output_tokens for r in trace]))
     return sum(s.count * estimate_capacity_rps(get_profile(s.profile), model, mean_prompt, mean_output)
                for s in specs)
+
+
+def engine_saturation_rps(profile: str, model_name: str, trace: Trace, sample: int = SATURATION_SAMPLE) -> float:
+    """Return one simulated GPU's saturation throughput on the trace's requests (requests per simulated s).
+
+    Runs the GPU's scheduler alone (no network, no router) with the first ``sample`` requests all
+    queued at time 0 (prefix cache on), and counts completions between the 10th and the 90th
+    percentile of their finish times. Requests longer than the GPU's context are left out: they
+    cannot run there.
+    """
+    scheduler = Scheduler(get_profile(profile), get_model(model_name))
+    fits = [r for r in trace[:sample] if r.prompt_tokens + r.output_tokens <= scheduler.max_model_len]
+    for i, request in enumerate(fits):
+        scheduler.add(SimRequest(str(i), request.prompt_tokens, request.output_tokens,
+                                 prefix_hashes=request.prefix_hashes), 0.0)
+    finished = []
+    while (t := scheduler.next_event_time()) is not None:
+        finished += [e.time for e in scheduler.advance_to(t) if e.kind is not EventKind.first_token]
+    if len(finished) < 10:
+        return 0.0
+    lo, hi = np.percentile(finished, (10, 90))
+    inside = np.count_nonzero((np.asarray(finished) >= lo) & (np.asarray(finished) <= hi))
+    return float(inside / (hi - lo)) if hi > lo else 0.0
+
+
+def engine_capacity_rps(specs: list[WorkerSpec], model_name: str, trace: Trace) -> float:
+    """Return the cluster's capacity as the sum of its GPUs' saturation throughputs (ideal routing)."""
+    per_profile = {s.profile: engine_saturation_rps(s.profile, model_name, trace) for s in specs}
+    return sum(s.count * per_profile[s.profile] for s in specs)
 
 
 def at_rate(trace: Trace, rps: float) -> Trace:

@@ -1,0 +1,125 @@
+"""``dio bench summary``: the headline tables of the result files, as Markdown (for the README)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ops.bench.report import RESULTS_DIR, fmt
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    """Return a Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def replay_section(data: dict[str, Any]) -> str:
+    """Return one replay result: a table per load, a row per policy."""
+    out = [f"### {data['benchmark']}: {data['trace']} ({data['requests']} requests)",
+           f"`{data['command']}`", "",
+           f"Capacity {data['capacity']['used_rps']} req/s ({data['capacity']['source']}; roofline "
+           f"{data['capacity'].get('roofline_rps')}, engine {data['capacity'].get('engine_rps')}), time scale "
+           f"{data['time_scale']}, SLO {data['slo_k']}× unloaded on the fastest GPU; latencies in simulated ms.", ""]
+    loads = sorted({load for by in data["runs"].values() for load in by}, key=float)
+    for load in loads:
+        rows = []
+        for policy, by in data["runs"].items():
+            f = by.get(load)
+            if f is None:
+                continue
+            rows.append([policy, f["p50_ms"], f["p99_ms"], f["ttft_p99_ms"], _pct(f["slo_attainment"]),
+                         f["goodput_tok_s"], f["completed"], f["rejected"], f["failed"], f["lost"],
+                         f["predictor_error_ms"]])
+        out += [f"load {load}:", "", markdown_table(["policy", "p50", "p99", "TTFT p99", "SLO", "goodput tok/s",
+                                                     "completed", "rejected", "failed", "lost",
+                                                     "pred. err ms"], rows), ""]
+    return "\n".join(out)
+
+
+def headline_rows(results: list[dict[str, Any]]) -> str:
+    """Return one row per replay trace and load: DIO, the best baseline, round-robin."""
+    rows = []
+    for data in results:
+        for load, h in data["headline"].items():
+            dio, best, rr = h.get("dio", {}), h.get("best_baseline", {}), h.get("round-robin", {})
+            rows.append([data["trace"], load, dio.get("p99_ms"), _pct(dio.get("slo_attainment")), dio.get("failed"),
+                         best.get("policy"), best.get("p99_ms"), _pct(best.get("slo_attainment")), best.get("failed"),
+                         rr.get("p99_ms"), _pct(rr.get("slo_attainment")), rr.get("failed")])
+    return markdown_table(["trace", "load", "DIO p99", "DIO SLO", "DIO failed", "best baseline", "its p99", "its SLO",
+                           "its failed", "RR p99", "RR SLO", "RR failed"], rows)
+
+
+def overload_section(data: dict[str, Any]) -> str:
+    """Return the overload result: a row per policy and load."""
+    rows = []
+    for policy, by in data["runs"].items():
+        kept = data.get("overload_headline", {}).get(policy, {}).get("goodput_kept", {})
+        for load, f in sorted(by.items(), key=lambda kv: float(kv[0])):
+            rows.append([policy, load, f["goodput_tok_s"], kept.get(load), _pct(f["slo_attainment"]), f["p99_ms"],
+                         f["completed"], f["rejected"], f["rejected_with_retry_after"], f["failed"], f["lost"]])
+    head = [f"### overload: {data['trace']}", f"`{data['command']}`", "",
+            f"Capacity {data['capacity']['used_rps']} req/s ({data['capacity']['source']}), each load offered for "
+            f"{data['duration_s']} simulated s, requests carry their SLO as deadline.", ""]
+    return "\n".join(head) + markdown_table(["policy", "load", "goodput tok/s", "goodput vs 1x", "SLO", "p99 ms",
+                                             "completed", "rejected", "with retry-after", "failed", "lost"], rows)
+
+
+def convergence_section(data: dict[str, Any]) -> str:
+    """Return the convergence result: a row per predictor and GPU."""
+    rows = []
+    floors = data.get("least_squares_floor_ms", {})
+    for kind, entry in data["predictors"].items():
+        for gpu, g in entry["by_gpu"].items():
+            rows.append([kind, gpu, g["cold"], g["cold_final_median_ms"], g["drift"], g["drift_final_median_ms"],
+                         floors.get(gpu, {}).get("cold")])
+    head = [f"### convergence ({data['trace']}, load {data['load']}, slowdown {data['slowdown']}×, "
+            f"{data['repeats']} runs)", f"`{data['command']}`", ""]
+    return "\n".join(head) + markdown_table(["predictor", "GPU", "cold: completions to 50 ms", "cold: final median",
+                                             "drift: completions to 50 ms", "drift: final median",
+                                             "least-squares floor"], rows)
+
+
+def decision_section(data: dict[str, Any]) -> str:
+    """Return the decision result: a row per worker count, pure µs per policy and DIO's e2e rate."""
+    policies = list(data["by_policy"])
+    rows = []
+    for count in data["worker_counts"]:
+        key = str(count)
+        rows.append([count, *(data["by_policy"][p].get(key, {}).get("score_us") for p in policies),
+                     *(data["by_policy"][p].get(key, {}).get("e2e_decisions_per_s") for p in policies)])
+    columns = ["workers", *(f"{p} µs" for p in policies), *(f"{p} e2e/s" for p in policies)]
+    return "\n".join(["### decision", f"`{data['command']}`", ""]) + markdown_table(columns, rows)
+
+
+def pipeline_section(data: dict[str, Any]) -> str:
+    """Return the pipeline result."""
+    keys = ("dio_rps", "rq_rps", "dio_over_rq", "xadd_rps", "xadd_pipelined_rps", "half_load_rps", "added_p50_ms",
+            "added_p99_ms")
+    rows = [[k, data.get(k)] for k in keys]
+    rows += [[f"stage p50 ms: {k}", v] for k, v in (data.get("stages_p50_ms") or {}).items()]
+    rows += [[f"CPU µs/request: {k}", v] for k, v in (data.get("cpu_us_per_request") or {}).items()]
+    return "\n".join(["### pipeline", f"`{data['command']}`", ""]) + markdown_table(["figure", "value"], rows)
+
+
+SECTIONS = {"overload": overload_section, "convergence": convergence_section, "decision": decision_section,
+            "pipeline": pipeline_section}
+
+
+def render(folder: Path = RESULTS_DIR) -> str:
+    """Return every result file of ``folder`` as Markdown, the replay headline first."""
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    replays = [d for d in results if d.get("benchmark") == "replay"]
+    parts = []
+    if replays:
+        parts += ["### replay headline (DIO vs the best baseline vs round-robin; p99 in simulated ms)", "",
+                  headline_rows(replays), ""]
+        parts += [replay_section(d) for d in replays]
+    parts += [SECTIONS[d["benchmark"]](d) for d in results if d.get("benchmark") in SECTIONS]
+    return "\n\n".join(parts) + "\n"

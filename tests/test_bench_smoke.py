@@ -1,0 +1,105 @@
+"""Every ``dio bench`` command, for a few seconds on a tiny cluster, through the real CLI.
+
+Checks the last stdout line (one JSON object), the result file's schema, and that the figures add
+up: completed + rejected + failed + cancelled + lost = submitted, for every policy and load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ops.cli import app
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUN_KEYS = {"p50_ms", "p99_ms", "slo_attainment", "goodput_tok_s", "completed", "rejected", "failed", "lost"}
+
+
+@pytest.fixture
+def bench(redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Run ``dio bench ARGS --out tmp --json``; return (the last stdout line as JSON, the results folder)."""
+    monkeypatch.setenv("DIO_REDIS_URL", redis_url)
+
+    def run(*args: str) -> dict:
+        result = CliRunner().invoke(app, ["bench", *args, "--out", str(tmp_path), "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    run.out = tmp_path
+    return run
+
+
+def _saved(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["command"] and data["argv"] and data["machine"]["cpu_count"] >= 1
+    return data
+
+
+def _adds_up(figures: dict) -> None:
+    ended = sum(figures[k] for k in ("completed", "rejected", "failed", "cancelled", "lost"))
+    assert ended == figures["submitted"]
+
+
+def test_replay(bench) -> None:
+    summary = bench("replay", "--trace", "azure-conv", "--cluster", "H100:1,T4:1", "--load", "0.5", "0.8",
+                    "--policies", "dio,round-robin", "--max-requests", "30", "--time-scale", "20",
+                    "--drain-wall-s", "15")
+    assert set(summary["policies"]) == {"dio", "round-robin"}
+    for by_load in summary["policies"].values():
+        assert set(by_load) == {"0.5", "0.8"}
+        for figures in by_load.values():
+            assert RUN_KEYS <= set(figures)
+    data = _saved(bench.out, "replay-azure-conv")
+    assert data["latency_unit"].startswith("simulated ms") and data["capacity"]["source"] == "engine"
+    for by_load in data["runs"].values():
+        for figures in by_load.values():
+            _adds_up(figures)
+            assert figures["submitted"] == 30
+            assert sum(w["jobs"] for w in figures["workers"].values()) <= 30
+    assert (bench.out / "replay-azure-conv.png").stat().st_size > 0
+    assert set(data["headline"]["0.8"]) >= {"dio", "best_baseline", "round-robin"}
+
+
+def test_overload(bench) -> None:
+    summary = bench("overload", "--cluster", "H100:1", "--load", "1", "2", "--duration-s", "2",
+                    "--policies", "dio", "--time-scale", "20", "--drain-wall-s", "10")
+    assert set(summary["policies"]["dio"]) == {"1", "2"}
+    assert set(summary["overload_headline"]["dio"]["goodput_kept"]) == {"1", "2"}
+    data = _saved(bench.out, "overload-azure-conv")
+    assert data["deadlines_sent"] is True
+    for figures in data["runs"]["dio"].values():
+        _adds_up(figures)
+        assert figures["rejected_with_retry_after"] <= figures["rejected"]
+
+
+def test_convergence(bench) -> None:
+    summary = bench("convergence", "--gpus", "H100,T4", "--completions", "20", "--repeats", "2")
+    assert set(summary["predictors"]) == {"seed", "vector", "rls"}
+    for entry in summary["predictors"].values():
+        assert set(entry["completions_to_50ms"]) == {"cold", "drift"}
+    data = _saved(bench.out, "convergence")
+    assert len(data["curves"]["vector"]["H100"]["cold"]["median_ms"]) > 0
+    assert (bench.out / "convergence.png").exists()
+
+
+def test_decision(bench) -> None:
+    summary = bench("decision", "--workers", "1,8", "--policies", "dio,round-robin", "--e2e-policies", "dio",
+                    "--batch", "50", "--e2e-requests", "300")
+    assert set(summary["workers"]) == {"1", "8"}
+    for figures in summary["workers"].values():
+        assert figures["score_us"] > 0 and figures["e2e_decisions_per_s"] > 0
+        assert figures["e2e_handed_off"] == 300
+    assert "e2e_decisions_per_s" not in _saved(bench.out, "decision")["by_policy"]["round-robin"]["8"]
+
+
+def test_pipeline(bench) -> None:
+    summary = bench("pipeline", "--requests", "300", "--half-load-s", "1", "--rq-requests", "20",
+                    "--xadd-requests", "2000")
+    assert summary["completed"] == 300 and summary["rq_finished"] == 20
+    assert summary["dio_rps"] > 0 and summary["rq_rps"] > 0 and summary["added_p50_ms"] > 0
+    assert summary["dio_over_rq"] == pytest.approx(summary["dio_rps"] / summary["rq_rps"], rel=0.01)
+    assert "stages_p50_ms" in _saved(bench.out, "pipeline")
