@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dispatcher.cluster import Cluster
-from dispatcher.scheduling import Filter
-from protocol.models import Request
+from dispatcher.scheduling import Ask, Filter
 
 
 class ServesModel(Filter):
@@ -15,10 +14,10 @@ class ServesModel(Filter):
     name = "serves-model"
     permanent = True
 
-    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
         return cluster.model == request.model
 
-    def explain(self, request: Request, cluster: Cluster) -> str:
+    def explain(self, request: Ask, cluster: Cluster) -> str:
         served = sorted(set(cluster.model.tolist()))
         return f"no worker serves model {request.model!r} (served: {', '.join(served) or 'none'})"
 
@@ -33,11 +32,11 @@ class FitsWhenIdle(Filter):
     name = "fits-when-idle"
     permanent = True
 
-    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
         need = request.kv_tokens
         return (cluster.kv_capacity >= need) & (cluster.max_model_len >= need)
 
-    def explain(self, request: Request, cluster: Cluster) -> str:
+    def explain(self, request: Ask, cluster: Cluster) -> str:
         same_model = cluster.model == request.model
         largest = int(np.minimum(cluster.kv_capacity, cluster.max_model_len)[same_model].max(initial=0))
         return (f"too large for every worker: needs {request.kv_tokens} KV tokens "
@@ -50,10 +49,10 @@ class Alive(Filter):
 
     name = "alive"
 
-    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
         return cluster.alive & ~cluster.draining
 
-    def explain(self, request: Request, cluster: Cluster) -> str:
+    def explain(self, request: Ask, cluster: Cluster) -> str:
         return f"no live worker for model {request.model!r}"
 
 
@@ -66,10 +65,10 @@ class KvAdmission(Filter):
 
     name = "kv-admission"
 
-    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
         return cluster.reserved_kv + request.kv_tokens <= cluster.kv_capacity
 
-    def explain(self, request: Request, cluster: Cluster) -> str:
+    def explain(self, request: Ask, cluster: Cluster) -> str:
         return f"no worker has {request.kv_tokens} free KV tokens now (all reserved by running jobs)"
 
 
@@ -85,10 +84,10 @@ class QueueBound(Filter):
     def __init__(self, prefetch: int = 2) -> None:
         self.prefetch = prefetch
 
-    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
         return cluster.outstanding < cluster.slots + self.prefetch
 
-    def explain(self, request: Request, cluster: Cluster) -> str:
+    def explain(self, request: Ask, cluster: Cluster) -> str:
         return "every worker's queue is full"
 
 
@@ -105,8 +104,8 @@ class ColdStartProbe(Filter):
     def __init__(self, probes: int = 2) -> None:
         self.probes = probes
 
-    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
         return (cluster.predictor.seen > 0) | (cluster.outstanding < self.probes)
 
-    def explain(self, request: Request, cluster: Cluster) -> str:
+    def explain(self, request: Ask, cluster: Cluster) -> str:
         return "waiting for the first completions of new workers"

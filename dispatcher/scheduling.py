@@ -36,16 +36,54 @@ class Decision:
         return self.row is None and not self.wait
 
 
+class Ask:
+    """One request as the routing step sees it, with what several pieces need computed once.
+
+    It carries the request's fields that filters and scorers read (``model``, ``prompt_tokens``,
+    ``max_tokens``, ``kv_tokens``, ``deadline_at``, ``prefix_hashes``), plus the predicted latency
+    on every worker at the load it would add — the most expensive number, shared by the scorers.
+    """
+
+    __slots__ = ("request", "model", "prompt_tokens", "max_tokens", "kv_tokens", "deadline_at", "prefix_hashes",
+                 "_cluster", "_predicted", "_loads")
+
+    def __init__(self, request: Request, cluster: Cluster) -> None:
+        self.request = request
+        self.model = request.model
+        self.prompt_tokens = request.prompt_tokens
+        self.max_tokens = request.max_tokens
+        self.kv_tokens = self.prompt_tokens + self.max_tokens
+        self.deadline_at = request.deadline_at
+        self.prefix_hashes = request.prefix_hashes
+        self._cluster = cluster
+        self._predicted: np.ndarray | None = None
+        self._loads: np.ndarray | None = None
+
+    @property
+    def loads(self) -> np.ndarray:
+        """Every worker's KV load with this request (in units of its weights' size)."""
+        if self._loads is None:
+            self._loads = self._cluster.load_with(self.kv_tokens)
+        return self._loads
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """The predictor's latency (ms) of this request on every worker, at that load."""
+        if self._predicted is None:
+            self._predicted = self._cluster.predictor.predict_all(self.prompt_tokens, self.max_tokens, self.loads)
+        return self._predicted
+
+
 class Filter:
     """Keep the workers a request may go to. ``mask`` returns one bool per worker row."""
 
     name = "filter"
     permanent = False
 
-    def mask(self, request: Request, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
         raise NotImplementedError
 
-    def explain(self, request: Request, cluster: Cluster) -> str:
+    def explain(self, request: Ask, cluster: Cluster) -> str:
         return f"no worker passes {self.name}"
 
 
@@ -54,7 +92,7 @@ class Scorer:
 
     name = "scorer"
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -82,20 +120,18 @@ class Scheduler:
         """Route one request: a worker row, wait, or reject with a reason."""
         if len(cluster) == 0:
             return Decision(wait=True, reason="no worker registered yet")
+        ask = Ask(request, cluster)
         keep = np.ones(len(cluster), dtype=bool)
         for f in self.filters:
-            passed = keep & f.mask(request, cluster, now)
+            passed = keep & f.mask(ask, cluster, now)
             if not passed.any():
-                reason = f.explain(request, cluster)
+                reason = f.explain(ask, cluster)
                 return Decision(wait=not f.permanent, reason=reason)
             keep = passed
         rows = np.flatnonzero(keep)
         total = np.zeros(len(rows))
         for scorer, weight in self.scorers:
-            total += weight * scorer.cost(request, cluster, rows, now)
+            total += weight * scorer.cost(ask, cluster, rows, now)
         row = self.picker.pick(rows, total, cluster)
-        predicted = None
-        if cluster.predictor.seen[row] > 0:
-            load = float(cluster.load_with(request.kv_tokens)[row])
-            predicted = cluster.predictor.predict(row, request.prompt_tokens, request.max_tokens, load)
+        predicted = float(ask.predicted[row]) if cluster.predictor.seen[row] > 0 else None
         return Decision(row=int(row), predicted_ms=predicted)

@@ -6,20 +6,18 @@ import numpy as np
 
 from dispatcher.cluster import Cluster
 from dispatcher.prefix import PrefixIndex
-from dispatcher.scheduling import Scorer
-from protocol.models import Request
+from dispatcher.scheduling import Ask, Scorer
 
 INFEASIBLE_MS = 1e6  # added to a worker that would miss the request's deadline
 
 
-def predicted_ms(request: Request, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
+def predicted_ms(request: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
     """The NLMS latency of the request on each row; cold rows get the warm rows' mean.
 
     A cold worker (no completion yet) is neither shunned nor flooded: it is priced like an
     average worker, so it receives traffic and its predictor warms up.
     """
-    loads = cluster.load_with(request.kv_tokens)
-    pred = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, loads)[rows]
+    pred = request.predicted[rows]
     warm = cluster.predictor.seen[rows] > 0
     if not warm.all():
         pred[~warm] = pred[warm].mean() if warm.any() else 0.0
@@ -31,7 +29,7 @@ class PredictedLatency(Scorer):
 
     name = "predicted-latency"
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         return predicted_ms(request, cluster, rows)
 
 
@@ -46,12 +44,11 @@ class Interference(Scorer):
 
     name = "interference"
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         outstanding = cluster.outstanding[rows]
         if not outstanding.any():
             return np.zeros(len(rows))
-        with_it = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens,
-                                                cluster.load_with(request.kv_tokens))[rows]
+        with_it = request.predicted[rows]
         without = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, cluster.load_now())[rows]
         return outstanding * np.maximum(with_it - without, 0.0)
 
@@ -65,7 +62,7 @@ class QueueWait(Scorer):
 
     name = "queue-wait"
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         kv_slots = cluster.kv_capacity[rows] // max(request.kv_tokens, 1)
         slots = np.maximum(np.minimum(cluster.slots[rows], kv_slots), 1)
         ahead = np.maximum(cluster.outstanding[rows] + 1 - slots, 0)
@@ -85,7 +82,7 @@ class KvHeadroom(Scorer):
     name = "kv-headroom"
     START = 0.8
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         capacity = np.maximum(cluster.kv_capacity[rows], 1)
         usage = (cluster.reserved_kv[rows] + request.kv_tokens) / capacity
         over = np.clip((usage - self.START) / (1 - self.START), 0.0, 1.0)
@@ -100,7 +97,7 @@ class DeadlineFeasibility(Scorer):
     def __init__(self) -> None:
         self.wait = QueueWait()
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         deadline = request.deadline_at
         if deadline is None:
             return np.zeros(len(rows))
@@ -123,7 +120,7 @@ class PrefixAffinity(Scorer):
         self.index = index
         self.block_tokens = block_tokens
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         if not request.prefix_hashes:
             return np.zeros(len(rows))
         matched = self.index.matched_blocks(request.prefix_hashes, cluster.ids, rows)
@@ -133,10 +130,9 @@ class PrefixAffinity(Scorer):
         return -cached * self._prompt_ms_per_token(request, cluster, rows)
 
     @staticmethod
-    def _prompt_ms_per_token(request: Request, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
-        loads = cluster.load_with(request.kv_tokens)
-        with_prompt = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, loads)[rows]
-        without = cluster.predictor.predict_all(0, request.max_tokens, loads)[rows]
+    def _prompt_ms_per_token(request: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
+        with_prompt = request.predicted[rows]
+        without = cluster.predictor.predict_all(0, request.max_tokens, request.loads)[rows]
         return np.maximum(with_prompt - without, 0.0) / max(request.prompt_tokens, 1)
 
 
@@ -145,7 +141,7 @@ class Outstanding(Scorer):
 
     name = "outstanding"
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         return cluster.outstanding[rows].astype(float)
 
 
@@ -158,7 +154,7 @@ class QueueAndKv(Scorer):
 
     name = "queue-kv"
 
-    def cost(self, request: Request, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         queue = np.maximum(cluster.outstanding[rows] - cluster.running[rows], cluster.waiting[rows])
         queue_norm = queue / max(queue.max(), 1)
         return queue_norm + cluster.kv_usage[rows]
