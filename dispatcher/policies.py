@@ -28,6 +28,7 @@ def dio(prefetch: int = 2, prefix_index: PrefixIndex | None = None, seed: int | 
                  (scorers.KvHeadroom(), 1.0),
                  (scorers.DeadlineFeasibility(), 1.0), (scorers.PrefixAffinity(index), 1.0)],
         picker=pickers.MinCost(seed),
+        shed_late=True,
     )
 
 

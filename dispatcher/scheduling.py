@@ -14,7 +14,7 @@ benchmark compares policies, not code paths:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,6 +30,7 @@ class Decision:
     wait: bool = False  # nothing fits now: keep it in the backlog
     reason: str | None = None  # why it waits or is rejected
     predicted_ms: float | None = None  # the predictor's latency for the chosen worker
+    retry_after_s: float | None = None  # for a rejection caused by load: when to try again
 
     @property
     def reject(self) -> bool:
@@ -113,8 +114,9 @@ class Scheduler:
     filters: list[Filter]
     scorers: list[tuple[Scorer, float]]
     picker: Picker
-    predictor_scorer: Scorer | None = None  # reports predicted_ms (for the predictor-error metric)
-    _last_reject: dict = field(default_factory=dict)
+    # Reject a request whose predicted finish on the best worker is already past its deadline,
+    # instead of running it late: its capacity goes to requests that can still make theirs.
+    shed_late: bool = False
 
     def decide(self, request: Request, cluster: Cluster, now: float) -> Decision:
         """Route one request: a worker row, wait, or reject with a reason."""
@@ -134,4 +136,10 @@ class Scheduler:
             total += weight * scorer.cost(ask, cluster, rows, now)
         row = self.picker.pick(rows, total, cluster)
         predicted = float(ask.predicted[row]) if cluster.predictor.seen[row] > 0 else None
+        if self.shed_late and predicted is not None and ask.deadline_at is not None:
+            left_ms = (ask.deadline_at - now) * 1000.0
+            if predicted > left_ms:
+                return Decision(reason=f"cannot finish before its deadline: predicted {predicted:.0f} ms on the "
+                                       f"best worker, {max(left_ms, 0):.0f} ms left",
+                                retry_after_s=round(predicted / 1000.0, 3))
         return Decision(row=int(row), predicted_ms=predicted)

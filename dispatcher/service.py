@@ -222,7 +222,8 @@ class Dispatcher:
                 self._handoff(pipe, item, decision.row, now)
                 done.add(item.entry_id)
             elif decision.reject:
-                self._reject(pipe, item, decision.reason or "no worker can serve it", retry_after_s=None)
+                self._reject(pipe, item, decision.reason or "no worker can serve it",
+                             retry_after_s=decision.retry_after_s)
                 done.add(item.entry_id)
             elif self._expired(item, now):
                 reason = f"no capacity before its deadline: {decision.reason}"

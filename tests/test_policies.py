@@ -149,3 +149,14 @@ def test_deadline_prefers_a_feasible_worker():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("fastest")
+
+
+def test_dio_sheds_a_request_that_would_finish_past_its_deadline():
+    cluster = make_cluster(("only", 100_000, 1.0))
+    late = request(deadline_ms=50.0, submitted_at=0.0)  # predicted ≈ 200 ms
+    decision = make_policy("dio", seed=0).decide(late, cluster, now=0.0)
+    assert decision.reject and "cannot finish before its deadline" in decision.reason
+    assert decision.retry_after_s and decision.retry_after_s > 0
+    on_time = request(deadline_ms=5_000.0, submitted_at=0.0)
+    assert make_policy("dio", seed=0).decide(on_time, cluster, now=0.0).row == 0
+    assert make_policy("least-loaded").decide(late, cluster, now=0.0).row == 0  # baselines run it late
