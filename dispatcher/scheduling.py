@@ -128,6 +128,10 @@ class Scheduler:
             passed = keep & f.mask(ask, cluster, now)
             if not passed.any():
                 reason = f.explain(ask, cluster)
+                if not f.permanent:
+                    late = self._late(ask, cluster, keep, now)
+                    if late is not None:
+                        return late
                 return Decision(wait=not f.permanent, reason=reason)
             keep = passed
         rows = np.flatnonzero(keep)
@@ -135,11 +139,25 @@ class Scheduler:
         for scorer, weight in self.scorers:
             total += weight * scorer.cost(ask, cluster, rows, now)
         row = self.picker.pick(rows, total, cluster)
+        if self.shed_late and ask.deadline_at is not None:
+            chosen = np.zeros(len(cluster), dtype=bool)
+            chosen[row] = True
+            late = self._late(ask, cluster, chosen, now)
+            if late is not None:
+                return late
         predicted = float(ask.predicted[row]) if cluster.predictor.seen[row] > 0 else None
-        if self.shed_late and predicted is not None and ask.deadline_at is not None:
-            left_ms = (ask.deadline_at - now) * 1000.0
-            if predicted > left_ms:
-                return Decision(reason=f"cannot finish before its deadline: predicted {predicted:.0f} ms on the "
-                                       f"best worker, {max(left_ms, 0):.0f} ms left",
-                                retry_after_s=round(predicted / 1000.0, 3))
         return Decision(row=int(row), predicted_ms=predicted)
+
+    def _late(self, ask: Ask, cluster: Cluster, candidates: np.ndarray, now: float) -> Decision | None:
+        """With ``shed_late``: a rejection if even the best candidate would finish past the deadline."""
+        if not self.shed_late or ask.deadline_at is None:
+            return None
+        warm = candidates & (cluster.predictor.seen > 0)
+        if not warm.any():
+            return None  # nothing learned yet: no grounds to refuse
+        best_ms = float(ask.predicted[warm].min())
+        left_ms = (ask.deadline_at - now) * 1000.0
+        if best_ms <= left_ms:
+            return None
+        return Decision(reason=f"cannot finish before its deadline: predicted {best_ms:.0f} ms on the best worker, "
+                               f"{max(left_ms, 0):.0f} ms left", retry_after_s=round(best_ms / 1000.0, 3))

@@ -160,3 +160,13 @@ def test_dio_sheds_a_request_that_would_finish_past_its_deadline():
     on_time = request(deadline_ms=5_000.0, submitted_at=0.0)
     assert make_policy("dio", seed=0).decide(on_time, cluster, now=0.0).row == 0
     assert make_policy("least-loaded").decide(late, cluster, now=0.0).row == 0  # baselines run it late
+
+
+def test_dio_sheds_a_waiting_request_that_can_no_longer_make_its_deadline():
+    cluster = make_cluster(("only", 10_000, 1.0))
+    cluster.reserve(0, "big", 9_500)  # full: the request would have to wait
+    hopeless = request(prompt=1_000, deadline_ms=50.0, submitted_at=0.0)
+    decision = make_policy("dio", seed=0).decide(hopeless, cluster, now=0.0)
+    assert decision.reject and "deadline" in decision.reason
+    patient = request(prompt=1_000, deadline_ms=60_000.0, submitted_at=0.0)
+    assert make_policy("dio", seed=0).decide(patient, cluster, now=0.0).wait
