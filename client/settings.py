@@ -17,7 +17,7 @@ DEFAULT_RESULT_TIMEOUT_S = 600.0  # JobHandle.result() gives up after this long 
 POLL_INTERVAL_S = 1.0  # a waiter re-reads the job hash this often, in case its notice was lost
 POLLED_HASHES_PER_S = 1000  # bulk waiters slow their polling down to about this many hashes a second
 SUBMIT_CHUNK = 500  # requests per pipeline round trip in submit_many
-READER_BLOCK_MS = 5000  # the reply reader's XREAD blocks this long before looping
+READER_BLOCK_MS = 2000  # the reply reader blocks this long per XREAD; below redis-py 8's 5 s socket timeout
 READER_BATCH = 1000  # notices read per XREAD
 EARLY_NOTICES_MAX = 100_000  # notices kept for handles not registered yet (oldest dropped first)
 

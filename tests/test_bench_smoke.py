@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ops.bench.summary import render
 from ops.cli import app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -62,6 +63,8 @@ def test_replay(bench) -> None:
             assert sum(w["jobs"] for w in figures["workers"].values()) <= 30
     assert (bench.out / "replay-azure-conv.png").stat().st_size > 0
     assert set(data["headline"]["0.8"]) >= {"dio", "best_baseline", "round-robin"}
+    tables = render(bench.out)  # dio bench summary
+    assert "replay headline" in tables and "| replay-azure-conv | 0.8 |" in tables
 
 
 def test_overload(bench) -> None:
@@ -98,7 +101,7 @@ def test_decision(bench) -> None:
 
 def test_pipeline(bench) -> None:
     summary = bench("pipeline", "--requests", "300", "--half-load-s", "1", "--rq-requests", "20",
-                    "--xadd-requests", "2000")
+                    "--xadd-requests", "2000", "--low-rates", "50")
     assert summary["completed"] == 300 and summary["rq_finished"] == 20
     assert summary["dio_rps"] > 0 and summary["rq_rps"] > 0 and summary["added_p50_ms"] > 0
     assert summary["dio_over_rq"] == pytest.approx(summary["dio_rps"] / summary["rq_rps"], rel=0.01)

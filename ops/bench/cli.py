@@ -92,6 +92,7 @@ def replay(
 def pipeline(
     requests: int = typer.Option(20000, help="DIO requests submitted as fast as possible"),
     half_load_s: float = typer.Option(5.0, help="seconds of open-loop traffic at half the measured rate"),
+    low_rates: str = typer.Option("20,100", help="also measure added latency at these request rates (per s)"),
     workers: int = typer.Option(2, help="instant-engine workers (one process)"),
     policy: str = typer.Option("dio"),
     rq_requests: int = typer.Option(1000, help="RQ jobs (one per request)"),
@@ -103,7 +104,11 @@ def pipeline(
     """Requests/s and added latency of DIO with an instant engine, against RQ and redis-benchmark."""
     from ops.bench.pipeline import PipelineConfig, run_pipeline
 
-    config = PipelineConfig(requests=requests, half_load_s=half_load_s, workers=workers, policy=policy,
+    try:
+        rates = tuple(float(r) for r in _list(low_rates))
+    except ValueError:
+        _fail(f"--low-rates takes numbers, got {low_rates!r}")
+    config = PipelineConfig(requests=requests, half_load_s=half_load_s, low_rates=rates, workers=workers, policy=policy,
                             rq_requests=rq_requests, xadd_requests=xadd_requests, out_dir=out, name=name)
     try:
         summary = run_pipeline(config)

@@ -46,6 +46,7 @@ class ConvergenceConfig:
     slowdown: float = 2.0
     repeats: int = 20
     threshold_ms: float = 50.0
+    relative_threshold: float = 0.1  # also: completions until the median |error| / latency stays under this
     window: int = 5  # completions averaged into one point of the curve
     hold: int = 10  # the curve must stay under the threshold this many points to count as converged
     seed: int = 0
@@ -172,9 +173,12 @@ def analyse(samples: np.ndarray, latencies: np.ndarray, config: ConvergenceConfi
     for phase, part in (("cold", slice(0, n)), ("drift", slice(n, None))):
         errors_ms, relative = samples[:, part], samples[:, part] / latencies[:, part]
         median = curve(errors_ms, 50, config.window)
+        median_relative = curve(relative, 50, config.window)
         out[phase] = {"completions_to_threshold": completions_to(median, config.threshold_ms, config.hold),
+                      "completions_to_relative": completions_to(median_relative, config.relative_threshold,
+                                                                config.hold),
                       "median_ms": _rounded(median), "p90_ms": _rounded(curve(errors_ms, 90, config.window)),
-                      "median_relative": _rounded(curve(relative, 50, config.window), 4),
+                      "median_relative": _rounded(median_relative, 4),
                       "final_median_ms": round(float(np.median(errors_ms[:, -config.window * 4:])), 1),
                       "final_median_relative": round(float(np.median(relative[:, -config.window * 4:])), 4),
                       "latency_p50_ms": round(float(np.median(latencies[:, part])), 1)}
@@ -227,10 +231,14 @@ def headline(results: dict[str, dict[str, Any]], config: ConvergenceConfig) -> d
     out = {}
     for kind, by_gpu in results.items():
         per_gpu = {gpu: {phase: r[phase]["completions_to_threshold"] for phase in PHASES} |
-                   {f"{phase}_final_median_ms": r[phase]["final_median_ms"] for phase in PHASES}
+                   {f"{phase}_relative": r[phase]["completions_to_relative"] for phase in PHASES} |
+                   {f"{phase}_final_median_ms": r[phase]["final_median_ms"] for phase in PHASES} |
+                   {f"{phase}_final_median_relative": r[phase]["final_median_relative"] for phase in PHASES}
                    for gpu, r in by_gpu.items()}
         worst = {phase: _worst([g[phase] for g in per_gpu.values()]) for phase in PHASES}
+        worst_relative = {phase: _worst([g[f"{phase}_relative"] for g in per_gpu.values()]) for phase in PHASES}
         out[kind] = {"completions_to_50ms" if config.threshold_ms == 50 else "completions_to_threshold": worst,
+                     f"completions_to_{config.relative_threshold:.0%}".replace("%", "pct"): worst_relative,
                      "by_gpu": per_gpu}
     return out
 
@@ -244,11 +252,13 @@ def print_table(summary: dict[str, Any], floors: dict[str, dict[str, float]], co
     rows = []
     for kind, entry in summary.items():
         for gpu, figures in entry["by_gpu"].items():
-            rows.append([kind, gpu, figures["cold"], figures["cold_final_median_ms"], floors[gpu]["cold"],
-                         figures["drift"], figures["drift_final_median_ms"], floors[gpu]["drift"]])
-    threshold = f"{config.threshold_ms:g} ms"
-    columns = ["predictor", "GPU", f"cold: to {threshold}", "cold: final median", "cold: LS floor",
-               f"drift: to {threshold}", "drift: final median", "drift: LS floor"]
+            rows.append([kind, gpu, figures["cold"], figures["cold_relative"], figures["cold_final_median_ms"],
+                         floors[gpu]["cold"], figures["drift"], figures["drift_relative"],
+                         figures["drift_final_median_ms"], floors[gpu]["drift"]])
+    threshold, relative = f"{config.threshold_ms:g} ms", f"{config.relative_threshold:.0%}"
+    columns = ["predictor", "GPU", f"cold: to {threshold}", f"cold: to {relative}", "cold: final median",
+               "cold: LS floor", f"drift: to {threshold}", f"drift: to {relative}", "drift: final median",
+               "drift: LS floor"]
     report.console.print(report.table("predictor convergence (median |error| over runs, simulated ms; "
                                       "- = never)", columns, rows))
 

@@ -54,6 +54,7 @@ class PipelineConfig:
 
     requests: int = 20000  # DIO requests at full speed
     half_load_s: float = 5.0  # seconds of open-loop traffic at half the measured rate
+    low_rates: tuple[float, ...] = (20.0, 100.0)  # also measure added latency at these rates (a replay's range)
     workers: int = 2  # instant-engine workers, hosted by one process
     max_num_seqs: int = 1024
     policy: str = "dio"
@@ -159,10 +160,17 @@ def run_dio(redis_url: str, config: PipelineConfig) -> dict[str, Any]:
             peak = dio_peak(client, config.requests)
             cpu = meter.stop()
             half = dio_half_load(client, peak["dio_rps"] / 2, config.half_load_s)
+            low = {f"{rate:g}": _added(dio_half_load(client, rate, config.half_load_s)) for rate in config.low_rates}
     finally:
         cluster.stop()
         delete_prefix(redis_url, prefix)
-    return {**peak, "cpu_cores_at_peak": cpu, "cpu_us_per_request": cpu_per_request(cpu, peak["dio_rps"]), **half}
+    return {**peak, "cpu_cores_at_peak": cpu, "cpu_us_per_request": cpu_per_request(cpu, peak["dio_rps"]), **half,
+            "added_ms_at_rate": low}
+
+
+def _added(figures: dict[str, Any]) -> dict[str, Any]:
+    """Keep the added-latency figures of a fixed-rate run."""
+    return {"p50": figures["added_p50_ms"], "p99": figures["added_p99_ms"], "stages_p50": figures["stages_p50_ms"]}
 
 
 def cpu_per_request(cores: dict[str, float | None], rps: float) -> dict[str, float]:

@@ -22,7 +22,7 @@ def _pct(value: float | None) -> str:
 
 def replay_section(data: dict[str, Any]) -> str:
     """Return one replay result: a table per load, a row per policy."""
-    out = [f"### {data['benchmark']}: {data['trace']} ({data['requests']} requests)",
+    out = [f"### {data['label']} ({data['trace']}, {data['requests']} requests)",
            f"`{data['command']}`", "",
            f"Capacity {data['capacity']['used_rps']} req/s ({data['capacity']['source']}; roofline "
            f"{data['capacity'].get('roofline_rps')}, engine {data['capacity'].get('engine_rps')}), time scale "
@@ -49,7 +49,7 @@ def headline_rows(results: list[dict[str, Any]]) -> str:
     for data in results:
         for load, h in data["headline"].items():
             dio, best, rr = h.get("dio", {}), h.get("best_baseline", {}), h.get("round-robin", {})
-            rows.append([data["trace"], load, dio.get("p99_ms"), _pct(dio.get("slo_attainment")), dio.get("failed"),
+            rows.append([data["label"], load, dio.get("p99_ms"), _pct(dio.get("slo_attainment")), dio.get("failed"),
                          best.get("policy"), best.get("p99_ms"), _pct(best.get("slo_attainment")), best.get("failed"),
                          rr.get("p99_ms"), _pct(rr.get("slo_attainment")), rr.get("failed")])
     return markdown_table(["trace", "load", "DIO p99", "DIO SLO", "DIO failed", "best baseline", "its p99", "its SLO",
@@ -64,10 +64,10 @@ def overload_section(data: dict[str, Any]) -> str:
         for load, f in sorted(by.items(), key=lambda kv: float(kv[0])):
             rows.append([policy, load, f["goodput_tok_s"], kept.get(load), _pct(f["slo_attainment"]), f["p99_ms"],
                          f["completed"], f["rejected"], f["rejected_with_retry_after"], f["failed"], f["lost"]])
-    head = [f"### overload: {data['trace']}", f"`{data['command']}`", "",
+    head = [f"### {data['label']} ({data['trace']})", f"`{data['command']}`", "",
             f"Capacity {data['capacity']['used_rps']} req/s ({data['capacity']['source']}), each load offered for "
             f"{data['duration_s']} simulated s, requests carry their SLO as deadline.", ""]
-    return "\n".join(head) + markdown_table(["policy", "load", "goodput tok/s", "goodput vs 1x", "SLO", "p99 ms",
+    return "\n".join(head) + "\n" + markdown_table(["policy", "load", "goodput tok/s", "goodput vs 1x", "SLO", "p99 ms",
                                              "completed", "rejected", "with retry-after", "failed", "lost"], rows)
 
 
@@ -77,13 +77,14 @@ def convergence_section(data: dict[str, Any]) -> str:
     floors = data.get("least_squares_floor_ms", {})
     for kind, entry in data["predictors"].items():
         for gpu, g in entry["by_gpu"].items():
-            rows.append([kind, gpu, g["cold"], g["cold_final_median_ms"], g["drift"], g["drift_final_median_ms"],
-                         floors.get(gpu, {}).get("cold")])
+            rows.append([kind, gpu, g["cold"], g.get("cold_relative"), g["cold_final_median_ms"],
+                         floors.get(gpu, {}).get("cold"), g["drift"], g.get("drift_relative"),
+                         g["drift_final_median_ms"], floors.get(gpu, {}).get("drift")])
     head = [f"### convergence ({data['trace']}, load {data['load']}, slowdown {data['slowdown']}×, "
             f"{data['repeats']} runs)", f"`{data['command']}`", ""]
-    return "\n".join(head) + markdown_table(["predictor", "GPU", "cold: completions to 50 ms", "cold: final median",
-                                             "drift: completions to 50 ms", "drift: final median",
-                                             "least-squares floor"], rows)
+    return "\n".join(head) + "\n" + markdown_table(["predictor", "GPU", "cold: to 50 ms", "cold: to 10%",
+                                             "cold: final median ms", "cold: LS floor ms", "drift: to 50 ms",
+                                             "drift: to 10%", "drift: final median ms", "drift: LS floor ms"], rows)
 
 
 def decision_section(data: dict[str, Any]) -> str:
@@ -95,7 +96,7 @@ def decision_section(data: dict[str, Any]) -> str:
         rows.append([count, *(data["by_policy"][p].get(key, {}).get("score_us") for p in policies),
                      *(data["by_policy"][p].get(key, {}).get("e2e_decisions_per_s") for p in policies)])
     columns = ["workers", *(f"{p} µs" for p in policies), *(f"{p} e2e/s" for p in policies)]
-    return "\n".join(["### decision", f"`{data['command']}`", ""]) + markdown_table(columns, rows)
+    return "\n".join(["### decision", f"`{data['command']}`", "", ""]) + markdown_table(columns, rows)
 
 
 def pipeline_section(data: dict[str, Any]) -> str:
@@ -105,7 +106,9 @@ def pipeline_section(data: dict[str, Any]) -> str:
     rows = [[k, data.get(k)] for k in keys]
     rows += [[f"stage p50 ms: {k}", v] for k, v in (data.get("stages_p50_ms") or {}).items()]
     rows += [[f"CPU µs/request: {k}", v] for k, v in (data.get("cpu_us_per_request") or {}).items()]
-    return "\n".join(["### pipeline", f"`{data['command']}`", ""]) + markdown_table(["figure", "value"], rows)
+    rows += [[f"added ms at {rate} req/s: p50 / p99", f"{v['p50']} / {v['p99']}"]
+             for rate, v in (data.get("added_ms_at_rate") or {}).items()]
+    return "\n".join(["### pipeline", f"`{data['command']}`", "", ""]) + markdown_table(["figure", "value"], rows)
 
 
 SECTIONS = {"overload": overload_section, "convergence": convergence_section, "decision": decision_section,
@@ -114,12 +117,12 @@ SECTIONS = {"overload": overload_section, "convergence": convergence_section, "d
 
 def render(folder: Path = RESULTS_DIR) -> str:
     """Return every result file of ``folder`` as Markdown, the replay headline first."""
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    results = [json.loads(p.read_text()) | {"label": p.stem} for p in sorted(folder.glob("*.json"))]
     replays = [d for d in results if d.get("benchmark") == "replay"]
     parts = []
     if replays:
-        parts += ["### replay headline (DIO vs the best baseline vs round-robin; p99 in simulated ms)", "",
-                  headline_rows(replays), ""]
+        parts.append("### replay headline (DIO vs the best baseline vs round-robin; p99 in simulated ms)\n\n"
+                     + headline_rows(replays))
         parts += [replay_section(d) for d in replays]
     parts += [SECTIONS[d["benchmark"]](d) for d in results if d.get("benchmark") in SECTIONS]
     return "\n\n".join(parts) + "\n"
