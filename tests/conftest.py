@@ -47,3 +47,29 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 def settings(redis_url: str, redis_prefix: str) -> CommonSettings:
     """Settings pointing at the test server and prefix (extend with ``Cls(**settings.model_dump())``)."""
     return CommonSettings(redis_url=redis_url, key_prefix=redis_prefix)
+
+
+@pytest.fixture
+def client_settings(settings: CommonSettings):
+    """Client settings on the test server; a short poll interval keeps lost-notice tests fast."""
+    from client import ClientSettings
+
+    return ClientSettings(**settings.model_dump(), poll_interval_s=0.2)
+
+
+@pytest.fixture
+def backend(client_settings):
+    """A fake backend thread that ends every request through the real finish script."""
+    from client.testing import EchoBackend
+
+    with EchoBackend(client_settings) as echo:
+        yield echo
+
+
+@pytest.fixture
+def client(client_settings):
+    """A sync client on the test server."""
+    from client import Client
+
+    with Client(client_settings) as dio:
+        yield dio

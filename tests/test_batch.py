@@ -13,7 +13,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from client import Client, ClientSettings, Tier
+from client import Tier
 from client.batch import (
     BatchBusy,
     BatchProgress,
@@ -29,23 +29,6 @@ pytestmark = pytest.mark.integration
 
 LINES = 50
 BAD_LINES = {10: "{this is not json", 30: json.dumps({"url": "/v1/completions", "body": {"prompt": "x"}})}
-
-
-@pytest.fixture
-def client_settings(settings) -> ClientSettings:
-    return ClientSettings(**settings.model_dump(), poll_interval_s=0.2)
-
-
-@pytest.fixture
-def backend(client_settings):
-    with EchoBackend(client_settings) as b:
-        yield b
-
-
-@pytest.fixture
-def client(client_settings):
-    with Client(client_settings) as c:
-        yield c
 
 
 def request_line(i: int, prompt: str | None = None) -> str:

@@ -26,24 +26,6 @@ from protocol.scripts import Scripts
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def client_settings(settings) -> ClientSettings:
-    # A short poll interval keeps the lost-notice tests fast.
-    return ClientSettings(**settings.model_dump(), poll_interval_s=0.2)
-
-
-@pytest.fixture
-def backend(client_settings):
-    with EchoBackend(client_settings) as b:
-        yield b
-
-
-@pytest.fixture
-def client(client_settings):
-    with Client(client_settings) as c:
-        yield c
-
-
 def test_submit_returns_the_completed_result(backend, client):
     result = client.submit("hello", max_tokens=8).result(timeout=5)
     assert result.status is JobStatus.completed

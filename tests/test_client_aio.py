@@ -7,21 +7,10 @@ import time
 
 import pytest
 
-from client import AsyncClient, ClientSettings, JobCancelled, JobFailed, JobRejected, JobStatus, ResultTimeout
+from client import AsyncClient, JobCancelled, JobFailed, JobRejected, JobStatus, ResultTimeout
 from client.testing import EchoBackend
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def client_settings(settings) -> ClientSettings:
-    return ClientSettings(**settings.model_dump(), poll_interval_s=0.2)
-
-
-@pytest.fixture
-def backend(client_settings):
-    with EchoBackend(client_settings) as b:
-        yield b
 
 
 async def test_submit_returns_the_completed_result(backend, client_settings):
