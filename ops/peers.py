@@ -326,17 +326,23 @@ async def _read_stream(response: Any, started: float, scale: float) -> tuple[flo
     return ttft, tokens, error
 
 
-async def _send(session: Any, url: str, request: TraceRequest, body: bytes, scale: float) -> dict[str, Any]:
-    """Send one streamed request (a JSON body) and return its record."""
+async def _send(session: Any, url: str, request: TraceRequest, body: bytes, scale: float,
+                wait_s: float | None = None) -> dict[str, Any]:
+    """Send one streamed request (a JSON body) and return its record; "lost" if it outlasts ``wait_s``."""
+    import aiohttp
+
     started = time.monotonic()
+    timeout = {} if wait_s is None else {"timeout": aiohttp.ClientTimeout(total=max(wait_s, 0.001))}
     try:
-        async with session.post(f"{url}/v1/completions", data=body, headers=JSON_HEADERS) as response:
+        async with session.post(f"{url}/v1/completions", data=body, headers=JSON_HEADERS, **timeout) as response:
             if response.status != 200:
                 text = await response.text()
                 status = "rejected" if response.status in REJECTED_HTTP else "failed"
                 return _record(request, status, error=_error_message(text), http_status=response.status)
             ttft, tokens, error = await _read_stream(response, started, scale)
-    except (TimeoutError, OSError, ValueError) as exc:  # aiohttp's errors are OSError / ValueError subclasses
+    except TimeoutError as exc:  # no answer when the client stopped waiting: lost, as in DIO's replay
+        return _record(request, "lost", error=f"{type(exc).__name__}: {exc}")
+    except (OSError, ValueError) as exc:  # aiohttp's errors are OSError / ValueError subclasses
         return _record(request, "failed", error=f"{type(exc).__name__}: {exc}")
     latency = (time.monotonic() - started) * scale
     if error is not None:
@@ -355,14 +361,17 @@ def _error_message(text: str) -> str:
 
 
 async def replay_http(url: str, requests: Sequence[TraceRequest], *, model: str, time_scale: float = 1.0,
-                      prompt_format: str = "text", timeout_s: float = 1800.0, seed: int = 0) -> list[dict[str, Any]]:
+                      prompt_format: str = "text", timeout_s: float = 1800.0, seed: int = 0,
+                      drain_wall_s: float | None = None) -> list[dict[str, Any]]:
     """Send each request to ``url`` at its arrival time (open loop, streamed); return one record each.
 
     A record: ``arrival`` (simulated s), ``prompt_tokens``, ``output_tokens`` (received),
     ``latency_s`` and ``ttft_s`` (simulated s; None when unknown), ``status`` ("completed", "rejected"
-    for HTTP 4xx, "failed" for 5xx, an error in the stream, a broken connection or a timeout),
-    ``error`` and ``http_status``. Records come back in the order of ``requests``.
+    for HTTP 4xx, "failed" for 5xx, an error in the stream or a broken connection, "lost" for no
+    answer in time), ``error`` and ``http_status``. Records come back in the order of ``requests``.
     ``prompt_format`` "text" (default) lets text-based prefix-aware routers see shared prefixes.
+    ``drain_wall_s``: stop waiting this many wall seconds after the last arrival (as DIO's replay
+    does); None: each request may take ``timeout_s``.
     """
     import aiohttp
 
@@ -373,12 +382,14 @@ async def replay_http(url: str, requests: Sequence[TraceRequest], *, model: str,
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         loop = asyncio.get_running_loop()
         start = loop.time()
+        last = max((r.arrival_s for r in requests), default=0.0) / time_scale
         tasks = []
         for request, body in zip(requests, bodies, strict=True):
             delay = start + request.arrival_s / time_scale - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_send(session, url.rstrip("/"), request, body, time_scale)))
+            wait_s = None if drain_wall_s is None else start + last + drain_wall_s - loop.time()
+            tasks.append(asyncio.create_task(_send(session, url.rstrip("/"), request, body, time_scale, wait_s)))
         return list(await asyncio.gather(*tasks))
 
 
@@ -389,5 +400,8 @@ def as_outcomes(records: Sequence[dict[str, Any]]) -> list[Any]:
     def ms(seconds: float | None) -> float | None:
         return None if seconds is None else seconds * 1000.0
 
-    return [Outcome(status=r["status"], latency_ms=ms(r["latency_s"]), ttft_ms=ms(r["ttft_s"]),
-                    output_tokens=r["output_tokens"], reason=r["error"]) for r in records]
+    def done(r: dict[str, Any], key: str) -> float | None:  # as to_outcome: times of completed requests only
+        return ms(r[key]) if r["status"] == "completed" else None
+
+    return [Outcome(status=r["status"], worker=r.get("worker"), latency_ms=done(r, "latency_s"),
+                    ttft_ms=done(r, "ttft_s"), output_tokens=r["output_tokens"], reason=r["error"]) for r in records]

@@ -7,6 +7,7 @@ up: completed + rejected + failed + cancelled + lost = submitted, for every poli
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from ops.bench.summary import render
 from ops.cli import app
+from ops.peers import peer_command
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -65,6 +67,40 @@ def test_replay(bench) -> None:
     assert set(data["headline"]["0.8"]) >= {"dio", "best_baseline", "round-robin"}
     tables = render(bench.out)  # dio bench summary
     assert "replay headline" in tables and "| replay-azure-conv | 0.8 |" in tables
+
+
+def test_replay_with_a_peer_router(bench) -> None:
+    launcher = peer_command("vllm-router", "round_robin", ["http://127.0.0.1:1"], 1)[0]
+    try:
+        runs = subprocess.run([launcher, "--help"], capture_output=True, check=False, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        runs = False
+    if not runs:
+        pytest.skip("vllm-router does not run here")
+    peer = "vllm-router:round_robin"
+    summary = bench("replay", "--trace", "azure-conv", "--cluster", "H100:1,T4:1", "--load", "0.6",
+                    "--policies", "dio", "--peers", peer, "--max-requests", "20", "--time-scale", "20",
+                    "--drain-wall-s", "10", "--name", "peers-smoke")
+    assert set(summary["policies"]) == {"dio", peer}
+    assert RUN_KEYS <= set(summary["policies"][peer]["0.6"])
+    data = _saved(bench.out, "peers-smoke")
+    assert data["peers"] == [peer]
+    figures = data["runs"][peer]["0.6"]
+    _adds_up(figures)
+    assert figures["submitted"] == 20 and figures["completed"] == 20 and figures["failed"] == 0
+    assert figures["p99_ms"] > 0 and figures["ttft_p50_ms"] > 0 and figures["slo_attainment"] is not None
+    assert sum(w["jobs"] for w in figures["workers"].values()) == 20  # read back from each sim-server's /metrics
+    assert set(figures["gpu_share"]) == {"H100", "T4"}  # round-robin: both GPUs served
+    assert data["headline"]["0.6"]["best_peer"]["policy"] == peer
+    assert peer in data["cdf_at_top_load"] and (bench.out / "peers-smoke.png").stat().st_size > 0
+
+
+def test_replay_refuses_an_unknown_peer() -> None:
+    result = CliRunner().invoke(app, ["bench", "replay", "--trace", "azure-conv", "--cluster", "H100:1",
+                                      "--policies", "dio", "--peers", "vllm-router:power_of_two"])
+    assert result.exit_code == 2 and "at least 2 GPUs" in result.output
+    result = CliRunner().invoke(app, ["bench", "replay", "--trace", "azure-conv", "--peers", "nginx:round_robin"])
+    assert result.exit_code == 2 and "unknown peer" in result.output
 
 
 def test_overload(bench) -> None:

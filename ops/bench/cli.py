@@ -57,6 +57,8 @@ def replay(
     model: str = typer.Option("llama-3.2-3b", help="model shape the GPUs serve"),
     load: list[float] = typer.Option([0.7, 0.9], help="offered load(s), fractions of capacity: --load 0.7 0.9"),
     policies: str = typer.Option(ALL_POLICIES, help="comma-separated policies"),
+    peers: str = typer.Option("", help="comma-separated peer routers ROUTER:POLICY run on the same simulated GPUs "
+                              "over HTTP, e.g. vllm-router:round_robin,sglang-router:cache_aware"),
     slo_k: float = typer.Option(5.0, help="SLO = k x the request's unloaded latency on the fastest GPU"),
     time_scale: float = typer.Option(None, help="simulated s per wall s (default: arrivals take --target-wall-s)"),
     target_wall_s: float = typer.Option(12.0, help="wall seconds the arrivals of one run take (auto time scale)"),
@@ -77,7 +79,8 @@ def replay(
     from ops.bench.replay import ReplayConfig, run_replay
 
     config = ReplayConfig(trace=trace, cluster=cluster, model=model, loads=_loads(load, ctx), policies=_list(policies),
-                          slo_k=slo_k, time_scale=time_scale, target_wall_s=target_wall_s, drain_wall_s=drain_wall_s,
+                          peers=_list(peers), slo_k=slo_k, time_scale=time_scale, target_wall_s=target_wall_s,
+                          drain_wall_s=drain_wall_s,
                           max_requests=max_requests, arrivals=arrivals, predictor=_predictor(predictor),
                           deadlines=deadlines,
                           capacity="calibrate" if calibrate else capacity, seed=seed, out_dir=out, name=name)

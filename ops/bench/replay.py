@@ -17,7 +17,8 @@ from dispatcher.policies import POLICIES
 from ops.bench import plots, report
 from ops.bench.calibrate import measure_capacity
 from ops.bench.cluster_run import DEFAULT_PREDICTOR, RunConfig, run_trace
-from ops.bench.metrics import latency_cdf, summarize_run
+from ops.bench.metrics import gpu_shares, latency_cdf, summarize_run
+from ops.bench.peer_run import parse_peer, run_peer
 from ops.bench.workload import (
     TRACE_ARRIVALS,
     at_rate,
@@ -56,6 +57,7 @@ class ReplayConfig:
     model: str = "llama-3.2-3b"
     loads: list[float] = field(default_factory=lambda: [0.7, 0.9])
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    peers: list[str] = field(default_factory=list)  # ROUTER:POLICY, e.g. vllm-router:round_robin (ops.peers)
     slo_k: float = 5.0
     time_scale: float | None = None  # None: chosen so the arrivals at the lowest load take target_wall_s
     target_wall_s: float = 12.0
@@ -94,6 +96,11 @@ def validate(config: ReplayConfig) -> None:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
     if not config.loads or min(config.loads) <= 0:
         raise ValueError(f"loads must be positive fractions of capacity, got {config.loads}")
+    gpus = sum(spec.count for spec in parse_workers(config.cluster))
+    for peer in config.peers:
+        parse_peer(peer, gpus)
+    if not config.policies and not config.peers:
+        raise ValueError("nothing to run: give --policies or --peers")
 
 
 def plan(config: ReplayConfig, redis_url: str, progress: Any = None) -> Plan:
@@ -141,12 +148,12 @@ def _run_config(config: ReplayConfig, policy: str, time_scale: float, drain_wall
 
 def run_grid(config: ReplayConfig, the_plan: Plan, redis_url: str) -> tuple[dict, dict]:
     """Run every policy at every load; return figures[policy][load] and CDFs[policy] at the top load."""
-    runs: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in config.policies}
+    runs: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in [*config.policies, *config.peers]}
     cdfs: dict[str, dict[str, Any]] = {}
     top = max(config.loads)
     with report.progress() as bar:
         overall = bar.add_task(f"{config.benchmark} {trace_name(config.trace)}",
-                               total=len(config.loads) * len(config.policies))
+                               total=len(config.loads) * (len(config.policies) + len(config.peers)))
         for load in config.loads:
             trace, deadlines = offered(the_plan, load, config.duration_s)
             for policy in config.policies:
@@ -160,22 +167,36 @@ def run_grid(config: ReplayConfig, the_plan: Plan, redis_url: str) -> tuple[dict
                 if load == top:
                     cdfs[policy] = latency_cdf(record.outcomes)
                 bar.advance(overall)
+            for peer in config.peers:
+                bar.update(overall, description=f"{trace_name(config.trace)} {peer} @ {load:g}")
+                record, workers = run_peer(peer, config.cluster, config.model, trace, the_plan.time_scale,
+                                           the_plan.drain_wall_s)
+                figures = summarize_run(record, deadlines, the_plan.time_scale)
+                figures.update(workers=workers, gpu_share=gpu_shares(workers), predictor_error_ms=None,
+                               offered_rps=round(load * the_plan.capacity_rps, 3),
+                               offered_span_s=round(span_s(trace), 2))
+                runs[peer][f"{load:g}"] = figures
+                if load == top:
+                    cdfs[peer] = latency_cdf(record.outcomes)
+                bar.advance(overall)
     return runs, cdfs
 
 
 def headline(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per load: DIO, the best baseline (highest SLO attainment, then lowest p99) and round-robin."""
+    """Per load: DIO, the best baseline and the best peer (highest SLO attainment, then lowest p99), round-robin."""
     out = {}
     loads = sorted({load for by_load in runs.values() for load in by_load}, key=float)
     for load in loads:
         at = {p: runs[p][load] for p in runs if load in runs[p]}
-        baselines = [p for p in at if p != "dio"]
+        baselines = [p for p in at if p != "dio" and ":" not in p]
+        peers = [p for p in at if ":" in p]  # ROUTER:POLICY
         entry: dict[str, Any] = {}
         if "dio" in at:
             entry["dio"] = _brief(at["dio"])
-        if baselines:
-            best = max(baselines, key=lambda p: (at[p]["slo_attainment"] or 0.0, -(at[p]["p99_ms"] or float("inf"))))
-            entry["best_baseline"] = {"policy": best, **_brief(at[best])}
+        for key, names in (("best_baseline", baselines), ("best_peer", peers)):
+            if names:
+                best = max(names, key=lambda p: (at[p]["slo_attainment"] or 0.0, -(at[p]["p99_ms"] or float("inf"))))
+                entry[key] = {"policy": best, **_brief(at[best])}
         if "round-robin" in at:
             entry["round-robin"] = _brief(at["round-robin"])
         if "dio" in at and "round-robin" in at and at["dio"]["p99_ms"] and at["round-robin"]["p99_ms"]:
@@ -246,7 +267,8 @@ def result_figures(config: ReplayConfig, the_plan: Plan, runs: dict[str, dict[st
         "trace": trace_name(config.trace), "trace_file": str(config.trace), "arrivals": config.arrivals,
         "requests": len(the_plan.trace), "duration_s": config.duration_s, "cluster": config.cluster,
         "model": config.model,
-        "loads": config.loads, "policies": config.policies, "predictor": config.predictor, "slo_k": config.slo_k,
+        "loads": config.loads, "policies": config.policies, "peers": config.peers, "predictor": config.predictor,
+        "slo_k": config.slo_k,
         "deadlines_sent": config.deadlines, "max_wait_s": config.max_wait_s,
         "capacity": {**the_plan.capacity, "used_rps": round(the_plan.capacity_rps, 3),
                      "meaning": CAPACITY_SOURCES[config.capacity]},
