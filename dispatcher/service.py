@@ -32,7 +32,7 @@ from dispatcher.prefix import PrefixIndex
 from protocol import defaults as d
 from protocol.connection import connect, ensure_group
 from protocol.keys import INTAKE_GROUP
-from protocol.models import Completion, JobResult, JobStatus, Request, WorkerInfo, WorkerTelemetry, from_hash
+from protocol.models import Completion, JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
 from protocol.scripts import Scripts
 
 log = logging.getLogger("dio.dispatcher")
@@ -81,8 +81,8 @@ class Dispatcher:
                     self.step()
             finally:
                 self.persist_predictors()
-                if self._stop.is_set():
-                    self.redis.delete(self.keys.lease) if self.redis.get(self.keys.lease) == self.name else None
+                if self._stop.is_set() and self.redis.get(self.keys.lease) == self.name:
+                    self.redis.delete(self.keys.lease)  # a standby takes over at once, not after the TTL
 
     def _acquire_lease(self) -> bool:
         return self.scripts.lease(self.redis, self.name, self.settings.lease_ttl_ms) == 1
@@ -103,7 +103,7 @@ class Dispatcher:
         for stream in (self.keys.intake, self.keys.completions):
             cursor = "0-0"
             while True:
-                cursor, _, _ = self._autoclaim(stream, cursor)
+                cursor = self._autoclaim(stream, cursor)
                 if cursor == "0-0":
                     break
         self._load_predictor_state()
@@ -112,10 +112,12 @@ class Dispatcher:
         # Our own pending entries (claimed or left from before a restart) come back with id "0".
         self._read({self.keys.intake: "0", self.keys.completions: "0"}, block=None)
 
-    def _autoclaim(self, stream: str, cursor: str) -> tuple[str, list, list]:
+    def _autoclaim(self, stream: str, cursor: str) -> str:
+        """Claim up to 1,000 entries from ``cursor``; return the next cursor ("0-0" when done)."""
+        # justid=False on purpose: redis-py's justid=True drops the cursor.
         reply = self.redis.xautoclaim(stream, INTAKE_GROUP, self.name, min_idle_time=0, start_id=cursor,
                                       count=1000, justid=False)
-        return reply[0], reply[1], reply[2] if len(reply) > 2 else []
+        return reply[0]
 
     # --- one turn -------------------------------------------------------------------------------
 
@@ -397,11 +399,3 @@ class Dispatcher:
             mapping[worker_id] = json.dumps(state)
         self.redis.hset(self.keys.predictor, mapping=mapping)
 
-
-def predict_request(cluster: Cluster, request: Request) -> dict[str, float]:
-    """Predicted latency (ms) of a request on every warm worker (for inspection)."""
-    out = {}
-    for row, worker_id in enumerate(cluster.ids):
-        if cluster.predictor.seen[row]:
-            out[worker_id] = cluster.predictor.predict(row, request.prompt_tokens, request.max_tokens)
-    return out

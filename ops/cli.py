@@ -228,7 +228,7 @@ def demo(
     from ops.demo import DemoConfig, run_demo
 
     config = DemoConfig(requests=requests, policy=policy, workers=workers, trace=trace, load=load,
-                        time_scale=time_scale, slo_k=slo_k, seed=seed, quiet=as_json)
+                        time_scale=time_scale, slo_k=slo_k, seed=seed)
     try:
         summary = run_demo(config)
     except (ValueError, RuntimeError, TimeoutError) as exc:
@@ -240,18 +240,16 @@ def demo(
 @app.command()
 def reset(yes: bool = typer.Option(False, "--yes", help="really delete")) -> None:
     """Delete every DIO key under the configured prefix."""
-    from protocol.connection import connect
+    from protocol.connection import connect, delete_keys
     from protocol.settings import CommonSettings
 
     settings = CommonSettings()
     client = connect(settings)
-    keys = list(client.scan_iter(match=settings.keys.all_keys_pattern(), count=1000))
     if not yes:
-        typer.echo(f"{len(keys)} keys under {settings.key_prefix!r}; add --yes to delete them")
+        found = sum(1 for _ in client.scan_iter(match=settings.keys.all_keys_pattern(), count=1000))
+        typer.echo(f"{found} keys under {settings.key_prefix!r}; add --yes to delete them")
         return
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i:i + 500])
-    typer.echo(f"deleted {len(keys)} keys")
+    typer.echo(f"deleted {delete_keys(client, settings.keys)} keys")
 
 
 def main() -> None:

@@ -44,7 +44,6 @@ class DemoConfig:
     slo_k: float = 5.0
     seed: int = 0
     model: str = "llama-3.2-3b"
-    quiet: bool = False
 
 
 def load_demo_trace(name: str, count: int, seed: int) -> list[TraceRequest]:
@@ -130,7 +129,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Run the demo and return its summary (also printed unless quiet)."""
+    """Run the demo, print its summary and return it."""
     specs = parse_workers(config.workers)
     trace = load_demo_trace(config.trace, config.requests, config.seed)
     offered_rps = config.load * capacity_rps(specs, config.model, trace)

@@ -7,6 +7,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from protocol.keys import Keys
 from protocol.settings import CommonSettings
 
 
@@ -34,6 +35,14 @@ def connect(settings: CommonSettings) -> redis.Redis:
 def connect_async(settings: CommonSettings) -> aioredis.Redis:
     """Open an asyncio client that decodes replies to str."""
     return aioredis.Redis.from_url(settings.redis_url, **_options(settings))
+
+
+def delete_keys(client: redis.Redis, keys: Keys, batch: int = 500) -> int:
+    """Delete every key under ``keys.prefix`` (SCAN, then DEL in batches); return how many."""
+    found = list(client.scan_iter(match=keys.all_keys_pattern(), count=1000))
+    for start in range(0, len(found), batch):
+        client.delete(*found[start:start + batch])
+    return len(found)
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:

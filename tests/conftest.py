@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from ops.redis_server import ensure_redis
+from protocol.connection import delete_keys
 from protocol.keys import Keys
 from protocol.settings import CommonSettings
 
@@ -36,9 +37,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     yield prefix
     conn = redis.Redis.from_url(redis_url)
     try:
-        keys = list(conn.scan_iter(match=Keys(prefix).all_keys_pattern(), count=1000))
-        for start in range(0, len(keys), 500):
-            conn.delete(*keys[start:start + 500])
+        delete_keys(conn, Keys(prefix))
     finally:
         conn.close()
 

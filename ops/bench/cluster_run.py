@@ -22,7 +22,7 @@ from ops.bench.cpu import CpuMeter
 from ops.bench.openloop import Outcome, collect, request_fields, submit_on_schedule, to_outcome
 from ops.local_cluster import LocalCluster, WorkerSpec, worker_ids
 from ops.traces import Trace, TraceRequest
-from protocol.connection import connect
+from protocol.connection import connect, delete_keys
 from protocol.settings import CommonSettings
 
 DEFAULT_PREDICTOR = DispatcherSettings.model_fields["predictor"].default  # what `dio dispatcher` uses
@@ -130,8 +130,4 @@ def read_predictors(redis_url: str, prefix: str) -> dict[str, dict[str, Any]]:
 def delete_prefix(redis_url: str, prefix: str) -> int:
     """Delete every key under ``prefix``; return how many."""
     settings = CommonSettings(redis_url=redis_url, key_prefix=prefix)
-    client = connect(settings)
-    keys = list(client.scan_iter(match=settings.keys.all_keys_pattern(), count=1000))
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i:i + 500])
-    return len(keys)
+    return delete_keys(connect(settings), settings.keys)

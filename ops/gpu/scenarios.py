@@ -40,6 +40,7 @@ from ops.local_cluster import LocalCluster
 from ops.redis_server import ensure_redis
 from ops.stats import percentile
 from ops.traces import Trace, bundled, load_trace, sample
+from protocol.connection import delete_keys
 from protocol.keys import Keys
 from protocol.models import JobResult, JobStatus
 from protocol.settings import DEFAULT_REDIS_URL
@@ -279,14 +280,7 @@ class GpuCluster(LocalCluster):
 
     def delete_keys(self) -> None:
         """Delete every key under this cluster's private prefix."""
-        batch = []
-        for key in self.redis.scan_iter(match=self.keys.all_keys_pattern(), count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                self.redis.delete(*batch)
-                batch = []
-        if batch:
-            self.redis.delete(*batch)
+        delete_keys(self.redis, self.keys)
 
 
 @contextmanager
