@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dispatcher.nlms import Predictor, make_predictor
+from dispatcher.prefix import PrefixIndex
 from protocol.models import WorkerInfo, WorkerTelemetry
 
 DEFAULT_LOAD_UNIT_TOKENS = 50_000.0  # when a worker does not report its weights (≈ a 3B model's)
@@ -27,6 +28,7 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.predictor: Predictor = make_predictor(self.predictor_kind)
+        self.prefix = PrefixIndex()  # which workers probably cache which prompt-prefix blocks
         self.model = np.zeros(0, dtype=object)
         self.kv_capacity = np.zeros(0, dtype=np.int64)  # KV tokens the engine can hold
         self.max_model_len = np.zeros(0, dtype=np.int64)
@@ -43,15 +45,18 @@ class Cluster:
         # KV tokens whose bytes equal the model's weights: a decode step reads the weights plus the
         # batch's KV, so (KV in flight / load_unit) is how much slower each token gets.
         self.load_unit = np.zeros(0)
-        # Per-worker reservations by job id, so a completion releases exactly what was reserved,
-        # with the KV in flight on the worker when it was sent (the predictor's load feature).
-        self.reservations: list[dict[str, tuple[int, float]]] = []
+        # Per-worker reservations by job id, so a completion releases exactly what was reserved:
+        # (KV tokens, the worker's load when it was sent — the predictor's feature —, its load ceiling).
+        self.reservations: list[dict[str, tuple[int, float, float]]] = []
+        # The lowest load ceiling of the jobs on each worker: the load (in weight units) past which
+        # one of them is predicted to miss its deadline (see dispatcher.deadlines). inf: none at risk.
+        self.ceiling = np.zeros(0)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     _ARRAYS = ("model", "kv_capacity", "max_model_len", "slots", "time_scale", "reserved_kv", "outstanding",
-               "alive", "draining", "running", "waiting", "kv_usage", "service_ms", "load_unit")
+               "alive", "draining", "running", "waiting", "kv_usage", "service_ms", "load_unit", "ceiling")
 
     def upsert(self, info: WorkerInfo) -> int:
         """Add a worker or refresh its capabilities; return its row."""
@@ -65,6 +70,7 @@ class Cluster:
             for name in self._ARRAYS:
                 arr = getattr(self, name)
                 setattr(self, name, np.append(arr, np.zeros(1, dtype=arr.dtype)))
+            self.ceiling[row] = np.inf
             self.predictor.add_row()
         self.infos[row] = info
         self.model[row] = info.model
@@ -85,6 +91,7 @@ class Cluster:
         for name in self._ARRAYS:
             setattr(self, name, np.delete(getattr(self, name), row))
         self.predictor.remove_row(row)
+        self.prefix.forget_worker(worker_id)
         self.index = {wid: i for i, wid in enumerate(self.ids)}
 
     def set_telemetry(self, row: int, telemetry: WorkerTelemetry, alive: bool) -> None:
@@ -102,11 +109,15 @@ class Cluster:
         """Each worker's KV load now, in units of its weights' size."""
         return self.reserved_kv / self.load_unit
 
-    def reserve(self, row: int, job_id: str, kv_tokens: int) -> None:
-        """Count a job sent to a worker until its completion comes back."""
+    def reserve(self, row: int, job_id: str, kv_tokens: int, ceiling: float = np.inf) -> None:
+        """Count a job sent to a worker until its completion comes back.
+
+        ``ceiling`` is the worker load past which this job would miss its deadline (inf: none).
+        """
         self.reserved_kv[row] += kv_tokens
-        self.reservations[row][job_id] = (kv_tokens, float(self.reserved_kv[row] / self.load_unit[row]))
+        self.reservations[row][job_id] = (kv_tokens, float(self.reserved_kv[row] / self.load_unit[row]), ceiling)
         self.outstanding[row] += 1
+        self.ceiling[row] = min(self.ceiling[row], ceiling)
 
     def release(self, row: int, job_id: str) -> float | None:
         """Release a finished job's reservation; return its load at dispatch (None if not held)."""
@@ -115,19 +126,35 @@ class Cluster:
             return None
         self.reserved_kv[row] -= held[0]
         self.outstanding[row] -= 1
+        if held[2] <= self.ceiling[row]:
+            self._reset_ceiling(row)
         return held[1]
+
+    def _reset_ceiling(self, row: int) -> None:
+        self.ceiling[row] = min((held[2] for held in self.reservations[row].values()), default=np.inf)
 
     def sync_reservations(self, row: int, held: dict[str, int]) -> None:
         """Replace a worker's reservations with the ones Redis holds (the source of truth)."""
         total = sum(held.values())
         known = self.reservations[row]
         load = float(total / self.load_unit[row])
-        self.reservations[row] = {job: known.get(job, (kv, load)) for job, kv in held.items()}
+        self.reservations[row] = {job: known.get(job, (kv, load, np.inf)) for job, kv in held.items()}
         self.reserved_kv[row] = total
         self.outstanding[row] = len(held)
+        self._reset_ceiling(row)
+
+    def cached_tokens(self, prompt_tokens: int, prefix_hashes: list[int] | None) -> np.ndarray:
+        """Prompt tokens each worker probably has in its prefix cache (never the whole prompt)."""
+        if not prefix_hashes:
+            return np.zeros(len(self.ids), dtype=np.int64)
+        matched = self.prefix.matched_blocks(prefix_hashes, self.ids, np.arange(len(self.ids)))
+        return np.minimum(matched * self.prefix.block_tokens, prompt_tokens - 1)
 
     def learn(self, row: int, prompt_tokens: int, output_tokens: int, service_ms: float, load: float) -> float:
-        """Feed one completion to the worker's predictor; return the prediction error (ms)."""
+        """Feed one completion to the worker's predictor; return the prediction error (ms).
+
+        ``prompt_tokens`` counts what the worker computed: a prompt's cached prefix costs no prefill.
+        """
         alpha = 0.1
         previous = self.service_ms[row]
         self.service_ms[row] = service_ms if previous == 0 else (1 - alpha) * previous + alpha * service_ms

@@ -75,16 +75,26 @@ class Predictor:
         """Feature vector of a request; ``load`` is the worker's KV tokens in flight with it."""
         raise NotImplementedError
 
-    def predict_all(self, prompt_tokens: float, output_tokens: float, loads: np.ndarray | None = None) -> np.ndarray:
+    def predict_all(self, prompt_tokens: float | np.ndarray, output_tokens: float,
+                    loads: np.ndarray | None = None) -> np.ndarray:
         """Predicted latency (ms) of one request on every row (``loads``: each row's KV in flight)."""
         weights = FAST_WEIGHT * self.fast + SLOW_WEIGHT * self.slow
         if loads is None:
             return weights @ self.features(prompt_tokens, output_tokens)
         return (weights * self._features_many(prompt_tokens, output_tokens, loads)).sum(axis=1)
 
-    def _features_many(self, prompt_tokens: float, output_tokens: float, loads: np.ndarray) -> np.ndarray:
-        """Feature rows for one request at each worker's load (one row per load)."""
-        return np.broadcast_to(self.features(prompt_tokens, output_tokens), (len(loads), self.dims))
+    def _features_many(self, prompt_tokens: float | np.ndarray, output_tokens: float,
+                       loads: np.ndarray) -> np.ndarray:
+        """Feature rows for one request at each worker's load (one row per load).
+
+        ``prompt_tokens`` may differ per worker (the part its prefix cache does not hold).
+        """
+        prompts = np.broadcast_to(np.asarray(prompt_tokens, dtype=float), (len(loads),))
+        return np.stack([self.features(p, output_tokens) for p in prompts]) if len(loads) else np.zeros((0, self.dims))
+
+    def load_sensitivity(self, output_tokens: float) -> np.ndarray:
+        """Milliseconds one more unit of load adds to a request on every row (0: no load term)."""
+        return np.zeros(len(self.seen))
 
     def predict(self, row: int, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> float:
         x = self.features(prompt_tokens, output_tokens, load)
@@ -163,9 +173,15 @@ class VectorNLMS(Predictor):
     def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> np.ndarray:
         return np.array([prompt_tokens / 1000.0, output_tokens / 100.0 * (1.0 + load), 1.0])
 
-    def _features_many(self, prompt_tokens: float, output_tokens: float, loads: np.ndarray) -> np.ndarray:
+    def load_sensitivity(self, output_tokens: float) -> np.ndarray:
+        # ŷ = w0·P/1000 + w1·O/100·(1 + ℓ) + w2, so ∂ŷ/∂ℓ = w1·O/100 (never negative: more load is never faster).
+        weights = FAST_WEIGHT * self.fast[:, 1] + SLOW_WEIGHT * self.slow[:, 1]
+        return np.maximum(weights, 0.0) * output_tokens / 100.0
+
+    def _features_many(self, prompt_tokens: float | np.ndarray, output_tokens: float,
+                       loads: np.ndarray) -> np.ndarray:
         xs = np.empty((len(loads), 3))
-        xs[:, 0] = prompt_tokens / 1000.0
+        xs[:, 0] = np.asarray(prompt_tokens, dtype=float) / 1000.0
         xs[:, 1] = output_tokens / 100.0 * (1.0 + np.asarray(loads, dtype=float))
         xs[:, 2] = 1.0
         return xs

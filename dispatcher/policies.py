@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dispatcher import filters, pickers, scorers
-from dispatcher.prefix import PrefixIndex
 from dispatcher.scheduling import Scheduler
 
 
@@ -17,18 +16,21 @@ def _common(prefetch: int) -> list:
     return [filters.ServesModel(), filters.Alive(), filters.QueueBound(prefetch)]
 
 
-def dio(prefetch: int = 2, prefix_index: PrefixIndex | None = None, seed: int | None = None) -> Scheduler:
-    """NLMS latency + queue wait + KV headroom + deadline + prefix affinity, under roofline admission."""
-    index = prefix_index if prefix_index is not None else PrefixIndex()
+def dio(prefetch: int = 2, seed: int | None = None, shed_late: bool = True, **_: object) -> Scheduler:
+    """NLMS latency (net of prefix-cache hits) + interference + queue wait + KV headroom + deadlines.
+
+    Under roofline admission. ``shed_late``: reject a request predicted to miss its deadline on
+    every worker, with a retry-after, instead of running it late.
+    """
     return Scheduler(
         name="dio",
         filters=[filters.ServesModel(), filters.FitsWhenIdle(), filters.Alive(), filters.KvAdmission(),
                  filters.QueueBound(prefetch), filters.ColdStartProbe()],
         scorers=[(scorers.PredictedLatency(), 1.0), (scorers.Interference(), 1.0), (scorers.QueueWait(), 1.0),
                  (scorers.KvHeadroom(), 1.0),
-                 (scorers.DeadlineFeasibility(), 1.0), (scorers.PrefixAffinity(index), 1.0)],
+                 (scorers.DeadlineFeasibility(), 1.0), (scorers.ProtectsDeadlines(), 1.0)],
         picker=pickers.MinCost(seed),
-        shed_late=True,
+        shed_late=shed_late,
     )
 
 

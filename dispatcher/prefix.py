@@ -6,6 +6,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+PREFIX_BLOCK_TOKENS = 512  # as Mooncake's hash_ids: one hash per 512-token block of the prompt
+
 
 class PrefixIndex:
     """Map a prefix-block hash to the workers that were sent it, most recent last.
@@ -14,8 +16,9 @@ class PrefixIndex:
     (engines evict), so affinity only ever lowers a cost, it never filters.
     """
 
-    def __init__(self, max_blocks: int = 200_000) -> None:
+    def __init__(self, max_blocks: int = 200_000, block_tokens: int = PREFIX_BLOCK_TOKENS) -> None:
         self.max_blocks = max_blocks
+        self.block_tokens = block_tokens  # prompt tokens one hash names
         self._holders: OrderedDict[int, set[str]] = OrderedDict()
 
     def __len__(self) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dispatcher.cluster import Cluster
+from dispatcher.deadlines import NO_CEILING, load_ceiling
 from protocol.models import Request
 
 
@@ -31,6 +32,7 @@ class Decision:
     reason: str | None = None  # why it waits or is rejected
     predicted_ms: float | None = None  # the predictor's latency for the chosen worker
     retry_after_s: float | None = None  # for a rejection caused by load: when to try again
+    ceiling: float = NO_CEILING  # the chosen worker's load past which this job misses its deadline
 
     @property
     def reject(self) -> bool:
@@ -46,7 +48,7 @@ class Ask:
     """
 
     __slots__ = ("request", "model", "prompt_tokens", "max_tokens", "kv_tokens", "deadline_at", "prefix_hashes",
-                 "_cluster", "_predicted", "_loads")
+                 "_cluster", "_predicted", "_loads", "_cached")
 
     def __init__(self, request: Request, cluster: Cluster) -> None:
         self.request = request
@@ -59,6 +61,7 @@ class Ask:
         self._cluster = cluster
         self._predicted: np.ndarray | None = None
         self._loads: np.ndarray | None = None
+        self._cached: np.ndarray | None = None
 
     @property
     def loads(self) -> np.ndarray:
@@ -68,10 +71,18 @@ class Ask:
         return self._loads
 
     @property
+    def cached(self) -> np.ndarray:
+        """Prompt tokens every worker probably holds in its prefix cache (no prefill needed)."""
+        if self._cached is None:
+            self._cached = self._cluster.cached_tokens(self.prompt_tokens, self.prefix_hashes)
+        return self._cached
+
+    @property
     def predicted(self) -> np.ndarray:
-        """The predictor's latency (ms) of this request on every worker, at that load."""
+        """The predictor's latency (ms) of this request on every worker, at that load, net of its cache."""
         if self._predicted is None:
-            self._predicted = self._cluster.predictor.predict_all(self.prompt_tokens, self.max_tokens, self.loads)
+            prompt = self.prompt_tokens - self.cached if self.prefix_hashes else self.prompt_tokens
+            self._predicted = self._cluster.predictor.predict_all(prompt, self.max_tokens, self.loads)
         return self._predicted
 
 
@@ -145,8 +156,19 @@ class Scheduler:
             late = self._late(ask, cluster, chosen, now)
             if late is not None:
                 return late
-        predicted = float(ask.predicted[row]) if cluster.predictor.seen[row] > 0 else None
-        return Decision(row=int(row), predicted_ms=predicted)
+        if cluster.predictor.seen[row] == 0:
+            return Decision(row=int(row))
+        predicted = float(ask.predicted[row])
+        return Decision(row=int(row), predicted_ms=predicted, ceiling=self._ceiling(ask, cluster, row, now))
+
+    @staticmethod
+    def _ceiling(ask: Ask, cluster: Cluster, row: int, now: float) -> float:
+        """The load ceiling the job sets on its worker (see ``dispatcher.deadlines``)."""
+        if ask.deadline_at is None:
+            return NO_CEILING
+        slack_ms = (ask.deadline_at - now) * 1000.0 - float(ask.predicted[row])
+        sensitivity = float(cluster.predictor.load_sensitivity(ask.max_tokens)[row])
+        return load_ceiling(float(ask.loads[row]), slack_ms, sensitivity)
 
     def _late(self, ask: Ask, cluster: Cluster, candidates: np.ndarray, now: float) -> Decision | None:
         """With ``shed_late``: a rejection if even the best candidate would finish past the deadline."""

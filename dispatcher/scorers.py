@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from dispatcher.cluster import Cluster
-from dispatcher.prefix import PrefixIndex
+from dispatcher.deadlines import would_breach
 from dispatcher.scheduling import Ask, Scorer
 
-INFEASIBLE_MS = 1e6  # added to a worker that would miss the request's deadline
+INFEASIBLE_MS = 1e5  # added to a worker that would miss the request's own deadline
+BREACH_MS = 1e6  # added to a worker where the request would make a job already there miss its deadline
 
 
 def predicted_ms(request: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
@@ -106,34 +107,17 @@ class DeadlineFeasibility(Scorer):
         return np.where(finish_ms > remaining_ms, INFEASIBLE_MS, 0.0)
 
 
-class PrefixAffinity(Scorer):
-    """Bonus (negative cost) for a worker that probably caches the request's prompt prefix.
+class ProtectsDeadlines(Scorer):
+    """Penalty for a worker where the request's load would push a job already there past its deadline.
 
-    The bonus is the prefill time the cached blocks save, as the worker's own predictor prices
-    prompt tokens — never more. Load terms keep growing with a hot worker's queue, so a popular
-    prefix spreads to a second worker once queueing costs more than the prefill it saves.
+    Larger than ``DeadlineFeasibility``'s: a request that will be late anyway goes where it harms
+    nobody rather than spoiling a job that would have made it (see ``dispatcher.deadlines``).
     """
 
-    name = "prefix-affinity"
-
-    def __init__(self, index: PrefixIndex, block_tokens: int = 512) -> None:
-        self.index = index
-        self.block_tokens = block_tokens
+    name = "protects-deadlines"
 
     def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
-        if not request.prefix_hashes:
-            return np.zeros(len(rows))
-        matched = self.index.matched_blocks(request.prefix_hashes, cluster.ids, rows)
-        if not matched.any():
-            return np.zeros(len(rows))
-        cached = np.minimum(matched * self.block_tokens, request.prompt_tokens)
-        return -cached * self._prompt_ms_per_token(request, cluster, rows)
-
-    @staticmethod
-    def _prompt_ms_per_token(request: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
-        with_prompt = request.predicted[rows]
-        without = cluster.predictor.predict_all(0, request.max_tokens, request.loads)[rows]
-        return np.maximum(with_prompt - without, 0.0) / max(request.prompt_tokens, 1)
+        return np.where(would_breach(request.loads[rows], cluster.ceiling[rows]), BREACH_MS, 0.0)
 
 
 class Outstanding(Scorer):

@@ -28,7 +28,6 @@ from dispatcher.cluster import Cluster
 from dispatcher.config import DispatcherSettings
 from dispatcher.intake import Refusal, parse_entry
 from dispatcher.policies import make_policy
-from dispatcher.prefix import PrefixIndex
 from protocol import defaults as d
 from protocol.connection import connect, ensure_group
 from protocol.keys import INTAKE_GROUP
@@ -49,9 +48,7 @@ class Dispatcher:
         self.scripts = Scripts(self.redis, self.keys)
         self.name = settings.dispatcher_name
         self.cluster = Cluster(predictor_kind=settings.predictor)
-        self.prefix_index = PrefixIndex()
-        self.policy = make_policy(settings.policy, prefetch=settings.prefetch, prefix_index=self.prefix_index,
-                                  seed=settings.seed)
+        self.policy = make_policy(settings.policy, prefetch=settings.prefetch, seed=settings.seed)
         self.backlog = Backlog(settings.batch_age_s)
         self.errors: dict[str, deque[float]] = {}
         self.stats = {"dispatched": 0, "rejected": 0, "deadlettered": 0, "completions": 0, "requeued": 0}
@@ -221,7 +218,7 @@ class Dispatcher:
             decision = self.policy.decide(item.request, self.cluster, now)
             waits_in_a_row = waits_in_a_row + 1 if decision.wait else 0
             if decision.row is not None:
-                self._handoff(pipe, item, decision.row, now)
+                self._handoff(pipe, item, decision.row, decision.ceiling, now)
                 done.add(item.entry_id)
             elif decision.reject:
                 self._reject(pipe, item, decision.reason or "no worker can serve it",
@@ -245,11 +242,11 @@ class Dispatcher:
         deadline = request.deadline_at or item.received_at + self.settings.max_wait_s
         return now >= deadline
 
-    def _handoff(self, pipe: redis.client.Pipeline, item: Pending, row: int, now: float) -> None:
+    def _handoff(self, pipe: redis.client.Pipeline, item: Pending, row: int, ceiling: float, now: float) -> None:
         worker_id = self.cluster.ids[row]
         request = item.request
-        self.cluster.reserve(row, request.id, request.kv_tokens)
-        self.prefix_index.record(request.prefix_hashes, worker_id)
+        self.cluster.reserve(row, request.id, request.kv_tokens, ceiling)
+        self.cluster.prefix.record(request.prefix_hashes, worker_id)
         self.scripts.handoff(pipe, item.entry_id, request.id, worker_id, item.request_json, request.kv_tokens, now)
         self.stats["dispatched"] += 1
 
@@ -271,7 +268,8 @@ class Dispatcher:
             load = self.cluster.release(row, done.job)
             if done.status == JobStatus.completed:
                 load = float(self.cluster.load_now()[row]) if load is None else load
-                error = self.cluster.learn(row, done.prompt_tokens, done.output_tokens, done.service_ms, load)
+                computed = max(done.prompt_tokens - done.cached_tokens, 1)
+                error = self.cluster.learn(row, computed, done.output_tokens, done.service_ms, load)
                 self.errors.setdefault(done.worker, deque(maxlen=PREDICTOR_ERRORS_KEPT)).append(abs(error))
         pipe = self.redis.pipeline(transaction=False)
         ids = [eid for eid, _ in entries]
@@ -333,7 +331,6 @@ class Dispatcher:
         self.redis.srem(self.keys.workers, worker_id)
         if worker_id in self.cluster.index:
             self.cluster.remove(worker_id)
-            self.prefix_index.forget_worker(worker_id)
 
     def _fail_exhausted(self, entries: list) -> None:
         """Jobs requeued MAX_ATTEMPTS times are not retried again: their workers keep dying."""

@@ -117,11 +117,10 @@ def test_random_spreads():
 
 
 def test_prefix_affinity_prefers_the_holder_until_its_queue_costs_more():
-    index = PrefixIndex()
     cluster = make_cluster(("a", 1_000_000, 1.0), ("b", 1_000_000, 1.0))
-    policy = make_policy("dio", prefix_index=index, seed=0)
+    policy = make_policy("dio", seed=0)
     hashes = [1, 2, 3, 4]
-    index.record(hashes, "b")
+    cluster.prefix.record(hashes, "b")
     req = request(prompt=2048, max_tokens=10, prefix_hashes=hashes)
     assert cluster.ids[policy.decide(req, cluster, 0).row] == "b"
     for i in range(40):  # b is now far busier than the prefill the cache saves

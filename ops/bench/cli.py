@@ -66,7 +66,8 @@ def replay(
     max_requests: int = typer.Option(3000, help="requests replayed (the first N of the trace)"),
     arrivals: str = typer.Option("trace", help="trace | poisson | FILE (a timed trace whose arrival times to use)"),
     predictor: str = typer.Option(None, help="seed | vector | rls (default: the dispatcher's)"),
-    deadlines: bool = typer.Option(False, help="send each request's SLO as its deadline"),
+    deadlines: bool = typer.Option(True, help="send each request's SLO as its deadline_ms (DIO routes by it and "
+                                   "rejects what it predicts late, with retry-after; the baselines ignore it)"),
     capacity: str = typer.Option("engine", help="what load 1.0 is: engine (each GPU's measured saturation "
                                  "throughput, summed) | roofline (estimate) | calibrate (a saturation run of DIO)"),
     calibrate: bool = typer.Option(False, "--calibrate", help="same as --capacity calibrate"),

@@ -30,7 +30,6 @@ import redis
 from dispatcher.cluster import Cluster
 from dispatcher.nlms import make_predictor
 from dispatcher.policies import POLICIES, make_policy
-from dispatcher.prefix import PrefixIndex
 from gpu_worker.sim.profiles import get_model, get_profile
 from gpu_worker.sim.roofline import kv_capacity_tokens, unloaded_service_time_s
 from ops.bench import plots, report
@@ -123,7 +122,7 @@ def _cycle(lengths: list[tuple[int, int]]):
 
 def time_decisions(policy_name: str, cluster: Cluster, batch: list[Request], seed: int = 0) -> dict[str, float]:
     """Return µs per decide (mean and p50) over the batch, holding a few reservations per worker."""
-    policy = make_policy(policy_name, prefetch=2, prefix_index=PrefixIndex(), seed=seed)
+    policy = make_policy(policy_name, prefetch=2, seed=seed)
     held: deque[tuple[int, str]] = deque()
     cap = IN_FLIGHT_PER_WORKER * len(cluster)
     times = np.empty(len(batch))

@@ -66,7 +66,7 @@ class ReplayConfig:
     duration_s: float | None = None  # offer each load for this long (simulated s) instead of max_requests
     arrivals: str = TRACE_ARRIVALS
     predictor: str = DEFAULT_PREDICTOR
-    deadlines: bool = False  # send each request's SLO as its deadline (the dispatcher then drops late ones)
+    deadlines: bool = True  # send each request's SLO as its deadline_ms (DIO routes by it and sheds late ones)
     max_wait_s: float = 60.0
     capacity: str = "engine"  # engine | roofline | calibrate (see CAPACITY_SOURCES)
     seed: int = 0
