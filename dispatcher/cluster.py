@@ -9,14 +9,27 @@ number of workers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from dispatcher.nlms import Predictor, make_predictor
 from dispatcher.prefix import PrefixIndex
+from dispatcher.prior import roofline_prior
 from protocol.models import WorkerInfo, WorkerTelemetry
 
 DEFAULT_LOAD_UNIT_TOKENS = 50_000.0  # when a worker does not report its weights (≈ a 3B model's)
+BACKLOG_UNIT_TOKENS = 10_000.0  # the prefill backlog feature counts prompt tokens in these units
+
+
+class Held(NamedTuple):
+    """One job's reservation on a worker, and what the worker looked like when it was sent."""
+
+    kv_tokens: int
+    prompt_tokens: int  # to prefill there (net of prefix-cache hits)
+    load: float  # the worker's KV load with the job (the predictor's load feature)
+    backlog: float  # the worker's prefill backlog before the job (the predictor's backlog feature)
+    ceiling: float  # the load past which the job misses its deadline (inf: none)
 
 
 @dataclass
@@ -45,9 +58,11 @@ class Cluster:
         # KV tokens whose bytes equal the model's weights: a decode step reads the weights plus the
         # batch's KV, so (KV in flight / load_unit) is how much slower each token gets.
         self.load_unit = np.zeros(0)
-        # Per-worker reservations by job id, so a completion releases exactly what was reserved:
-        # (KV tokens, the worker's load when it was sent — the predictor's feature —, its load ceiling).
-        self.reservations: list[dict[str, tuple[int, float, float]]] = []
+        # Per-worker reservations by job id, so a completion releases exactly what was reserved.
+        self.reservations: list[dict[str, Held]] = []
+        # Prompt tokens (net of prefix-cache hits) of the jobs on each worker: prefill work that may
+        # still be queued ahead of a new request there (the predictor's backlog feature).
+        self.prompt_in_flight = np.zeros(0, dtype=np.int64)
         # The lowest load ceiling of the jobs on each worker: the load (in weight units) past which
         # one of them is predicted to miss its deadline (see dispatcher.deadlines). inf: none at risk.
         self.ceiling = np.zeros(0)
@@ -56,7 +71,8 @@ class Cluster:
         return len(self.ids)
 
     _ARRAYS = ("model", "kv_capacity", "max_model_len", "slots", "time_scale", "reserved_kv", "outstanding",
-               "alive", "draining", "running", "waiting", "kv_usage", "service_ms", "load_unit", "ceiling")
+               "alive", "draining", "running", "waiting", "kv_usage", "service_ms", "load_unit", "ceiling",
+               "prompt_in_flight")
 
     def upsert(self, info: WorkerInfo) -> int:
         """Add a worker or refresh its capabilities; return its row."""
@@ -72,6 +88,9 @@ class Cluster:
                 setattr(self, name, np.append(arr, np.zeros(1, dtype=arr.dtype)))
             self.ceiling[row] = np.inf
             self.predictor.add_row()
+            prior = roofline_prior(info)
+            if prior is not None:
+                self.predictor.prime(row, prior)
         self.infos[row] = info
         self.model[row] = info.model
         self.kv_capacity[row] = info.kv_capacity_tokens
@@ -109,37 +128,47 @@ class Cluster:
         """Each worker's KV load now, in units of its weights' size."""
         return self.reserved_kv / self.load_unit
 
-    def reserve(self, row: int, job_id: str, kv_tokens: int, ceiling: float = np.inf) -> None:
+    def backlogs(self) -> np.ndarray:
+        """Each worker's prefill backlog, in units of BACKLOG_UNIT_TOKENS prompt tokens."""
+        return self.prompt_in_flight / BACKLOG_UNIT_TOKENS
+
+    def reserve(self, row: int, job_id: str, kv_tokens: int, ceiling: float = np.inf, prompt_tokens: int = 0) -> None:
         """Count a job sent to a worker until its completion comes back.
 
-        ``ceiling`` is the worker load past which this job would miss its deadline (inf: none).
+        ``ceiling`` is the worker load past which this job would miss its deadline (inf: none);
+        ``prompt_tokens`` the prompt it must prefill there (net of cache hits).
         """
+        backlog = float(self.prompt_in_flight[row] / BACKLOG_UNIT_TOKENS)
         self.reserved_kv[row] += kv_tokens
-        self.reservations[row][job_id] = (kv_tokens, float(self.reserved_kv[row] / self.load_unit[row]), ceiling)
+        self.prompt_in_flight[row] += prompt_tokens
+        load = float(self.reserved_kv[row] / self.load_unit[row])
+        self.reservations[row][job_id] = Held(kv_tokens, prompt_tokens, load, backlog, ceiling)
         self.outstanding[row] += 1
         self.ceiling[row] = min(self.ceiling[row], ceiling)
 
-    def release(self, row: int, job_id: str) -> float | None:
-        """Release a finished job's reservation; return its load at dispatch (None if not held)."""
+    def release(self, row: int, job_id: str) -> Held | None:
+        """Release a finished job's reservation; return it (None if not held)."""
         held = self.reservations[row].pop(job_id, None)
         if held is None:
             return None
-        self.reserved_kv[row] -= held[0]
+        self.reserved_kv[row] -= held.kv_tokens
+        self.prompt_in_flight[row] -= held.prompt_tokens
         self.outstanding[row] -= 1
-        if held[2] <= self.ceiling[row]:
+        if held.ceiling <= self.ceiling[row]:
             self._reset_ceiling(row)
-        return held[1]
+        return held
 
     def _reset_ceiling(self, row: int) -> None:
-        self.ceiling[row] = min((held[2] for held in self.reservations[row].values()), default=np.inf)
+        self.ceiling[row] = min((held.ceiling for held in self.reservations[row].values()), default=np.inf)
 
     def sync_reservations(self, row: int, held: dict[str, int]) -> None:
         """Replace a worker's reservations with the ones Redis holds (the source of truth)."""
         total = sum(held.values())
         known = self.reservations[row]
         load = float(total / self.load_unit[row])
-        self.reservations[row] = {job: known.get(job, (kv, load, np.inf)) for job, kv in held.items()}
+        self.reservations[row] = {job: known.get(job, Held(kv, 0, load, 0.0, np.inf)) for job, kv in held.items()}
         self.reserved_kv[row] = total
+        self.prompt_in_flight[row] = sum(h.prompt_tokens for h in self.reservations[row].values())
         self.outstanding[row] = len(held)
         self._reset_ceiling(row)
 
@@ -150,7 +179,8 @@ class Cluster:
         matched = self.prefix.matched_blocks(prefix_hashes, self.ids, np.arange(len(self.ids)))
         return np.minimum(matched * self.prefix.block_tokens, prompt_tokens - 1)
 
-    def learn(self, row: int, prompt_tokens: int, output_tokens: int, service_ms: float, load: float) -> float:
+    def learn(self, row: int, prompt_tokens: int, output_tokens: int, service_ms: float, load: float,
+              backlog: float = 0.0) -> float:
         """Feed one completion to the worker's predictor; return the prediction error (ms).
 
         ``prompt_tokens`` counts what the worker computed: a prompt's cached prefix costs no prefill.
@@ -158,4 +188,4 @@ class Cluster:
         alpha = 0.1
         previous = self.service_ms[row]
         self.service_ms[row] = service_ms if previous == 0 else (1 - alpha) * previous + alpha * service_ms
-        return self.predictor.update(row, prompt_tokens, output_tokens, service_ms, load)
+        return self.predictor.update(row, prompt_tokens, output_tokens, service_ms, load, backlog)

@@ -105,7 +105,7 @@ class ColdStartProbe(Filter):
         self.probes = probes
 
     def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
-        return (cluster.predictor.seen > 0) | (cluster.outstanding < self.probes)
+        return cluster.predictor.warm | (cluster.outstanding < self.probes)
 
     def explain(self, request: Ask, cluster: Cluster) -> str:
         return "waiting for the first completions of new workers"

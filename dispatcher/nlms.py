@@ -15,12 +15,17 @@ slope cannot. Both predictors start from the first completion (``s = y/N``, ``b 
 than from zero, so no offline profiling is needed and the first prediction is already in range.
 
 ``vector`` — the natural extension: features ``x = (prompt tokens / 1000, output tokens / 100 ×
-(1 + ℓ), 1)`` where ℓ is the worker's KV in flight (with this request) over the KV tokens whose
-bytes equal the model's weights. That factor is continuous batching's physics: a decode step
-reads the weights plus the whole batch's KV, so each output token costs (1 + ℓ) times what it
-costs alone, on any GPU. Putting it in the feature makes the prediction react to load at the
-moment of the decision, not only after slow completions come back; the weights stay per worker
-(how fast this GPU is). At prediction the output is the request's ``max_tokens``. Learned by
+(1 + ℓ), 1, β × (1 + output tokens / 100))`` where ℓ is the worker's KV in flight (with this
+request) over the KV tokens whose bytes equal the model's weights, and β the prompt tokens the
+worker was sent before it and has not finished (its prefill backlog, in 10k tokens). ℓ is
+continuous batching's physics: a decode step reads the weights plus the whole batch's KV, so each
+output token costs (1 + ℓ) times what it costs alone, on any GPU. β is chunked prefill's: a new
+prompt waits for the prompts ahead of it, and every decode step that shares the GPU with a
+prefill chunk is slower, so the backlog costs the request once plus again per output token.
+Putting load in the features makes the prediction react at the moment of the decision, not only
+after slow completions come back; the weights stay per worker (how fast this GPU is). At
+prediction the output is the request's ``max_tokens``. A worker that registers its GPU's datasheet
+starts from a roofline prior (``dispatcher.prior``) instead of its first completion. Learned by
 normalized LMS
 ``w ← w + μ·e·x / (ε + x·x)`` at the same two timescales (μ_fast, μ_slow), mixed 0.8 / 0.2.
 Prefill and decode cost differ by orders of magnitude per token, so one slope over N cannot fit
@@ -55,6 +60,7 @@ class Predictor:
         self.fast = np.zeros((0, self.dims))
         self.slow = np.zeros((0, self.dims))
         self.seen = np.zeros(0, dtype=np.int64)  # completions learned per row
+        self.primed = np.zeros(0, dtype=bool)  # rows started from a prior (dispatcher.prior)
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -64,27 +70,47 @@ class Predictor:
         self.fast = np.vstack([self.fast, np.zeros((1, self.dims))])
         self.slow = np.vstack([self.slow, np.zeros((1, self.dims))])
         self.seen = np.append(self.seen, 0)
+        self.primed = np.append(self.primed, False)
         return len(self.seen) - 1
 
     def remove_row(self, row: int) -> None:
         self.fast = np.delete(self.fast, row, axis=0)
         self.slow = np.delete(self.slow, row, axis=0)
         self.seen = np.delete(self.seen, row)
+        self.primed = np.delete(self.primed, row)
 
-    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> np.ndarray:
-        """Feature vector of a request; ``load`` is the worker's KV tokens in flight with it."""
+    @property
+    def warm(self) -> np.ndarray:
+        """Per row: whether it predicts anything yet (a completion learned, or a prior)."""
+        return (self.seen > 0) | self.primed
+
+    def prime(self, row: int, weights: np.ndarray) -> bool:
+        """Start a row that has learned nothing from prior weights; return whether it took them."""
+        if self.seen[row] > 0 or len(weights) != self.dims:
+            return False
+        self.fast[row] = weights
+        self.slow[row] = weights
+        self.primed[row] = True
+        return True
+
+    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0,
+                 backlog: float = 0.0) -> np.ndarray:
+        """Feature vector of a request; ``load`` is the worker's KV in flight with it (in weight
+        units), ``backlog`` the prompt tokens it was sent before and may still be prefilling (10k units)."""
         raise NotImplementedError
 
     def predict_all(self, prompt_tokens: float | np.ndarray, output_tokens: float,
-                    loads: np.ndarray | None = None) -> np.ndarray:
-        """Predicted latency (ms) of one request on every row (``loads``: each row's KV in flight)."""
+                    loads: np.ndarray | None = None, backlogs: np.ndarray | None = None) -> np.ndarray:
+        """Predicted latency (ms) of one request on every row, at each row's load and prefill backlog."""
         weights = FAST_WEIGHT * self.fast + SLOW_WEIGHT * self.slow
         if loads is None:
             return weights @ self.features(prompt_tokens, output_tokens)
-        return (weights * self._features_many(prompt_tokens, output_tokens, loads)).sum(axis=1)
+        if backlogs is None:
+            backlogs = np.zeros(len(loads))
+        return (weights * self._features_many(prompt_tokens, output_tokens, loads, backlogs)).sum(axis=1)
 
     def _features_many(self, prompt_tokens: float | np.ndarray, output_tokens: float,
-                       loads: np.ndarray) -> np.ndarray:
+                       loads: np.ndarray, backlogs: np.ndarray) -> np.ndarray:
         """Feature rows for one request at each worker's load (one row per load).
 
         ``prompt_tokens`` may differ per worker (the part its prefix cache does not hold).
@@ -96,15 +122,16 @@ class Predictor:
         """Milliseconds one more unit of load adds to a request on every row (0: no load term)."""
         return np.zeros(len(self.seen))
 
-    def predict(self, row: int, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> float:
-        x = self.features(prompt_tokens, output_tokens, load)
+    def predict(self, row: int, prompt_tokens: float, output_tokens: float, load: float = 0.0,
+                backlog: float = 0.0) -> float:
+        x = self.features(prompt_tokens, output_tokens, load, backlog)
         return float((FAST_WEIGHT * self.fast[row] + SLOW_WEIGHT * self.slow[row]) @ x)
 
     def update(self, row: int, prompt_tokens: float, output_tokens: float, latency_ms: float,
-               load: float = 0.0) -> float:
+               load: float = 0.0, backlog: float = 0.0) -> float:
         """Learn one completion; return the prediction error (ms) made before learning it."""
-        x = self.features(prompt_tokens, output_tokens, load)
-        if self.seen[row] == 0:
+        x = self.features(prompt_tokens, output_tokens, load, backlog)
+        if not self.warm[row]:
             self._warm_start(row, x, latency_ms)
             self.seen[row] = 1
             return latency_ms
@@ -143,7 +170,8 @@ class SeedNLMS(Predictor):
     MU_SLOW = 0.01
     MU_BIAS = 0.1
 
-    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> np.ndarray:
+    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0,
+                 backlog: float = 0.0) -> np.ndarray:
         # The seed's model has no load term. ŷ = s·N + b: the bias column is 1, and
         # 0.8·b + 0.2·b = b since both rows hold the same b.
         return np.array([prompt_tokens + output_tokens, 1.0])
@@ -163,15 +191,16 @@ class SeedNLMS(Predictor):
 
 
 class VectorNLMS(Predictor):
-    """Normalized LMS over (prompt/1000, output/100, 1) at two timescales."""
+    """Normalized LMS over (prompt/1000, output/100·(1+ℓ), 1, β·(1+output/100)) at two timescales."""
 
     kind = "vector"
-    dims = 3
+    dims = 4
     MU_FAST = 1.0
     MU_SLOW = 0.1
 
-    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0) -> np.ndarray:
-        return np.array([prompt_tokens / 1000.0, output_tokens / 100.0 * (1.0 + load), 1.0])
+    def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0,
+                 backlog: float = 0.0) -> np.ndarray:
+        return np.array([prompt_tokens / 1000.0, output_tokens / 100.0 * (1.0 + load), 1.0, backlog * (1.0 + output_tokens / 100.0)])
 
     def load_sensitivity(self, output_tokens: float) -> np.ndarray:
         # ŷ = w0·P/1000 + w1·O/100·(1 + ℓ) + w2, so ∂ŷ/∂ℓ = w1·O/100 (never negative: more load is never faster).
@@ -179,11 +208,12 @@ class VectorNLMS(Predictor):
         return np.maximum(weights, 0.0) * output_tokens / 100.0
 
     def _features_many(self, prompt_tokens: float | np.ndarray, output_tokens: float,
-                       loads: np.ndarray) -> np.ndarray:
-        xs = np.empty((len(loads), 3))
+                       loads: np.ndarray, backlogs: np.ndarray) -> np.ndarray:
+        xs = np.empty((len(loads), 4))
         xs[:, 0] = np.asarray(prompt_tokens, dtype=float) / 1000.0
         xs[:, 1] = output_tokens / 100.0 * (1.0 + np.asarray(loads, dtype=float))
         xs[:, 2] = 1.0
+        xs[:, 3] = backlogs * (1.0 + output_tokens / 100.0)
         return xs
 
     def _warm_start(self, row: int, x: np.ndarray, latency_ms: float) -> None:

@@ -33,6 +33,7 @@ class Decision:
     predicted_ms: float | None = None  # the predictor's latency for the chosen worker
     retry_after_s: float | None = None  # for a rejection caused by load: when to try again
     ceiling: float = NO_CEILING  # the chosen worker's load past which this job misses its deadline
+    prompt_tokens: int = 0  # what the chosen worker must prefill (the prompt net of its cache hits)
 
     @property
     def reject(self) -> bool:
@@ -82,7 +83,8 @@ class Ask:
         """The predictor's latency (ms) of this request on every worker, at that load, net of its cache."""
         if self._predicted is None:
             prompt = self.prompt_tokens - self.cached if self.prefix_hashes else self.prompt_tokens
-            self._predicted = self._cluster.predictor.predict_all(prompt, self.max_tokens, self.loads)
+            self._predicted = self._cluster.predictor.predict_all(prompt, self.max_tokens, self.loads,
+                                                                  self._cluster.backlogs())
         return self._predicted
 
 
@@ -156,10 +158,11 @@ class Scheduler:
             late = self._late(ask, cluster, chosen, now)
             if late is not None:
                 return late
-        if cluster.predictor.seen[row] == 0:
-            return Decision(row=int(row))
-        predicted = float(ask.predicted[row])
-        return Decision(row=int(row), predicted_ms=predicted, ceiling=self._ceiling(ask, cluster, row, now))
+        prefill = int(ask.prompt_tokens - ask.cached[row]) if ask.prefix_hashes else ask.prompt_tokens
+        if not cluster.predictor.warm[row]:
+            return Decision(row=int(row), prompt_tokens=prefill)
+        return Decision(row=int(row), predicted_ms=float(ask.predicted[row]), prompt_tokens=prefill,
+                        ceiling=self._ceiling(ask, cluster, row, now))
 
     @staticmethod
     def _ceiling(ask: Ask, cluster: Cluster, row: int, now: float) -> float:
@@ -174,7 +177,7 @@ class Scheduler:
         """With ``shed_late``: a rejection if even the best candidate would finish past the deadline."""
         if not self.shed_late or ask.deadline_at is None:
             return None
-        warm = candidates & (cluster.predictor.seen > 0)
+        warm = candidates & cluster.predictor.warm
         if not warm.any():
             return None  # nothing learned yet: no grounds to refuse
         best_ms = float(ask.predicted[warm].min())

@@ -19,7 +19,7 @@ def predicted_ms(request: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray
     average worker, so it receives traffic and its predictor warms up.
     """
     pred = request.predicted[rows]
-    warm = cluster.predictor.seen[rows] > 0
+    warm = cluster.predictor.warm[rows]
     if not warm.all():
         pred[~warm] = pred[warm].mean() if warm.any() else 0.0
     return np.maximum(pred, 0.0)
@@ -50,7 +50,8 @@ class Interference(Scorer):
         if not outstanding.any():
             return np.zeros(len(rows))
         with_it = request.predicted[rows]
-        without = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, cluster.load_now())[rows]
+        without = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, cluster.load_now(),
+                                                cluster.backlogs())[rows]
         return outstanding * np.maximum(with_it - without, 0.0)
 
 

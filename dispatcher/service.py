@@ -28,6 +28,7 @@ from dispatcher.cluster import Cluster
 from dispatcher.config import DispatcherSettings
 from dispatcher.intake import Refusal, parse_entry
 from dispatcher.policies import make_policy
+from dispatcher.scheduling import Decision
 from protocol import defaults as d
 from protocol.connection import connect, ensure_group
 from protocol.keys import INTAKE_GROUP
@@ -218,7 +219,7 @@ class Dispatcher:
             decision = self.policy.decide(item.request, self.cluster, now)
             waits_in_a_row = waits_in_a_row + 1 if decision.wait else 0
             if decision.row is not None:
-                self._handoff(pipe, item, decision.row, decision.ceiling, now)
+                self._handoff(pipe, item, decision, now)
                 done.add(item.entry_id)
             elif decision.reject:
                 self._reject(pipe, item, decision.reason or "no worker can serve it",
@@ -242,10 +243,12 @@ class Dispatcher:
         deadline = request.deadline_at or item.received_at + self.settings.max_wait_s
         return now >= deadline
 
-    def _handoff(self, pipe: redis.client.Pipeline, item: Pending, row: int, ceiling: float, now: float) -> None:
+    def _handoff(self, pipe: redis.client.Pipeline, item: Pending, decision: Decision, now: float) -> None:
+        row = decision.row
+        assert row is not None
         worker_id = self.cluster.ids[row]
         request = item.request
-        self.cluster.reserve(row, request.id, request.kv_tokens, ceiling)
+        self.cluster.reserve(row, request.id, request.kv_tokens, decision.ceiling, decision.prompt_tokens)
         self.cluster.prefix.record(request.prefix_hashes, worker_id)
         self.scripts.handoff(pipe, item.entry_id, request.id, worker_id, item.request_json, request.kv_tokens, now)
         self.stats["dispatched"] += 1
@@ -265,11 +268,11 @@ class Dispatcher:
             row = self.cluster.index.get(done.worker)
             if row is None:
                 continue
-            load = self.cluster.release(row, done.job)
+            held = self.cluster.release(row, done.job)
             if done.status == JobStatus.completed:
-                load = float(self.cluster.load_now()[row]) if load is None else load
                 computed = max(done.prompt_tokens - done.cached_tokens, 1)
-                error = self.cluster.learn(row, computed, done.output_tokens, done.service_ms, load)
+                load, backlog = (held.load, held.backlog) if held else (float(self.cluster.load_now()[row]), 0.0)
+                error = self.cluster.learn(row, computed, done.output_tokens, done.service_ms, load, backlog)
                 self.errors.setdefault(done.worker, deque(maxlen=PREDICTOR_ERRORS_KEPT)).append(abs(error))
         pipe = self.redis.pipeline(transaction=False)
         ids = [eid for eid, _ in entries]

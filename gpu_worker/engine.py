@@ -71,6 +71,8 @@ class EngineCapacity:
     total_vram_bytes: int = 0
     time_scale: float = 1.0
     weight_bytes: int = 0  # model weights in GPU memory (0: unknown); sets how KV load slows decode
+    peak_flops: float = 0.0  # the GPU's datasheet dense bf16 FLOP/s (0: unknown); the predictor's prior
+    mem_bandwidth: float = 0.0  # its datasheet memory bandwidth, bytes/s (0: unknown)
 
 
 @dataclass

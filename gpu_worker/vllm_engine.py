@@ -33,6 +33,7 @@ from gpu_worker.engine import (
     OutOfMemory,
     RequestRejected,
 )
+from gpu_worker.sim.profiles import match_profile
 
 MODELS_DIR = Path(__file__).parent / "models"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
@@ -113,6 +114,25 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 2) -> int:
     head_dim = int(config.get("head_dim") or int(config.get("hidden_size") or 0) // heads)
     layers = int(config.get("num_hidden_layers") or 0)
     return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def weight_bytes(config: dict[str, Any], dtype_bytes: int = 2) -> int:
+    """Return the bytes a Llama-style model's weights take (0 if the config lacks the shape).
+
+    Per layer: q and o (hidden²), k and v (hidden × KV width), the gated MLP (3 × hidden ×
+    intermediate); plus the embeddings and, unless tied, the LM head.
+    """
+    hidden = int(config.get("hidden_size") or 0)
+    layers = int(config.get("num_hidden_layers") or 0)
+    inter = int(config.get("intermediate_size") or 0)
+    vocab = int(config.get("vocab_size") or 0)
+    if not (hidden and layers and inter and vocab):
+        return 0
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_width = int(config.get("num_key_value_heads") or heads) * int(config.get("head_dim") or hidden // heads)
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * inter
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return (layers * per_layer + embeddings) * dtype_bytes
 
 
 def synthetic_token_ids(text: str, count: int, vocab_size: int) -> list[int]:
@@ -417,14 +437,19 @@ class VllmEngine(Engine):
         cache = config.cache_config
         kv_tokens = getattr(cache, "kv_cache_size_tokens", None) or (cache.num_gpu_blocks or 0) * cache.block_size
         memory = nvml.gpu_memory()
+        gpu = nvml.gpu_name() or "unknown GPU"
+        datasheet = match_profile(gpu)  # peak FLOP/s and bandwidth: the dispatcher's prior
         return EngineCapacity(
-            gpu=nvml.gpu_name() or "unknown GPU",
+            gpu=gpu,
             model=self.served_model_name,
             kv_capacity_tokens=int(kv_tokens),
             kv_bytes_per_token=self._kv_bytes_per_token(config),
             max_num_seqs=int(config.scheduler_config.max_num_seqs),
             max_model_len=int(config.model_config.max_model_len),
             total_vram_bytes=memory[1] if memory else 0,
+            weight_bytes=weight_bytes(self._config),
+            peak_flops=datasheet.peak_flops if datasheet else 0.0,
+            mem_bandwidth=datasheet.mem_bandwidth_bytes_s if datasheet else 0.0,
         )
 
     def _kv_bytes_per_token(self, config: Any) -> int:

@@ -181,6 +181,8 @@ class WorkerInfo(Strict):
     max_model_len: int = Field(ge=1)
     total_vram_bytes: int = 0
     weight_bytes: int = 0  # model weights in GPU memory (0: unknown)
+    peak_flops: float = Field(default=0.0, ge=0)  # the GPU's dense bf16 FLOP/s per its datasheet (0: unknown)
+    mem_bandwidth: float = Field(default=0.0, ge=0)  # its memory bandwidth, bytes/s (0: unknown)
     time_scale: float = 1.0  # simulated engines: simulated seconds per wall second
     host: str = ""
     pid: int = 0

@@ -120,6 +120,8 @@ class SimEngine(Engine):
             total_vram_bytes=self.profile.vram_bytes,
             time_scale=self.time_scale,
             weight_bytes=self.shape.weight_bytes,
+            peak_flops=self.profile.peak_flops,
+            mem_bandwidth=self.profile.mem_bandwidth_bytes_s,
         )
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:

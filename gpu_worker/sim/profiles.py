@@ -120,6 +120,21 @@ def get_profile(name: str) -> GpuProfile:
     return _lookup("GPU profile", name, GPU_PROFILES, GPU_ALIASES)
 
 
+def match_profile(device_name: str) -> GpuProfile | None:
+    """Return the profile of a GPU named as the driver names it ("NVIDIA H100 80GB HBM3"), or None.
+
+    The first profile whose family ("H100", "A100", "L4", ...) is a word of the name wins; for
+    the A100 the memory size in the name picks the 40 GB or 80 GB card.
+    """
+    words = device_name.upper().replace("-", " ").split()
+    for profile in GPU_PROFILES.values():
+        family, _, memory = profile.name.upper().partition("-")
+        if family in words and (not memory or memory in words or memory.replace("GB", "") in words
+                                or family != "A100"):
+            return profile
+    return None
+
+
 def get_model(name: str) -> ModelShape:
     """Return the model shape called ``name``."""
     return _lookup("model", name, MODEL_SHAPES, MODEL_ALIASES)

@@ -74,6 +74,8 @@ def replay(
     seed: int = typer.Option(0),
     out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
     name: str = typer.Option(None, help="result file stem (default replay-<trace>)"),
+    virtual: bool = typer.Option(False, "--virtual", help="simulated time in one process: the same routing code "
+                                 "and GPU models without Redis or processes (seconds per run; for policy work)"),
     as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
     """Replay a trace through the whole system for every policy and load; compare latency and SLOs."""
@@ -84,7 +86,8 @@ def replay(
                           drain_wall_s=drain_wall_s,
                           max_requests=max_requests, arrivals=arrivals, predictor=_predictor(predictor),
                           deadlines=deadlines,
-                          capacity="calibrate" if calibrate else capacity, seed=seed, out_dir=out, name=name)
+                          capacity="calibrate" if calibrate else capacity, seed=seed, out_dir=out, name=name,
+                          virtual=virtual)
     try:
         summary = run_replay(config)
     except (ValueError, RuntimeError, TimeoutError) as exc:

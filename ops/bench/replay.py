@@ -19,6 +19,8 @@ from ops.bench.calibrate import measure_capacity
 from ops.bench.cluster_run import DEFAULT_PREDICTOR, RunConfig, run_trace
 from ops.bench.metrics import gpu_shares, latency_cdf, summarize_run
 from ops.bench.peer_run import parse_peer, run_peer
+from ops.bench.virtual import record as virtual_record
+from ops.bench.virtual import replay_virtual
 from ops.bench.workload import (
     TRACE_ARRIVALS,
     at_rate,
@@ -73,6 +75,7 @@ class ReplayConfig:
     out_dir: Path | None = None
     name: str | None = None  # result file stem; default replay-<trace>
     benchmark: str = "replay"
+    virtual: bool = False  # simulated time in one process (ops.bench.virtual), no Redis, no processes
 
 
 @dataclass
@@ -101,6 +104,8 @@ def validate(config: ReplayConfig) -> None:
         parse_peer(peer, gpus)
     if not config.policies and not config.peers:
         raise ValueError("nothing to run: give --policies or --peers")
+    if config.virtual and config.peers:
+        raise ValueError("--virtual runs DIO's policies only; peers need the HTTP servers of a full replay")
 
 
 def plan(config: ReplayConfig, redis_url: str, progress: Any = None) -> Plan:
@@ -158,9 +163,17 @@ def run_grid(config: ReplayConfig, the_plan: Plan, redis_url: str) -> tuple[dict
             trace, deadlines = offered(the_plan, load, config.duration_s)
             for policy in config.policies:
                 bar.update(overall, description=f"{trace_name(config.trace)} {policy} @ {load:g}")
-                run = _run_config(config, policy, the_plan.time_scale, the_plan.drain_wall_s)
-                record = run_trace(redis_url, run, trace, deadlines if config.deadlines else None, bar)
-                figures = summarize_run(record, deadlines, the_plan.time_scale)
+                sent = deadlines if config.deadlines else None
+                if config.virtual:
+                    outcomes, cluster = replay_virtual(trace, config.cluster, config.model, policy, sent,
+                                                       predictor=config.predictor or DEFAULT_PREDICTOR,
+                                                       seed=config.seed, max_wait_s=config.max_wait_s)
+                    record = virtual_record(cluster, outcomes, trace)
+                    figures = summarize_run(record, deadlines, 1.0)
+                else:
+                    run = _run_config(config, policy, the_plan.time_scale, the_plan.drain_wall_s)
+                    record = run_trace(redis_url, run, trace, sent, bar)
+                    figures = summarize_run(record, deadlines, the_plan.time_scale)
                 figures["offered_rps"] = round(load * the_plan.capacity_rps, 3)
                 figures["offered_span_s"] = round(span_s(trace), 2)
                 runs[policy][f"{load:g}"] = figures
@@ -227,7 +240,8 @@ def run_benchmark(config: ReplayConfig, extra: Callable[[dict], dict] | None = N
         panels: what to plot against load (``plots.load_lines``); None: p99 and SLO attainment.
     """
     validate(config)
-    name = config.name or f"{config.benchmark}-{trace_name(config.trace)}"
+    kind = "virtual-" if config.virtual else ""
+    name = config.name or f"{config.benchmark}-{kind}{trace_name(config.trace)}"
     with ensure_redis(CommonSettings().redis_url) as server:
         with report.progress() as bar:
             the_plan = plan(config, server.url, bar)
@@ -269,11 +283,11 @@ def result_figures(config: ReplayConfig, the_plan: Plan, runs: dict[str, dict[st
         "model": config.model,
         "loads": config.loads, "policies": config.policies, "peers": config.peers, "predictor": config.predictor,
         "slo_k": config.slo_k,
-        "deadlines_sent": config.deadlines, "max_wait_s": config.max_wait_s,
+        "deadlines_sent": config.deadlines, "max_wait_s": config.max_wait_s, "virtual": config.virtual,
         "capacity": {**the_plan.capacity, "used_rps": round(the_plan.capacity_rps, 3),
                      "meaning": CAPACITY_SOURCES[config.capacity]},
         "time_scale": the_plan.time_scale, "drain_wall_s": round(the_plan.drain_wall_s, 1),
-        "latency_unit": "simulated ms (wall ms x time_scale)",
+        "latency_unit": "simulated ms" + ("" if config.virtual else " (wall ms x time_scale)"),
         "trace_stats": {k: v for k, v in stats.__dict__.items() if k not in ("duration_s", "mean_rps")},
         "headline": headline(runs),
         "runs": runs,

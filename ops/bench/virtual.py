@@ -17,12 +17,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from dispatcher.cluster import Cluster
 from dispatcher.policies import make_policy
+from dispatcher.scheduling import Decision
 from dispatcher.scheduling import Scheduler as Policy
 from gpu_worker.engine import RequestRejected
-from gpu_worker.sim.profiles import get_model, get_profile
+from gpu_worker.sim.engine import SimEngine
 from gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
+from ops.bench.cluster_run import RunRecord
 from ops.bench.openloop import LOST, Outcome
 from ops.local_cluster import parse_workers
 from ops.traces import Trace
@@ -44,24 +48,25 @@ class VirtualCluster:
 
     def __init__(self, cluster: str, model: str, policy: str, predictor: str = "vector", seed: int = 0,
                  max_wait_s: float = 60.0, **policy_options: object) -> None:
-        shape = get_model(model)
         self.model = model
         self.gpus: list[Scheduler] = []
         self.ids: list[str] = []
+        self.profiles: list[str] = []  # the GPU profile name of each worker, as --cluster spells it
         self.cluster = Cluster(predictor_kind=predictor)
         self.policy: Policy = make_policy(policy, seed=seed, **policy_options)
         self.max_wait_s = max_wait_s
+        self.errors: dict[str, list[float]] = {}  # |prediction error| (ms) per worker
+        self.last_event_s = 0.0
         for spec in parse_workers(cluster):
             for n in range(1, spec.count + 1):
-                gpu = Scheduler(get_profile(spec.profile), shape)
+                engine = SimEngine(spec.profile, model)  # not started: its scheduler is driven here
                 worker_id = f"{spec.profile}-{n}"
-                info = WorkerInfo(id=worker_id, engine="sim", model=model, gpu=gpu.gpu.name,
-                                  kv_capacity_tokens=gpu.kv_capacity, kv_bytes_per_token=shape.kv_bytes_per_token,
-                                  max_num_seqs=gpu.max_num_seqs, max_model_len=gpu.max_model_len,
-                                  total_vram_bytes=gpu.gpu.vram_bytes, weight_bytes=shape.weight_bytes)
+                cap = engine.capacity()
+                info = WorkerInfo(id=worker_id, engine="sim", **{k: v for k, v in cap.__dict__.items()})
                 self.cluster.upsert(info)
-                self.gpus.append(gpu)
+                self.gpus.append(engine.scheduler)
                 self.ids.append(worker_id)
+                self.profiles.append(spec.profile)
 
     def run(self, trace: Trace, deadlines_ms: list[float] | None = None) -> list[Outcome]:
         """Replay ``trace`` (arrivals in simulated s); return one outcome per request, in trace order."""
@@ -79,7 +84,7 @@ class VirtualCluster:
                 # Only backlog left and nothing running: route once more, then give up on the rest.
                 self._route(backlog, jobs, outcomes, now, t0, final=True)
                 break
-            now = min(candidates)
+            now = self.last_event_s = min(candidates)
             for row, gpu in enumerate(self.gpus):
                 for event in gpu.advance_to(now):
                     self._on_event(row, event, jobs, outcomes)
@@ -116,7 +121,7 @@ class VirtualCluster:
             decision = self.policy.decide(job.request, self.cluster, t0 + now)
             if decision.row is not None:
                 waits = 0
-                self._dispatch(job, decision.row, decision.ceiling, jobs, outcomes, now)
+                self._dispatch(job, decision, jobs, outcomes, now)
             elif decision.reject or final:
                 outcomes[job.index] = Outcome(status="rejected", reason=decision.reason,
                                               retry_after_s=decision.retry_after_s)
@@ -131,16 +136,16 @@ class VirtualCluster:
         deadline = job.request.deadline_ms
         return deadline / 1000.0 if deadline is not None else self.max_wait_s
 
-    def _dispatch(self, job: _Job, row: int, ceiling: float, jobs: dict[str, _Job], outcomes: list,
-                  now: float) -> None:
-        request = job.request
+    def _dispatch(self, job: _Job, decision: Decision, jobs: dict[str, _Job], outcomes: list, now: float) -> None:
+        request, row = job.request, decision.row
+        assert row is not None
         try:
             self.gpus[row].add(SimRequest(request.id, request.prompt_tokens, request.max_tokens,
                                           prefix_hashes=request.prefix_hashes), now)
         except RequestRejected as exc:  # the worker refuses it, as vLLM would (too long)
             outcomes[job.index] = Outcome(status="rejected", worker=self.ids[row], reason=str(exc))
             return
-        self.cluster.reserve(row, request.id, request.kv_tokens, ceiling)
+        self.cluster.reserve(row, request.id, request.kv_tokens, decision.ceiling, decision.prompt_tokens)
         self.cluster.prefix.record(request.prefix_hashes, self.ids[row])
         job.worker, job.started = row, now
         jobs[request.id] = job
@@ -153,24 +158,35 @@ class VirtualCluster:
             job.first_token = event.time
             return
         del jobs[event.request_id]
-        load = self.cluster.release(row, event.request_id)
+        held = self.cluster.release(row, event.request_id)
         worker = self.ids[row]
         if event.kind is EventKind.failed:
             outcomes[job.index] = Outcome(status="failed", worker=worker, reason=event.error)
             return
         service_ms = (event.time - job.started) * 1000.0
         computed = max(job.request.prompt_tokens - event.cached_tokens, 1)
-        self.cluster.learn(row, computed, event.output_tokens, service_ms,
-                           load if load is not None else 0.0)
+        load, backlog = (held.load, held.backlog) if held else (0.0, 0.0)
+        error = self.cluster.learn(row, computed, event.output_tokens, service_ms, load, backlog)
+        self.errors.setdefault(worker, []).append(abs(error))
         ttft = None if job.first_token is None else (job.first_token - job.arrival) * 1000.0
         outcomes[job.index] = Outcome(status="completed", worker=worker, latency_ms=(event.time - job.arrival) * 1000.0,
                                       ttft_ms=ttft, output_tokens=event.output_tokens)
 
 
+def record(virtual: VirtualCluster, outcomes: list[Outcome], trace: Trace) -> RunRecord:
+    """The run as ``ops.bench.metrics.summarize_run`` reads it (simulated seconds, time scale 1)."""
+    seen = virtual.cluster.predictor.seen
+    predictors = {wid: {"error_p50_ms": float(np.median(virtual.errors[wid])) if virtual.errors.get(wid) else None,
+                        "seen": int(seen[row])} for row, wid in enumerate(virtual.ids)}
+    return RunRecord(outcomes=outcomes, wall_s=max(virtual.last_event_s - trace[0].arrival_s, 1e-9),
+                     predictors=predictors, worker_gpus=dict(zip(virtual.ids, virtual.profiles, strict=True)))
+
+
 def replay_virtual(trace: Trace, cluster: str, model: str, policy: str, deadlines_ms: list[float] | None = None,
-                   predictor: str = "vector", seed: int = 0, **policy_options: object,
+                   predictor: str = "vector", seed: int = 0, max_wait_s: float = 60.0, **policy_options: object,
                    ) -> tuple[list[Outcome], VirtualCluster]:
     """Replay ``trace`` on a fresh virtual cluster with ``policy``; return outcomes and the cluster."""
-    virtual = VirtualCluster(cluster, model, policy, predictor=predictor, seed=seed, **policy_options)
+    virtual = VirtualCluster(cluster, model, policy, predictor=predictor, seed=seed, max_wait_s=max_wait_s,
+                             **policy_options)
     return virtual.run(trace, deadlines_ms), virtual
 
