@@ -200,7 +200,8 @@ class VectorNLMS(Predictor):
 
     def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0,
                  backlog: float = 0.0) -> np.ndarray:
-        return np.array([prompt_tokens / 1000.0, output_tokens / 100.0 * (1.0 + load), 1.0, backlog * (1.0 + output_tokens / 100.0)])
+        per_token = output_tokens / 100.0
+        return np.array([prompt_tokens / 1000.0, per_token * (1.0 + load), 1.0, backlog * (1.0 + per_token)])
 
     def load_sensitivity(self, output_tokens: float) -> np.ndarray:
         # ŷ = w0·P/1000 + w1·O/100·(1 + ℓ) + w2, so ∂ŷ/∂ℓ = w1·O/100 (never negative: more load is never faster).
