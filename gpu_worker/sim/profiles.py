@@ -22,6 +22,7 @@ class GpuProfile:
     compute_efficiency: float = 0.5  # fraction of peak FLOP/s a prefill reaches (MFU)
     bandwidth_efficiency: float = 0.8  # fraction of peak bandwidth a decode step reaches
     step_overhead_s: float = 0.001  # per engine step: scheduling, sampling, kernel launches
+    seq_overhead_s: float = 0.0  # per decoding sequence per step: the host's sampling and output work
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ def step_time_s(
         attention_pairs = max(0, kv_tokens_read - prefill_tokens) + prefill_tokens * (prefill_tokens + 1) / 2
     flops = 2.0 * model.params * tokens + model.attention_flops_per_pair * attention_pairs
     memory = model.weight_bytes + kv_tokens_read * model.kv_bytes_per_token
-    return gpu.step_overhead_s + max(flops / _compute_rate(gpu), memory / _memory_rate(gpu))
+    overhead = gpu.step_overhead_s + gpu.seq_overhead_s * decode_seqs
+    return overhead + max(flops / _compute_rate(gpu), memory / _memory_rate(gpu))
 
 
 def _decode_lines(
@@ -133,7 +134,8 @@ def decode_steps_time_s(gpu: GpuProfile, model: ModelShape, batch: int, kv_token
     """
     if steps <= 0 or batch <= 0:
         return 0.0
-    return steps * gpu.step_overhead_s + _sum_max_linear(*_decode_lines(gpu, model, batch, kv_tokens_first), steps)
+    overhead = steps * (gpu.step_overhead_s + gpu.seq_overhead_s * batch)
+    return overhead + _sum_max_linear(*_decode_lines(gpu, model, batch, kv_tokens_first), steps)
 
 
 def decode_steps_started(

@@ -7,10 +7,10 @@ simulator's time for it is ``gpu_worker.sim.roofline.prefill_time_s`` / ``step_t
 fitted numbers plug straight into ``GpuProfile``.
 
 The fit searches ``compute_efficiency`` and ``bandwidth_efficiency`` on a log grid (then a finer
-one around the best) and, for each pair, the ``step_overhead_s`` that minimises the largest
-relative error (a convex function of the overhead: ternary search). The objective is the largest
-relative error over every point of every model, since that is what "within 15% across the grid"
-asks.
+one around the best) and, for each pair, the ``step_overhead_s`` and ``seq_overhead_s`` (host work
+per decoding sequence per step) that minimise the largest relative error — a convex function of
+the two overheads, so nested ternary searches find them. The objective is the largest relative
+error over every point of every model, since that is what "within 15% across the grid" asks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from gpu_worker.sim.roofline import prefill_time_s, step_time_s
 
 COARSE = 36  # grid points per efficiency in the first pass
 FINE = 25  # and around the best pair
-TERNARY_STEPS = 60
+TERNARY_STEPS = 40
 COMPUTE_RANGE = (0.02, 1.0)
 BANDWIDTH_RANGE = (0.05, 1.0)
 
@@ -48,6 +48,11 @@ class Point:
         """Engine steps in the simulated time (each pays the step overhead once)."""
         return math.ceil(self.x / self.max_batched_tokens) if self.kind == "prefill" else 1
 
+    @property
+    def seqs(self) -> int:
+        """Decoding sequences in the simulated time's steps (each pays the per-sequence overhead)."""
+        return 0 if self.kind == "prefill" else self.x
+
 
 def simulate(gpu: GpuProfile, point: Point, shape: ModelShape | None = None) -> float:
     """Return the simulator's time for a point, in seconds."""
@@ -67,37 +72,54 @@ def relative_errors(gpu: GpuProfile, points: list[Point]) -> np.ndarray:
 
 def _base_times(gpu: GpuProfile, points: list[Point], compute: float, bandwidth: float) -> np.ndarray:
     """Simulated times without the step overhead."""
-    bare = replace(gpu, compute_efficiency=compute, bandwidth_efficiency=bandwidth, step_overhead_s=0.0)
+    bare = replace(gpu, compute_efficiency=compute, bandwidth_efficiency=bandwidth, step_overhead_s=0.0,
+                   seq_overhead_s=0.0)
     return np.array([simulate(bare, p) for p in points])
 
 
-def _best_overhead(base: np.ndarray, steps: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
-    """Return (overhead, max relative error) minimising the max relative error; overhead >= 0."""
-
-    def worst(overhead: float) -> float:
-        return float(np.max(np.abs((base + steps * overhead) / measured - 1.0)))
-
-    lo, hi = 0.0, float(measured.max())
+def _ternary(f, lo: float, hi: float) -> tuple[float, float]:
+    """Return (x, f(x)) at the minimum of a convex ``f`` on [lo, hi]."""
     for _ in range(TERNARY_STEPS):
         a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
-        if worst(a) <= worst(b):
+        if f(a) <= f(b):
             hi = b
         else:
             lo = a
-    overhead = (lo + hi) / 2
-    return overhead, worst(overhead)
+    x = (lo + hi) / 2
+    return x, f(x)
+
+
+def _best_overheads(base: np.ndarray, steps: np.ndarray, seqs: np.ndarray,
+                    measured: np.ndarray) -> tuple[float, float, float]:
+    """Return (step overhead, per-sequence overhead, max relative error) at its minimum; both >= 0."""
+
+    def worst(step: float, seq: float) -> float:
+        return float(np.max(np.abs((base + steps * step + seqs * seq) / measured - 1.0)))
+
+    seq_hi = float(measured.max() / max(seqs.max(), 1))
+    if not seqs.any():
+        seq_hi = 0.0
+
+    def best_for(step: float) -> float:
+        return _ternary(lambda seq: worst(step, seq), 0.0, seq_hi)[1]
+
+    step, _ = _ternary(best_for, 0.0, float(measured.max()))
+    seq, error = _ternary(lambda s: worst(step, s), 0.0, seq_hi)
+    return step, seq, error
 
 
 def _search(gpu: GpuProfile, points: list[Point], computes: np.ndarray, bandwidths: np.ndarray) -> dict[str, float]:
     measured = np.array([p.measured_s for p in points])
     steps = np.array([p.steps for p in points], dtype=float)
+    seqs = np.array([p.seqs for p in points], dtype=float)
     best = {"max": math.inf}
     for compute in computes:
         for bandwidth in bandwidths:
             base = _base_times(gpu, points, float(compute), float(bandwidth))
-            overhead, worst = _best_overhead(base, steps, measured)
+            overhead, seq_overhead, worst = _best_overheads(base, steps, seqs, measured)
             if worst < best["max"]:
-                best = {"max": worst, "compute": float(compute), "bandwidth": float(bandwidth), "overhead": overhead}
+                best = {"max": worst, "compute": float(compute), "bandwidth": float(bandwidth), "overhead": overhead,
+                        "seq_overhead": seq_overhead}
     return best
 
 
@@ -111,7 +133,7 @@ def fit_profile(gpu: GpuProfile, points: list[Point]) -> GpuProfile:
     bandwidths = np.geomspace(best["bandwidth"] / ratio, min(best["bandwidth"] * ratio, 1.0), FINE)
     best = _search(gpu, points, computes, bandwidths)
     return replace(gpu, compute_efficiency=round(best["compute"], 4), bandwidth_efficiency=round(best["bandwidth"], 4),
-                   step_overhead_s=round(best["overhead"], 6))
+                   step_overhead_s=round(best["overhead"], 6), seq_overhead_s=round(best["seq_overhead"], 8))
 
 
 def error_summary(errors: np.ndarray) -> dict[str, float]:
@@ -136,6 +158,7 @@ def scaled_profiles(fitted: GpuProfile, reference: GpuProfile) -> dict[str, dict
             bandwidth_efficiency=round(profile.bandwidth_efficiency * fitted.bandwidth_efficiency
                                        / reference.bandwidth_efficiency, 4),
             step_overhead_s=round(profile.step_overhead_s * fitted.step_overhead_s / reference.step_overhead_s, 6),
+            seq_overhead_s=fitted.seq_overhead_s,  # host work: the same CPU drives every card
         )
         out[name] = {k: v for k, v in asdict(scaled).items() if k != "name"}
     return out
@@ -150,7 +173,7 @@ def calibrate(points: list[Point], gpu_name: str = "H100-80GB") -> dict[str, Any
              "sim_before_ms": round(simulate(stock, p) * 1000, 3), "sim_after_ms": round(simulate(fitted, p) * 1000, 3),
              "error_before": round(float(b), 4), "error_after": round(float(a), 4)}
             for p, b, a in zip(points, before, after, strict=True)]
-    fields = ("compute_efficiency", "bandwidth_efficiency", "step_overhead_s")
+    fields = ("compute_efficiency", "bandwidth_efficiency", "step_overhead_s", "seq_overhead_s")
     return {
         "profile": gpu_name,
         "stock": {f: getattr(stock, f) for f in fields},

@@ -30,7 +30,7 @@ from typing import Any
 from gpu_worker.engine import EngineRequest
 from gpu_worker.engines import standin_backend
 from gpu_worker.vllm_engine import VllmEngine, read_model_config, resolve_model
-from ops.gpu.scenarios import prompt_ids
+from ops.gpu.scenarios import eager_from_env, prompt_ids
 
 WARMUP = (8, 64, 16)  # requests, prompt tokens, new tokens
 
@@ -38,6 +38,7 @@ WARMUP = (8, 64, 16)  # requests, prompt tokens, new tokens
 def make_engine(job: dict[str, Any]) -> VllmEngine:
     """Build the job's engine: the real vLLM, or the CPU stand-in for dry runs."""
     options = dict(job["engine"])
+    options.setdefault("enforce_eager", eager_from_env())
     backend = None
     if job.get("standin_step_s"):
         backend = standin_backend(job["standin_step_s"], options["gpu_memory_utilization"])

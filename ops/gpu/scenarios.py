@@ -146,6 +146,11 @@ def wait_gpu_released(baseline_free: int | None, timeout_s: float = 60.0) -> flo
     return None
 
 
+def eager_from_env() -> bool:
+    """Whether engines run eager (no CUDA graphs): DIO_ENFORCE_EAGER, as the worker reads it (default yes)."""
+    return os.environ.get("DIO_ENFORCE_EAGER", "true").strip().lower() not in ("0", "false", "no", "off")
+
+
 def engine_job(job: dict[str, Any], work_dir: Path, name: str, timeout_s: float,
                env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one ``ops.gpu.direct`` job in a child process; return its result (raises if it failed)."""
