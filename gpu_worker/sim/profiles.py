@@ -23,6 +23,7 @@ class GpuProfile:
     bandwidth_efficiency: float = 0.8  # fraction of peak bandwidth a decode step reaches
     step_overhead_s: float = 0.001  # per engine step: scheduling, sampling, kernel launches
     seq_overhead_s: float = 0.0  # per decoding sequence per step: the host's sampling and output work
+    prefill_overhead_s: float = 0.0  # extra for a step that computes prompt tokens (no full CUDA graph)
 
 
 @dataclass(frozen=True)

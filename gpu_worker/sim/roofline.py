@@ -88,6 +88,8 @@ def step_time_s(
     flops = 2.0 * model.params * tokens + model.attention_flops_per_pair * attention_pairs
     memory = model.weight_bytes + kv_tokens_read * model.kv_bytes_per_token
     overhead = gpu.step_overhead_s + gpu.seq_overhead_s * decode_seqs
+    if prefill_tokens > 0:
+        overhead += gpu.prefill_overhead_s
     return overhead + max(flops / _compute_rate(gpu), memory / _memory_rate(gpu))
 
 

@@ -6,17 +6,21 @@ chunked by the engine's token budget) or one decode step of a batch of equal req
 simulator's time for it is ``gpu_worker.sim.roofline.prefill_time_s`` / ``step_time_s``, so the
 fitted numbers plug straight into ``GpuProfile``.
 
-The fit searches ``compute_efficiency`` and ``bandwidth_efficiency`` on a log grid (then a finer
-one around the best) and, for each pair, the ``step_overhead_s`` and ``seq_overhead_s`` (host work
-per decoding sequence per step) that minimise the largest relative error — a convex function of
-the two overheads, so nested ternary searches find them. The objective is the largest relative
-error over every point of every model, since that is what "within 15% across the grid" asks.
+The fit searches ``compute_efficiency`` and ``bandwidth_efficiency`` on a log grid and, for each
+pair, three host overheads on a grid (numpy, all at once): ``step_overhead_s`` (every step),
+``seq_overhead_s`` (per decoding sequence per step: sampling, output processing) and
+``prefill_overhead_s`` (a step that computes prompt tokens: no full CUDA graph, new requests'
+metadata); then zooms in around the best three times. The objective is the largest relative error
+over every point of every model, since that is what "within 15% across the grid" asks.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +30,8 @@ from gpu_worker.sim.roofline import prefill_time_s, step_time_s
 
 COARSE = 36  # grid points per efficiency in the first pass
 FINE = 25  # and around the best pair
-TERNARY_STEPS = 40
+OVERHEAD_STEPS = 13  # values per overhead in one grid pass
+REFINEMENTS = 3
 COMPUTE_RANGE = (0.02, 1.0)
 BANDWIDTH_RANGE = (0.05, 1.0)
 
@@ -54,6 +59,19 @@ class Point:
         return 0 if self.kind == "prefill" else self.x
 
 
+CALIBRATION_DECODE = (128, 64)  # prompt tokens, new tokens of each sequence of a measured decode batch
+
+
+def measured_points(model: str, measured: dict[str, Any], batched_tokens: int) -> list[Point]:
+    """The points of one model's measurements (``ops.gpu.direct``'s calibration result)."""
+    prompt, new = CALIBRATION_DECODE
+    points = [Point(model, "prefill", p["prompt_tokens"], p["ttft_median_ms"] / 1000.0, batched_tokens)
+              for p in measured["prefill"] if p["ttft_median_ms"]]
+    points += [Point(model, "decode", d["batch"], d["step_median_ms"] / 1000.0, batched_tokens, prompt, new)
+               for d in measured["decode"] if d["step_median_ms"]]
+    return points
+
+
 def simulate(gpu: GpuProfile, point: Point, shape: ModelShape | None = None) -> float:
     """Return the simulator's time for a point, in seconds."""
     shape = shape or get_model(point.model)
@@ -71,69 +89,60 @@ def relative_errors(gpu: GpuProfile, points: list[Point]) -> np.ndarray:
 
 
 def _base_times(gpu: GpuProfile, points: list[Point], compute: float, bandwidth: float) -> np.ndarray:
-    """Simulated times without the step overhead."""
+    """Simulated times without any overhead."""
     bare = replace(gpu, compute_efficiency=compute, bandwidth_efficiency=bandwidth, step_overhead_s=0.0,
-                   seq_overhead_s=0.0)
+                   seq_overhead_s=0.0, prefill_overhead_s=0.0)
     return np.array([simulate(bare, p) for p in points])
 
 
-def _ternary(f, lo: float, hi: float) -> tuple[float, float]:
-    """Return (x, f(x)) at the minimum of a convex ``f`` on [lo, hi]."""
-    for _ in range(TERNARY_STEPS):
-        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
-        if f(a) <= f(b):
-            hi = b
-        else:
-            lo = a
-    x = (lo + hi) / 2
-    return x, f(x)
+def _overhead_grid(spans: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """Every combination of OVERHEAD_STEPS values in each (lo, hi) span: shape (combinations, 3)."""
+    axes = [np.linspace(max(lo, 0.0), hi, OVERHEAD_STEPS) for lo, hi in spans]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(spans))
 
 
-def _best_overheads(base: np.ndarray, steps: np.ndarray, seqs: np.ndarray,
-                    measured: np.ndarray) -> tuple[float, float, float]:
-    """Return (step overhead, per-sequence overhead, max relative error) at its minimum; both >= 0."""
-
-    def worst(step: float, seq: float) -> float:
-        return float(np.max(np.abs((base + steps * step + seqs * seq) / measured - 1.0)))
-
-    seq_hi = float(measured.max() / max(seqs.max(), 1))
-    if not seqs.any():
-        seq_hi = 0.0
-
-    def best_for(step: float) -> float:
-        return _ternary(lambda seq: worst(step, seq), 0.0, seq_hi)[1]
-
-    step, _ = _ternary(best_for, 0.0, float(measured.max()))
-    seq, error = _ternary(lambda s: worst(step, s), 0.0, seq_hi)
-    return step, seq, error
+def _best_overheads(base: np.ndarray, counts: np.ndarray, measured: np.ndarray,
+                    spans: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, float]:
+    """The (step, per-sequence, prefill) overheads on the grid with the lowest max relative error."""
+    grid = _overhead_grid(spans)
+    simulated = base[None, :] + grid @ counts  # (combinations, points)
+    worst = np.max(np.abs(simulated / measured[None, :] - 1.0), axis=1)
+    best = int(np.argmin(worst))
+    return grid[best], float(worst[best])
 
 
-def _search(gpu: GpuProfile, points: list[Point], computes: np.ndarray, bandwidths: np.ndarray) -> dict[str, float]:
+def _search(gpu: GpuProfile, points: list[Point], computes: np.ndarray, bandwidths: np.ndarray,
+            spans: tuple[tuple[float, float], ...]) -> dict[str, Any]:
     measured = np.array([p.measured_s for p in points])
-    steps = np.array([p.steps for p in points], dtype=float)
-    seqs = np.array([p.seqs for p in points], dtype=float)
-    best = {"max": math.inf}
+    # How often each point pays each overhead: per step, per decoding sequence, per prefill step.
+    counts = np.array([[p.steps for p in points], [p.seqs for p in points],
+                       [p.steps if p.kind == "prefill" else 0 for p in points]], dtype=float)
+    best: dict[str, Any] = {"max": math.inf}
     for compute in computes:
         for bandwidth in bandwidths:
             base = _base_times(gpu, points, float(compute), float(bandwidth))
-            overhead, seq_overhead, worst = _best_overheads(base, steps, seqs, measured)
+            overheads, worst = _best_overheads(base, counts, measured, spans)
             if worst < best["max"]:
-                best = {"max": worst, "compute": float(compute), "bandwidth": float(bandwidth), "overhead": overhead,
-                        "seq_overhead": seq_overhead}
+                best = {"max": worst, "compute": float(compute), "bandwidth": float(bandwidth), "overheads": overheads}
     return best
 
 
 def fit_profile(gpu: GpuProfile, points: list[Point]) -> GpuProfile:
-    """Return ``gpu`` with compute/bandwidth efficiency and step overhead fitted to the points."""
-    computes = np.geomspace(*COMPUTE_RANGE, COARSE)
-    bandwidths = np.geomspace(*BANDWIDTH_RANGE, COARSE)
-    best = _search(gpu, points, computes, bandwidths)
+    """Return ``gpu`` with its efficiencies and overheads fitted to the points (lowest max relative error)."""
+    top = float(max(p.measured_s for p in points))
+    spans = ((0.0, top / 4), (0.0, top / 256), (0.0, top / 4))
+    best = _search(gpu, points, np.geomspace(*COMPUTE_RANGE, COARSE), np.geomspace(*BANDWIDTH_RANGE, COARSE), spans)
     ratio = (COMPUTE_RANGE[1] / COMPUTE_RANGE[0]) ** (2.0 / COARSE)  # two coarse steps either side
-    computes = np.geomspace(best["compute"] / ratio, min(best["compute"] * ratio, 1.0), FINE)
-    bandwidths = np.geomspace(best["bandwidth"] / ratio, min(best["bandwidth"] * ratio, 1.0), FINE)
-    best = _search(gpu, points, computes, bandwidths)
+    for _ in range(REFINEMENTS):  # zoom in: efficiencies two coarse steps around the best, overheads two steps
+        widths = [(hi - lo) * 2 / (OVERHEAD_STEPS - 1) for lo, hi in spans]
+        spans = tuple((v - w, v + w) for v, w in zip(best["overheads"], widths, strict=True))
+        computes = np.geomspace(best["compute"] / ratio, min(best["compute"] * ratio, 1.0), FINE)
+        bandwidths = np.geomspace(best["bandwidth"] / ratio, min(best["bandwidth"] * ratio, 1.0), FINE)
+        best = _search(gpu, points, computes, bandwidths, spans)
+        ratio = ratio ** 0.5
+    step, seq, prefill = (float(v) for v in best["overheads"])
     return replace(gpu, compute_efficiency=round(best["compute"], 4), bandwidth_efficiency=round(best["bandwidth"], 4),
-                   step_overhead_s=round(best["overhead"], 6), seq_overhead_s=round(best["seq_overhead"], 8))
+                   step_overhead_s=round(step, 6), seq_overhead_s=round(seq, 8), prefill_overhead_s=round(prefill, 6))
 
 
 def error_summary(errors: np.ndarray) -> dict[str, float]:
@@ -159,6 +168,7 @@ def scaled_profiles(fitted: GpuProfile, reference: GpuProfile) -> dict[str, dict
                                        / reference.bandwidth_efficiency, 4),
             step_overhead_s=round(profile.step_overhead_s * fitted.step_overhead_s / reference.step_overhead_s, 6),
             seq_overhead_s=fitted.seq_overhead_s,  # host work: the same CPU drives every card
+            prefill_overhead_s=fitted.prefill_overhead_s,
         )
         out[name] = {k: v for k, v in asdict(scaled).items() if k != "name"}
     return out
@@ -173,7 +183,7 @@ def calibrate(points: list[Point], gpu_name: str = "H100-80GB") -> dict[str, Any
              "sim_before_ms": round(simulate(stock, p) * 1000, 3), "sim_after_ms": round(simulate(fitted, p) * 1000, 3),
              "error_before": round(float(b), 4), "error_after": round(float(a), 4)}
             for p, b, a in zip(points, before, after, strict=True)]
-    fields = ("compute_efficiency", "bandwidth_efficiency", "step_overhead_s", "seq_overhead_s")
+    fields = ("compute_efficiency", "bandwidth_efficiency", "step_overhead_s", "seq_overhead_s", "prefill_overhead_s")
     return {
         "profile": gpu_name,
         "stock": {f: getattr(stock, f) for f in fields},
@@ -190,3 +200,31 @@ def calibrate(points: list[Point], gpu_name: str = "H100-80GB") -> dict[str, Any
             "enforce_eager=True (no CUDA graphs), so it holds for eager engines on a similar host CPU."
         ),
     }
+
+
+def refit(path: Path) -> dict[str, Any]:
+    """Fit again the measurements kept in a calibration result file; rewrite it (the device's fit kept)."""
+    result = json.loads(path.read_text())
+    points = []
+    for model, measured in result["models"].items():
+        if "error" not in measured:
+            batched = int(measured.get("engine_args", {}).get("max_num_batched_tokens") or 16384)
+            points += measured_points(model, measured, batched)
+    result.setdefault("fit_on_device", result.get("fit"))
+    fit = calibrate(points)
+    result.update({"fit": fit, "sim_error_max": fit["sim_error_max"],
+                   "headline": {k: fit[k] for k in ("fitted", "error_before", "error_after")}})
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ops.gpu.calibration FILE...``: refit calibration results here (no GPU needed)."""
+    for name in argv if argv is not None else sys.argv[1:]:
+        fit = refit(Path(name))["fit"]
+        print(f"{name}: fitted {fit['fitted']}, error {fit['error_before']['max']} -> {fit['error_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

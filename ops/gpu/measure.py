@@ -50,7 +50,7 @@ from gpu_worker import nvml
 from gpu_worker.engine import EngineOutput, EngineRequest, RequestRejected
 from gpu_worker.vllm_engine import VllmBackend, VllmEngine, read_model_config, resolve_model
 from ops.gpu import report
-from ops.gpu.calibration import Point, calibrate
+from ops.gpu.calibration import CALIBRATION_DECODE, Point, calibrate, measured_points
 from ops.gpu.predictors import evaluate
 from ops.gpu.scenarios import (
     GpuCluster,
@@ -669,7 +669,6 @@ def predictor_real(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- calibration ------------------------------------------------------------------------------------
 
-CALIBRATION_DECODE = (128, 64)  # prompt tokens, new tokens of each sequence of a decode batch
 
 
 def _calibrate_model(args: argparse.Namespace, model: str, max_model_len: int) -> dict[str, Any]:
@@ -689,15 +688,6 @@ def _calibrate_model(args: argparse.Namespace, model: str, max_model_len: int) -
         return engine_job(job, Path(args.out) / "work", f"calibration-{model}", CHILD_TIMEOUT_S, env)
     finally:
         wait_gpu_released(free)
-
-
-def _points(model: str, measured: dict[str, Any], batched_tokens: int) -> list[Point]:
-    prompt, new = CALIBRATION_DECODE
-    points = [Point(model, "prefill", p["prompt_tokens"], p["ttft_median_ms"] / 1000.0, batched_tokens)
-              for p in measured["prefill"] if p["ttft_median_ms"]]
-    points += [Point(model, "decode", d["batch"], d["step_median_ms"] / 1000.0, batched_tokens, prompt, new)
-               for d in measured["decode"] if d["step_median_ms"]]
-    return points
 
 
 @measurement
@@ -722,7 +712,7 @@ def calibration(args: argparse.Namespace) -> dict[str, Any]:
                 f"again at its own {native}")
             measured = _calibrate_model(args, model, native)
         result["models"][model] = measured
-        points += _points(model, measured, args.calib_batched_tokens)
+        points += measured_points(model, measured, args.calib_batched_tokens)
         _checkpoint(args, "calibration")
     if not points:
         raise RuntimeError("no model could be measured")
