@@ -21,6 +21,10 @@ class DispatcherSettings(CommonSettings):
     max_backlog: int = 100_000  # requests held waiting for capacity; beyond it new ones are shed
     max_wait_s: float = 60.0  # an interactive request without a deadline waits at most this long
     batch_age_s: float = 30.0  # a batch request waiting this long is served like an interactive one
+    # dio policy: reject (with retry-after) a request predicted to miss its deadline on every worker,
+    # instead of running it late; false: run it anyway, where it harms no other job's deadline.
+    shed_late: bool = True
+    shed_margin: float = Field(default=1.0, ge=1.0)  # shed when predicted > margin x the time left
     worker_refresh_s: float = 0.25
     persist_interval_s: float = 2.0
     reservation_sync_s: float = 5.0

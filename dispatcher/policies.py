@@ -16,7 +16,8 @@ def _common(prefetch: int) -> list:
     return [filters.ServesModel(), filters.Alive(), filters.QueueBound(prefetch)]
 
 
-def dio(prefetch: int = 2, seed: int | None = None, shed_late: bool = True, **_: object) -> Scheduler:
+def dio(prefetch: int = 2, seed: int | None = None, shed_late: bool = True, shed_margin: float = 1.0,
+        **_: object) -> Scheduler:
     """NLMS latency (net of prefix-cache hits) + interference + queue wait + KV headroom + deadlines.
 
     Under roofline admission. ``shed_late``: reject a request predicted to miss its deadline on
@@ -31,6 +32,7 @@ def dio(prefetch: int = 2, seed: int | None = None, shed_late: bool = True, **_:
                  (scorers.DeadlineFeasibility(), 1.0), (scorers.ProtectsDeadlines(), 1.0)],
         picker=pickers.MinCost(seed),
         shed_late=shed_late,
+        shed_margin=shed_margin,
     )
 
 

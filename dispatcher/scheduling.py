@@ -130,6 +130,9 @@ class Scheduler:
     # Reject a request whose predicted finish on the best worker is already past its deadline,
     # instead of running it late: its capacity goes to requests that can still make theirs.
     shed_late: bool = False
+    # With ``shed_late``: shed only when the best prediction exceeds the time left by this factor
+    # (above 1 gives a noisy predictor the benefit of the doubt on tight deadlines).
+    shed_margin: float = 1.0
 
     def decide(self, request: Request, cluster: Cluster, now: float) -> Decision:
         """Route one request: a worker row, wait, or reject with a reason."""
@@ -182,7 +185,7 @@ class Scheduler:
             return None  # nothing learned yet: no grounds to refuse
         best_ms = float(ask.predicted[warm].min())
         left_ms = (ask.deadline_at - now) * 1000.0
-        if best_ms <= left_ms:
+        if best_ms <= left_ms * self.shed_margin:
             return None
         return Decision(reason=f"cannot finish before its deadline: predicted {best_ms:.0f} ms on the best worker, "
                                f"{max(left_ms, 0):.0f} ms left", retry_after_s=round(best_ms / 1000.0, 3))

@@ -49,7 +49,8 @@ class Dispatcher:
         self.scripts = Scripts(self.redis, self.keys)
         self.name = settings.dispatcher_name
         self.cluster = Cluster(predictor_kind=settings.predictor)
-        self.policy = make_policy(settings.policy, prefetch=settings.prefetch, seed=settings.seed)
+        self.policy = make_policy(settings.policy, prefetch=settings.prefetch, seed=settings.seed,
+                                  shed_late=settings.shed_late, shed_margin=settings.shed_margin)
         self.backlog = Backlog(settings.batch_age_s)
         self.errors: dict[str, deque[float]] = {}
         self.stats = {"dispatched": 0, "rejected": 0, "deadlettered": 0, "completions": 0, "requeued": 0}
