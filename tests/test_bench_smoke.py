@@ -69,6 +69,26 @@ def test_replay(bench) -> None:
     assert "replay headline" in tables and "| replay-azure-conv | 0.8 |" in tables
 
 
+def test_virtual_replay_runs_every_policy_in_simulated_time(bench) -> None:
+    summary = bench("replay", "--trace", "azure-conv", "--cluster", "H100:1,A100-40GB:1,T4:1", "--load", "0.7",
+                    "--max-requests", "300", "--virtual")
+    assert set(summary["policies"]) == {"dio", "round-robin", "random", "least-loaded", "power-of-two", "queue-kv"}
+    data = _saved(bench.out, "replay-virtual-azure-conv")
+    assert data["virtual"] is True and data["latency_unit"] == "simulated ms"
+    for by_load in data["runs"].values():
+        for figures in by_load.values():
+            _adds_up(figures)
+            assert figures["submitted"] == 300 and figures["lost"] == 0
+    dio, rr = data["runs"]["dio"]["0.7"], data["runs"]["round-robin"]["0.7"]
+    assert dio["failed"] == 0 and dio["gpu_share"]["H100"] > rr["gpu_share"]["H100"]  # DIO favours the fast GPU
+
+
+def test_virtual_replay_refuses_peers() -> None:
+    result = CliRunner().invoke(app, ["bench", "replay", "--trace", "azure-conv", "--virtual",
+                                      "--peers", "vllm-router:round_robin"])
+    assert result.exit_code != 0 and "virtual" in result.output
+
+
 def test_replay_with_a_peer_router(bench) -> None:
     launcher = peer_command("vllm-router", "round_robin", ["http://127.0.0.1:1"], 1)[0]
     try:

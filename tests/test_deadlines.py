@@ -124,3 +124,26 @@ def test_weight_bytes_from_a_llama_config():
     config = read_model_config("gpu_worker/models/llama-3.1-8b")
     assert weight_bytes(config) == pytest.approx(16.06e9, rel=0.01)  # 8.03B parameters in bf16
     assert weight_bytes({}) == 0
+
+
+def test_dispatcher_settings_reach_the_policy(monkeypatch):
+    from dispatcher.config import DispatcherSettings
+    from dispatcher.service import Dispatcher
+
+    monkeypatch.setenv("DIO_SHED_LATE", "false")
+    monkeypatch.setenv("DIO_SHED_MARGIN", "1.5")
+    settings = DispatcherSettings()
+    import fakeredis
+
+    dispatcher = Dispatcher(settings, client=fakeredis.FakeRedis(decode_responses=True))
+    assert dispatcher.policy.shed_late is False and dispatcher.policy.shed_margin == 1.5
+
+
+def test_shed_margin_gives_the_prediction_room():
+    cluster = sim_cluster("H100")
+    request = ask(prompt=1000, max_tokens=200)
+    predicted = float(cluster.predictor.predict_all(1000, 200, cluster.load_with(1200), cluster.backlogs())[0])
+    tight = ask(deadline_ms=predicted / 1.2, prompt=1000, max_tokens=200)
+    assert make_policy("dio", seed=0).decide(tight, cluster, now=1000.0).reject
+    assert make_policy("dio", seed=0, shed_margin=1.5).decide(tight, cluster, now=1000.0).row == 0
+    assert make_policy("dio", seed=0).decide(request, cluster, now=1000.0).row == 0

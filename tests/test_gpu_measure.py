@@ -10,6 +10,7 @@ import pytest
 from gpu_worker.sim.profiles import GPU_PROFILES
 from ops.gpu import report
 from ops.gpu.calibration import Point, calibrate, simulate
+from ops.gpu.calibration import main as calibration_main
 from ops.gpu.predictors import completions_to, evaluate
 from ops.gpu.scenarios import MAX_OUTPUT_TOKENS, MAX_PROMPT_TOKENS, azure_conv, fit_linear, prompt_ids
 
@@ -47,6 +48,28 @@ def test_calibration_recovers_known_efficiencies():
     assert result["error_before"]["max"] > 0.3
     assert result["fitted"]["step_overhead_s"] == pytest.approx(0.005, rel=0.05)
     assert set(result["scaled_profiles"]) == set(GPU_PROFILES)
+
+
+@pytest.mark.slow
+def test_refit_recovers_host_overheads_from_a_saved_result(tmp_path):
+    """``python -m ops.gpu.calibration FILE`` fits the saved measurements again, overheads included."""
+    truth = replace(GPU_PROFILES["H100-80GB"], compute_efficiency=0.5, bandwidth_efficiency=0.9,
+                    step_overhead_s=0.0012, seq_overhead_s=20e-6, prefill_overhead_s=0.005)
+    models = {}
+    for model in ("tiny-llama-1b", "llama-3.2-3b"):
+        prefill = [{"prompt_tokens": p, "ttft_median_ms": 1000 * simulate(truth, Point(model, "prefill", p, 0.0, 16384))}
+                   for p in (128, 512, 2048, 8192)]
+        decode = [{"batch": b, "step_median_ms": 1000 * simulate(truth, Point(model, "decode", b, 0.0))}
+                  for b in (1, 8, 64, 256)]
+        models[model] = {"engine_args": {"max_num_batched_tokens": 16384}, "prefill": prefill, "decode": decode}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"models": models, "fit": {"on": "device"}}))
+    assert calibration_main([str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["fit_on_device"] == {"on": "device"}
+    assert saved["sim_error_max"] < 0.05
+    assert saved["fit"]["fitted"]["prefill_overhead_s"] == pytest.approx(0.005, rel=0.2)
+    assert saved["fit"]["fitted"]["seq_overhead_s"] == pytest.approx(20e-6, rel=0.3)
 
 
 def test_completions_to_threshold():

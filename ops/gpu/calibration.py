@@ -6,12 +6,14 @@ chunked by the engine's token budget) or one decode step of a batch of equal req
 simulator's time for it is ``gpu_worker.sim.roofline.prefill_time_s`` / ``step_time_s``, so the
 fitted numbers plug straight into ``GpuProfile``.
 
-The fit searches ``compute_efficiency`` and ``bandwidth_efficiency`` on a log grid and, for each
-pair, three host overheads on a grid (numpy, all at once): ``step_overhead_s`` (every step),
-``seq_overhead_s`` (per decoding sequence per step: sampling, output processing) and
-``prefill_overhead_s`` (a step that computes prompt tokens: no full CUDA graph, new requests'
-metadata); then zooms in around the best three times. The objective is the largest relative error
-over every point of every model, since that is what "within 15% across the grid" asks.
+The fit searches ``compute_efficiency`` and ``bandwidth_efficiency`` on a log grid, zooming in
+around the best pair three times; for each pair, three host overheads come from a least-squares
+fit of the relative errors (closed form): ``step_overhead_s`` (every step), ``seq_overhead_s``
+(per decoding sequence per step: sampling, output processing) and ``prefill_overhead_s`` (a step
+that computes prompt tokens: no full CUDA graph, new requests' metadata), then a small grid
+around them lowers the largest error. The pair kept is the one
+with the lowest largest relative error over every point of every model, since that is what
+"within 15% across the grid" asks.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from gpu_worker.sim.roofline import prefill_time_s, step_time_s
 
 COARSE = 36  # grid points per efficiency in the first pass
 FINE = 25  # and around the best pair
-OVERHEAD_STEPS = 13  # values per overhead in one grid pass
 REFINEMENTS = 3
+POLISH_STEPS = 15  # values per overhead around the least-squares fit
 COMPUTE_RANGE = (0.02, 1.0)
 BANDWIDTH_RANGE = (0.05, 1.0)
 
@@ -95,24 +97,37 @@ def _base_times(gpu: GpuProfile, points: list[Point], compute: float, bandwidth:
     return np.array([simulate(bare, p) for p in points])
 
 
-def _overhead_grid(spans: tuple[tuple[float, float], ...]) -> np.ndarray:
-    """Every combination of OVERHEAD_STEPS values in each (lo, hi) span: shape (combinations, 3)."""
-    axes = [np.linspace(max(lo, 0.0), hi, OVERHEAD_STEPS) for lo, hi in spans]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(spans))
+def _best_overheads(base: np.ndarray, counts: np.ndarray, measured: np.ndarray) -> tuple[np.ndarray, float]:
+    """The (step, per-sequence, prefill) overheads that fit best, and the max relative error they leave.
+
+    Least squares on the relative errors (each point weighted by 1/measured), solved in closed form;
+    an overhead that comes out negative is dropped and the rest fitted again, so all are >= 0.
+    """
+    keep = np.ones(len(counts), dtype=bool)
+    overheads = np.zeros(len(counts))
+    for _ in range(len(counts)):
+        a = (counts[keep] / measured).T
+        solution, *_ = np.linalg.lstsq(a, (measured - base) / measured, rcond=None)
+        overheads[:] = 0.0
+        overheads[keep] = solution
+        if (solution >= 0).all():
+            break
+        keep[np.flatnonzero(keep)[solution < 0]] = False
+    return _minimax_polish(base, counts, measured, np.maximum(overheads, 0.0))
 
 
-def _best_overheads(base: np.ndarray, counts: np.ndarray, measured: np.ndarray,
-                    spans: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, float]:
-    """The (step, per-sequence, prefill) overheads on the grid with the lowest max relative error."""
-    grid = _overhead_grid(spans)
-    simulated = base[None, :] + grid @ counts  # (combinations, points)
-    worst = np.max(np.abs(simulated / measured[None, :] - 1.0), axis=1)
+def _minimax_polish(base: np.ndarray, counts: np.ndarray, measured: np.ndarray,
+                    start: np.ndarray) -> tuple[np.ndarray, float]:
+    """Search a grid around the least-squares overheads (0.25x..2x each) for the lowest max relative error."""
+    factors = np.linspace(0.25, 2.0, POLISH_STEPS)
+    axes = [factors * v if v > 0 else np.zeros(1) for v in start]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(start))
+    worst = np.max(np.abs((base[None, :] + grid @ counts) / measured[None, :] - 1.0), axis=1)
     best = int(np.argmin(worst))
     return grid[best], float(worst[best])
 
 
-def _search(gpu: GpuProfile, points: list[Point], computes: np.ndarray, bandwidths: np.ndarray,
-            spans: tuple[tuple[float, float], ...]) -> dict[str, Any]:
+def _search(gpu: GpuProfile, points: list[Point], computes: np.ndarray, bandwidths: np.ndarray) -> dict[str, Any]:
     measured = np.array([p.measured_s for p in points])
     # How often each point pays each overhead: per step, per decoding sequence, per prefill step.
     counts = np.array([[p.steps for p in points], [p.seqs for p in points],
@@ -121,7 +136,7 @@ def _search(gpu: GpuProfile, points: list[Point], computes: np.ndarray, bandwidt
     for compute in computes:
         for bandwidth in bandwidths:
             base = _base_times(gpu, points, float(compute), float(bandwidth))
-            overheads, worst = _best_overheads(base, counts, measured, spans)
+            overheads, worst = _best_overheads(base, counts, measured)
             if worst < best["max"]:
                 best = {"max": worst, "compute": float(compute), "bandwidth": float(bandwidth), "overheads": overheads}
     return best
@@ -129,16 +144,12 @@ def _search(gpu: GpuProfile, points: list[Point], computes: np.ndarray, bandwidt
 
 def fit_profile(gpu: GpuProfile, points: list[Point]) -> GpuProfile:
     """Return ``gpu`` with its efficiencies and overheads fitted to the points (lowest max relative error)."""
-    top = float(max(p.measured_s for p in points))
-    spans = ((0.0, top / 4), (0.0, top / 256), (0.0, top / 4))
-    best = _search(gpu, points, np.geomspace(*COMPUTE_RANGE, COARSE), np.geomspace(*BANDWIDTH_RANGE, COARSE), spans)
+    best = _search(gpu, points, np.geomspace(*COMPUTE_RANGE, COARSE), np.geomspace(*BANDWIDTH_RANGE, COARSE))
     ratio = (COMPUTE_RANGE[1] / COMPUTE_RANGE[0]) ** (2.0 / COARSE)  # two coarse steps either side
-    for _ in range(REFINEMENTS):  # zoom in: efficiencies two coarse steps around the best, overheads two steps
-        widths = [(hi - lo) * 2 / (OVERHEAD_STEPS - 1) for lo, hi in spans]
-        spans = tuple((v - w, v + w) for v, w in zip(best["overheads"], widths, strict=True))
+    for _ in range(REFINEMENTS):  # zoom in around the best pair
         computes = np.geomspace(best["compute"] / ratio, min(best["compute"] * ratio, 1.0), FINE)
         bandwidths = np.geomspace(best["bandwidth"] / ratio, min(best["bandwidth"] * ratio, 1.0), FINE)
-        best = _search(gpu, points, computes, bandwidths, spans)
+        best = _search(gpu, points, computes, bandwidths)
         ratio = ratio ** 0.5
     step, seq, prefill = (float(v) for v in best["overheads"])
     return replace(gpu, compute_efficiency=round(best["compute"], 4), bandwidth_efficiency=round(best["bandwidth"], 4),
