@@ -57,7 +57,8 @@ def test_refit_recovers_host_overheads_from_a_saved_result(tmp_path):
                     step_overhead_s=0.0012, seq_overhead_s=20e-6, prefill_overhead_s=0.005)
     models = {}
     for model in ("tiny-llama-1b", "llama-3.2-3b"):
-        prefill = [{"prompt_tokens": p, "ttft_median_ms": 1000 * simulate(truth, Point(model, "prefill", p, 0.0, 16384))}
+        prefill = [{"prompt_tokens": p,
+                    "ttft_median_ms": 1000 * simulate(truth, Point(model, "prefill", p, 0.0, 16384))}
                    for p in (128, 512, 2048, 8192)]
         decode = [{"batch": b, "step_median_ms": 1000 * simulate(truth, Point(model, "decode", b, 0.0))}
                   for b in (1, 8, 64, 256)]

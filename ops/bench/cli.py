@@ -163,7 +163,8 @@ def overload(
 def convergence(
     trace: str = typer.Option("azure-conv", help="trace whose request lengths to use"),
     gpus: str = typer.Option("H100,A100-40GB,L4,T4", help="GPU profiles, one simulated worker each"),
-    predictors: str = typer.Option("seed,vector,rls"),
+    predictors: str = typer.Option("seed,vector,rls,vector+prior",
+                                   help="vector+prior: the vector predictor started from the roofline prior"),
     model: str = typer.Option("llama-3.2-3b"),
     load: float = typer.Option(0.5, help="arrivals as a fraction of each GPU's saturation throughput"),
     completions: int = typer.Option(200, help="completions per phase (cold start, then after the slowdown)"),

@@ -24,13 +24,17 @@ from typing import Any
 import numpy as np
 
 from dispatcher.nlms import PREDICTORS, make_predictor
+from dispatcher.prior import roofline_prior
+from gpu_worker.sim.engine import SimEngine
 from gpu_worker.sim.profiles import get_model, get_profile
 from gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
 from ops.bench import plots, report
 from ops.bench.workload import engine_saturation_rps, load_workload, trace_name
 from ops.traces import Trace, poisson_arrivals, sample
+from protocol.models import WorkerInfo
 
 PHASES = ("cold", "drift")
+PRIMED = "vector+prior"  # the vector predictor started from the roofline prior
 
 
 @dataclass
@@ -39,7 +43,7 @@ class ConvergenceConfig:
 
     trace: str = "azure-conv"
     gpus: list[str] = field(default_factory=lambda: ["H100", "A100-40GB", "L4", "T4"])
-    predictors: list[str] = field(default_factory=lambda: list(PREDICTORS))
+    predictors: list[str] = field(default_factory=lambda: [*PREDICTORS, PRIMED])
     model: str = "llama-3.2-3b"
     load: float = 0.5  # arrivals as a fraction of the GPU's saturation throughput
     completions: int = 200  # per phase
@@ -122,10 +126,18 @@ def _next_arrival(arrivals: list[tuple[int, int, float]], i: int, drift_at: floa
     return drift_at + (t - drift_at) * slowdown
 
 
-def errors(done: list[tuple[Job, float]], kind: str) -> np.ndarray:
-    """Return |error| (ms) of a fresh predictor row over the completions, in order."""
-    predictor = make_predictor(kind)
+def errors(done: list[tuple[Job, float]], kind: str, gpu: str = "H100", model: str = "llama-3.2-3b") -> np.ndarray:
+    """Return |error| (ms) of a fresh predictor row over the completions, in order.
+
+    ``kind`` ``vector+prior`` is the vector predictor started from the GPU's roofline prior
+    (``dispatcher.prior``), as the dispatcher starts a worker that registered its datasheet.
+    """
+    base, _, prior = kind.partition("+")
+    predictor = make_predictor(base)
     row = predictor.add_row()
+    if prior:
+        engine = SimEngine(gpu, model)  # not started: only its registration is read
+        predictor.prime(row, roofline_prior(WorkerInfo(id="w", engine="sim", **engine.capacity().__dict__)))
     return np.asarray([abs(predictor.update(row, job.prompt, job.output, latency, job.load))
                        for job, latency in done])
 
@@ -207,7 +219,7 @@ def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
                            for phase, part in (("cold", slice(0, config.completions)),
                                                ("drift", slice(config.completions, count)))}
             for kind in config.predictors:
-                samples = np.asarray([errors(done[:count], kind) for done in runs])
+                samples = np.asarray([errors(done[:count], kind, gpu, config.model) for done in runs])
                 results[kind][gpu] = analyse(samples, latencies, config)
     summary = headline(results, config)
     out_dir = Path(config.out_dir or report.RESULTS_DIR)
