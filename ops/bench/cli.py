@@ -143,6 +143,7 @@ def overload(
     seed: int = typer.Option(0),
     out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
     name: str = typer.Option(None, help="result file stem (default overload-<trace>)"),
+    virtual: bool = typer.Option(False, "--virtual", help="simulated time in one process (see replay --virtual)"),
     as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
     """Offer 1x-3x capacity to every policy: goodput, rejections with retry-after, failures."""
@@ -151,7 +152,7 @@ def overload(
     config = OverloadConfig(trace=trace, cluster=cluster, model=model, loads=_loads(load, ctx), duration_s=duration_s,
                             policies=_list(policies), slo_k=slo_k, time_scale=time_scale, target_wall_s=target_wall_s,
                             drain_wall_s=drain_wall_s, arrivals=arrivals, capacity=capacity, deadlines=deadlines,
-                            seed=seed, out_dir=out, name=name)
+                            seed=seed, out_dir=out, name=name, virtual=virtual)
     try:
         summary = run_overload(config)
     except (ValueError, RuntimeError, TimeoutError) as exc:
