@@ -137,7 +137,7 @@ def test_overload(bench) -> None:
 
 def test_convergence(bench) -> None:
     summary = bench("convergence", "--gpus", "H100,T4", "--completions", "20", "--repeats", "2")
-    assert set(summary["predictors"]) == {"seed", "vector", "rls"}
+    assert set(summary["predictors"]) == {"seed", "vector", "rls", "vector+prior"}
     for entry in summary["predictors"].values():
         assert set(entry["completions_to_50ms"]) == {"cold", "drift"}
     data = _saved(bench.out, "convergence")
