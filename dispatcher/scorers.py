@@ -49,10 +49,10 @@ class Interference(Scorer):
         outstanding = cluster.outstanding[rows]
         if not outstanding.any():
             return np.zeros(len(rows))
-        with_it = request.predicted[rows]
-        without = cluster.predictor.predict_all(request.prompt_tokens, request.max_tokens, cluster.load_now(),
-                                                cluster.backlogs())[rows]
-        return outstanding * np.maximum(with_it - without, 0.0)
+        # The request's own load, in each worker's weight units, times what a unit of load costs a
+        # job of this length there: the prediction with it minus the prediction without it.
+        added_load = request.kv_tokens / cluster.load_unit[rows]
+        return outstanding * cluster.predictor.load_sensitivity(request.max_tokens)[rows] * added_load
 
 
 class QueueWait(Scorer):
