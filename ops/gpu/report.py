@@ -79,6 +79,9 @@ def summary(folder: Path) -> dict[str, Any]:
                                            for kind in ("seed", "vector", "rls")}
     if env:
         out["device"] = env.get("gpu")
+        # The run tool's kind: these measurements use one GPU (a multi-GPU kind is issue 6's).
+        out["device_kind"] = "nvidia-h100-x1" if "H100" in str(env.get("gpu")) else None
+        out["enforce_eager"] = env.get("enforce_eager")
         out["vllm_version"] = (env.get("versions") or {}).get("vllm")
         out["torch_version"] = (env.get("versions") or {}).get("torch")
     out["sources"] = sources
