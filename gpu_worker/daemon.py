@@ -110,13 +110,7 @@ class WorkerDaemon:
         cap = self.engine.capacity()
         if not self.worker_id:
             self.worker_id = f"{self.engine.name}-{cap.gpu}-{socket.gethostname()}-{os.getpid()}".replace(" ", "_")
-        self.info = WorkerInfo(
-            id=self.worker_id, engine=self.engine.name, model=cap.model, gpu=cap.gpu,
-            kv_capacity_tokens=cap.kv_capacity_tokens, kv_bytes_per_token=cap.kv_bytes_per_token,
-            max_num_seqs=cap.max_num_seqs, max_model_len=cap.max_model_len, total_vram_bytes=cap.total_vram_bytes,
-            weight_bytes=cap.weight_bytes, peak_flops=cap.peak_flops, mem_bandwidth=cap.mem_bandwidth,
-            time_scale=cap.time_scale, host=socket.gethostname(), pid=os.getpid(),
-        )
+        self.info = cap.worker_info(self.worker_id, self.engine.name, host=socket.gethostname(), pid=os.getpid())
         try:
             await self.redis.xgroup_create(self.keys.queue(self.worker_id), QUEUE_GROUP, id="0", mkstream=True)
         except aioredis.ResponseError as exc:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+from protocol.models import WorkerInfo
 
 
 class EngineError(Exception):
@@ -73,6 +75,10 @@ class EngineCapacity:
     weight_bytes: int = 0  # model weights in GPU memory (0: unknown); sets how KV load slows decode
     peak_flops: float = 0.0  # the GPU's datasheet dense bf16 FLOP/s (0: unknown); the predictor's prior
     mem_bandwidth: float = 0.0  # its datasheet memory bandwidth, bytes/s (0: unknown)
+
+    def worker_info(self, worker_id: str, engine: str, **extra: object) -> WorkerInfo:
+        """The registration of a worker running an engine with these limits."""
+        return WorkerInfo(id=worker_id, engine=engine, **asdict(self), **extra)
 
 
 @dataclass

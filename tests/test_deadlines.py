@@ -18,7 +18,8 @@ from protocol.models import Request, WorkerInfo, WorkerTelemetry
 
 def sim_info(worker_id: str, profile: str) -> WorkerInfo:
     """The WorkerInfo a simulated GPU registers (datasheet included)."""
-    return WorkerInfo(id=worker_id, engine="sim", **SimEngine(profile, "llama-3.2-3b").capacity().__dict__)
+    engine = SimEngine(profile, "llama-3.2-3b")
+    return engine.capacity().worker_info(worker_id, engine.name)
 
 
 def sim_cluster(*profiles: str) -> Cluster:

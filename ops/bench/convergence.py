@@ -31,7 +31,6 @@ from gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
 from ops.bench import plots, report
 from ops.bench.workload import engine_saturation_rps, load_workload, trace_name
 from ops.traces import Trace, poisson_arrivals, sample
-from protocol.models import WorkerInfo
 
 PHASES = ("cold", "drift")
 PRIMED = "vector+prior"  # the vector predictor started from the roofline prior
@@ -137,7 +136,7 @@ def errors(done: list[tuple[Job, float]], kind: str, gpu: str = "H100", model: s
     row = predictor.add_row()
     if prior:
         engine = SimEngine(gpu, model)  # not started: only its registration is read
-        predictor.prime(row, roofline_prior(WorkerInfo(id="w", engine="sim", **engine.capacity().__dict__)))
+        predictor.prime(row, roofline_prior(engine.capacity().worker_info("w", engine.name)))
     return np.asarray([abs(predictor.update(row, job.prompt, job.output, latency, job.load))
                        for job, latency in done])
 

@@ -30,7 +30,7 @@ from ops.bench.cluster_run import RunRecord
 from ops.bench.openloop import LOST, Outcome
 from ops.local_cluster import parse_workers
 from ops.traces import Trace
-from protocol.models import Request, WorkerInfo, WorkerTelemetry
+from protocol.models import Request, WorkerTelemetry
 
 
 @dataclass
@@ -61,9 +61,7 @@ class VirtualCluster:
             for n in range(1, spec.count + 1):
                 engine = SimEngine(spec.profile, model)  # not started: its scheduler is driven here
                 worker_id = f"{spec.profile}-{n}"
-                cap = engine.capacity()
-                info = WorkerInfo(id=worker_id, engine="sim", **{k: v for k, v in cap.__dict__.items()})
-                self.cluster.upsert(info)
+                self.cluster.upsert(engine.capacity().worker_info(worker_id, engine.name))
                 self.gpus.append(engine.scheduler)
                 self.ids.append(worker_id)
                 self.profiles.append(spec.profile)
