@@ -1,6 +1,6 @@
 """PNGs and the summary of the GPU measurements, from their JSON files.
 
-    python -m ops.gpu.report ops/bench/results/gpu     # writes <dir>/*.png and <dir>/summary.json
+    python -m ops.gpu.report ops/bench/results/gpu --device-kind nvidia-h100-x1   # <dir>/*.png, <dir>/summary.json
 
 The device may lack matplotlib: ``ops.gpu.measure`` tries the plots there and skips them when it
 cannot import it; this command draws them here from the JSON that came back.
@@ -8,6 +8,7 @@ cannot import it; this command draws them here from the JSON that came back.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -39,8 +40,12 @@ def _pyplot() -> Any | None:
 # --- summary ----------------------------------------------------------------------------------------
 
 
-def summary(folder: Path) -> dict[str, Any]:
-    """Collect the headline numbers of every measurement found in ``folder``."""
+def summary(folder: Path, device_kind: str | None = None) -> dict[str, Any]:
+    """Collect the headline numbers of every measurement found in ``folder``.
+
+    ``device_kind`` is the run tool's kind the measurements ran on (e.g. nvidia-h100-x1): the
+    measurements see the GPU, not the kind, so whoever made them says it.
+    """
     out: dict[str, Any] = {}
     sources = []
     env = None
@@ -79,8 +84,7 @@ def summary(folder: Path) -> dict[str, Any]:
                                            for kind in ("seed", "vector", "rls")}
     if env:
         out["device"] = env.get("gpu")
-        # The run tool's kind: these measurements use one GPU (a multi-GPU kind is issue 6's).
-        out["device_kind"] = "nvidia-h100-x1" if "H100" in str(env.get("gpu")) else None
+        out["device_kind"] = device_kind
         out["enforce_eager"] = env.get("enforce_eager")
         out["vllm_version"] = (env.get("versions") or {}).get("vllm")
         out["torch_version"] = (env.get("versions") or {}).get("torch")
@@ -104,6 +108,14 @@ def _per_policy(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- plots ------------------------------------------------------------------------------------------
+
+
+def _save(plt: Any, fig: Any, path: Path) -> bool:
+    """Write a finished figure to ``path`` and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_calibration(result: dict[str, Any], path: Path) -> bool:
@@ -134,10 +146,7 @@ def plot_calibration(result: dict[str, Any], path: Path) -> bool:
                  f"{f['compute_efficiency']}, bandwidth eff {f['bandwidth_efficiency']}, step overhead "
                  f"{f['step_overhead_s'] * 1000:.2f} ms; max error {fit['error_before']['max']:.0%} -> "
                  f"{fit['error_after']['max']:.0%}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_overhead(result: dict[str, Any], path: Path) -> bool:
@@ -158,10 +167,7 @@ def plot_overhead(result: dict[str, Any], path: Path) -> bool:
     fig.suptitle(f"DIO vs vLLM direct: throughput ratio {result.get('throughput_ratio')}, added p50 "
                  f"{result.get('added_p50_ms')} ms (burst), {result.get('added_p50_ms_unloaded')} ms (unloaded)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_hetero(result: dict[str, Any], path: Path) -> bool:
@@ -186,10 +192,7 @@ def plot_hetero(result: dict[str, Any], path: Path) -> bool:
     axes[0].legend()
     fig.suptitle(f"3 vLLM workers on one GPU ({result.get('worker_kv_tokens')} KV tokens), "
                  f"capacity {result.get('capacity_rps')} req/s", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_predictor(result: dict[str, Any], path: Path) -> bool:
@@ -212,10 +215,7 @@ def plot_predictor(result: dict[str, Any], path: Path) -> bool:
                  fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 PLOTS = {"calibration": plot_calibration, "overhead": plot_overhead, "hetero": plot_hetero,
@@ -235,13 +235,16 @@ def plot(name: str, result: dict[str, Any], folder: Path) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    folder = Path(argv[0] if argv else "ops/bench/results/gpu")
+    parser = argparse.ArgumentParser(prog="python -m ops.gpu.report", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", nargs="?", default="ops/bench/results/gpu", type=Path)
+    parser.add_argument("--device-kind", default=None, help="the run tool's kind they ran on, e.g. nvidia-h100-x1")
+    args = parser.parse_args(argv)
     for name in PLOTS:
-        result = _load(folder, name)
+        result = _load(args.folder, name)
         if result is not None:
-            print(name, "->", plot(name, result, folder))
-    data = summary(folder)
-    (folder / SUMMARY).write_text(json.dumps(data, indent=2) + "\n")
+            print(name, "->", plot(name, result, args.folder))
+    data = summary(args.folder, args.device_kind)
+    (args.folder / SUMMARY).write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps(data, indent=2))
     return 0
 
