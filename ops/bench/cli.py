@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -35,9 +37,15 @@ def _loads(given: list[float], ctx: typer.Context) -> list[float]:
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
 
 
-def _finish(summary: dict, as_json: bool) -> None:
+def _run(run: Callable[[Any], dict], config: Any, as_json: bool,
+         errors: tuple[type[Exception], ...] = (ValueError, RuntimeError, TimeoutError)) -> None:
+    """Run a benchmark; a bad option or a run that cannot finish is one error line (exit 2), not a traceback."""
     from ops.bench.report import json_line
 
+    try:
+        summary = run(config)
+    except errors as exc:
+        _fail(str(exc))
     if as_json:
         typer.echo(json_line(summary))
 
@@ -88,11 +96,7 @@ def replay(
                           deadlines=deadlines,
                           capacity="calibrate" if calibrate else capacity, seed=seed, out_dir=out, name=name,
                           virtual=virtual)
-    try:
-        summary = run_replay(config)
-    except (ValueError, RuntimeError, TimeoutError) as exc:
-        _fail(str(exc))
-    _finish(summary, as_json)
+    _run(run_replay, config, as_json)
 
 
 @bench_app.command()
@@ -117,11 +121,7 @@ def pipeline(
         _fail(f"--low-rates takes numbers, got {low_rates!r}")
     config = PipelineConfig(requests=requests, half_load_s=half_load_s, low_rates=rates, workers=workers, policy=policy,
                             rq_requests=rq_requests, xadd_requests=xadd_requests, out_dir=out, name=name)
-    try:
-        summary = run_pipeline(config)
-    except (ValueError, RuntimeError, TimeoutError) as exc:
-        _fail(str(exc))
-    _finish(summary, as_json)
+    _run(run_pipeline, config, as_json)
 
 
 @bench_app.command(context_settings=EXTRA_ARGS)
@@ -153,11 +153,7 @@ def overload(
                             policies=_list(policies), slo_k=slo_k, time_scale=time_scale, target_wall_s=target_wall_s,
                             drain_wall_s=drain_wall_s, arrivals=arrivals, capacity=capacity, deadlines=deadlines,
                             seed=seed, out_dir=out, name=name, virtual=virtual)
-    try:
-        summary = run_overload(config)
-    except (ValueError, RuntimeError, TimeoutError) as exc:
-        _fail(str(exc))
-    _finish(summary, as_json)
+    _run(run_overload, config, as_json)
 
 
 @bench_app.command()
@@ -183,11 +179,7 @@ def convergence(
     config = ConvergenceConfig(trace=trace, gpus=_list(gpus), predictors=_list(predictors), model=model, load=load,
                                completions=completions, slowdown=slowdown, repeats=repeats,
                                threshold_ms=threshold_ms, seed=seed, out_dir=out, name=name)
-    try:
-        summary = run_convergence(config)
-    except ValueError as exc:
-        _fail(str(exc))
-    _finish(summary, as_json)
+    _run(run_convergence, config, as_json, errors=(ValueError,))
 
 
 @bench_app.command()
@@ -217,11 +209,7 @@ def decision(
                             e2e_requests=e2e_requests, trace=trace, predictor=_predictor(predictor), seed=seed,
                             out_dir=out,
                             name=name)
-    try:
-        summary = run_decision(config)
-    except (ValueError, RuntimeError, TimeoutError) as exc:
-        _fail(str(exc))
-    _finish(summary, as_json)
+    _run(run_decision, config, as_json)
 
 
 @bench_app.command()
