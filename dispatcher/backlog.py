@@ -14,6 +14,16 @@ from dataclasses import dataclass
 
 from protocol.models import Request, Tier
 
+MAX_WAITS_PER_ROUTE = 64  # after this many requests in a row found no worker, the rest wait too
+
+
+def expired(request: Request, received_at: float, now: float, max_wait_s: float) -> bool:
+    """An interactive request stops waiting at its deadline (or ``max_wait_s`` after it arrived); batch never."""
+    if request.tier == Tier.batch:
+        return False
+    deadline = request.deadline_at or received_at + max_wait_s
+    return now >= deadline
+
 
 @dataclass
 class Pending:

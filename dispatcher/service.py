@@ -23,7 +23,7 @@ import numpy as np
 import redis
 from pydantic import ValidationError
 
-from dispatcher.backlog import Backlog, Pending
+from dispatcher.backlog import MAX_WAITS_PER_ROUTE, Backlog, Pending, expired
 from dispatcher.cluster import Cluster
 from dispatcher.config import DispatcherSettings
 from dispatcher.intake import Refusal, parse_entry
@@ -38,7 +38,6 @@ from protocol.scripts import Scripts
 log = logging.getLogger("dio.dispatcher")
 
 PREDICTOR_ERRORS_KEPT = 200  # recent |error| samples per worker kept for inspection
-MAX_WAITS_PER_ROUTE = 64  # after this many requests in a row found no worker, the rest wait too
 
 
 class Dispatcher:
@@ -237,12 +236,7 @@ class Dispatcher:
             self.backlog.remove(done)
 
     def _expired(self, item: Pending, now: float) -> bool:
-        """An interactive request stops waiting at its deadline (or after max_wait_s)."""
-        request = item.request
-        if request.tier.value == "batch":
-            return False
-        deadline = request.deadline_at or item.received_at + self.settings.max_wait_s
-        return now >= deadline
+        return expired(item.request, item.received_at, now, self.settings.max_wait_s)
 
     def _handoff(self, pipe: redis.client.Pipeline, item: Pending, decision: Decision, now: float) -> None:
         row = decision.row

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dispatcher.backlog import MAX_WAITS_PER_ROUTE, expired
 from dispatcher.cluster import Cluster
 from dispatcher.policies import make_policy
 from dispatcher.scheduling import Decision
@@ -113,7 +114,7 @@ class VirtualCluster:
         waits = 0
         while backlog:
             job = backlog.popleft()
-            if waits >= 64 and not final:
+            if waits >= MAX_WAITS_PER_ROUTE and not final:
                 keep.append(job)
                 continue
             decision = self.policy.decide(job.request, self.cluster, t0 + now)
@@ -123,16 +124,12 @@ class VirtualCluster:
             elif decision.reject or final:
                 outcomes[job.index] = Outcome(status="rejected", reason=decision.reason,
                                               retry_after_s=decision.retry_after_s)
-            elif now - job.arrival >= self._max_wait(job):
+            elif expired(job.request, t0 + job.arrival, t0 + now, self.max_wait_s):
                 outcomes[job.index] = Outcome(status="rejected", reason=f"no capacity: {decision.reason}")
             else:
                 waits += 1
                 keep.append(job)
         backlog.extend(keep)
-
-    def _max_wait(self, job: _Job) -> float:
-        deadline = job.request.deadline_ms
-        return deadline / 1000.0 if deadline is not None else self.max_wait_s
 
     def _dispatch(self, job: _Job, decision: Decision, jobs: dict[str, _Job], outcomes: list, now: float) -> None:
         request, row = job.request, decision.row
