@@ -61,7 +61,6 @@ class Predictor:
         self.slow = np.zeros((0, self.dims))
         self.seen = np.zeros(0, dtype=np.int64)  # completions learned per row
         self.primed = np.zeros(0, dtype=bool)  # rows started from a prior (dispatcher.prior)
-        self._warm: np.ndarray | None = None  # cache of ``warm``; None when a row changed
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -72,7 +71,6 @@ class Predictor:
         self.slow = np.vstack([self.slow, np.zeros((1, self.dims))])
         self.seen = np.append(self.seen, 0)
         self.primed = np.append(self.primed, False)
-        self._warm = None
         return len(self.seen) - 1
 
     def remove_row(self, row: int) -> None:
@@ -80,14 +78,11 @@ class Predictor:
         self.slow = np.delete(self.slow, row, axis=0)
         self.seen = np.delete(self.seen, row)
         self.primed = np.delete(self.primed, row)
-        self._warm = None
 
     @property
     def warm(self) -> np.ndarray:
         """Per row: whether it predicts anything yet (a completion learned, or a prior)."""
-        if self._warm is None or len(self._warm) != len(self.seen):
-            self._warm = (self.seen > 0) | self.primed
-        return self._warm
+        return (self.seen > 0) | self.primed
 
     def prime(self, row: int, weights: np.ndarray) -> bool:
         """Start a row that has learned nothing from prior weights; return whether it took them."""
@@ -96,7 +91,6 @@ class Predictor:
         self.fast[row] = weights
         self.slow[row] = weights
         self.primed[row] = True
-        self._warm = None
         return True
 
     def features(self, prompt_tokens: float, output_tokens: float, load: float = 0.0,
@@ -140,7 +134,6 @@ class Predictor:
         if not self.warm[row]:
             self._warm_start(row, x, latency_ms)
             self.seen[row] = 1
-            self._warm = None
             return latency_ms
         predicted = float((FAST_WEIGHT * self.fast[row] + SLOW_WEIGHT * self.slow[row]) @ x)
         self._step(row, x, latency_ms - predicted)
@@ -165,7 +158,6 @@ class Predictor:
         self.fast[row] = np.asarray(state["fast"], dtype=float)
         self.slow[row] = np.asarray(state["slow"], dtype=float)
         self.seen[row] = int(state.get("seen", 1))
-        self._warm = None
         return True
 
 
