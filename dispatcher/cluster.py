@@ -179,6 +179,16 @@ class Cluster:
         matched = self.prefix.matched_blocks(prefix_hashes, self.ids, np.arange(len(self.ids)))
         return np.minimum(matched * self.prefix.block_tokens, prompt_tokens - 1)
 
+    def complete(self, row: int, job_id: str, prompt_tokens: int, cached_tokens: int, output_tokens: int,
+                 service_ms: float) -> float:
+        """Release a completed job and learn from it, at the load it was sent with; return the error (ms).
+
+        The predictor learns the prompt tokens the worker computed: a cached prefix costs no prefill.
+        """
+        held = self.release(row, job_id)
+        load, backlog = (held.load, held.backlog) if held else (float(self.load_now()[row]), 0.0)
+        return self.learn(row, max(prompt_tokens - cached_tokens, 1), output_tokens, service_ms, load, backlog)
+
     def learn(self, row: int, prompt_tokens: int, output_tokens: int, service_ms: float, load: float,
               backlog: float = 0.0) -> float:
         """Feed one completion to the worker's predictor; return the prediction error (ms).

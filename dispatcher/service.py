@@ -263,12 +263,12 @@ class Dispatcher:
             row = self.cluster.index.get(done.worker)
             if row is None:
                 continue
-            held = self.cluster.release(row, done.job)
-            if done.status == JobStatus.completed:
-                computed = max(done.prompt_tokens - done.cached_tokens, 1)
-                load, backlog = (held.load, held.backlog) if held else (float(self.cluster.load_now()[row]), 0.0)
-                error = self.cluster.learn(row, computed, done.output_tokens, done.service_ms, load, backlog)
-                self.errors.setdefault(done.worker, deque(maxlen=PREDICTOR_ERRORS_KEPT)).append(abs(error))
+            if done.status != JobStatus.completed:
+                self.cluster.release(row, done.job)
+                continue
+            error = self.cluster.complete(row, done.job, done.prompt_tokens, done.cached_tokens, done.output_tokens,
+                                          done.service_ms)
+            self.errors.setdefault(done.worker, deque(maxlen=PREDICTOR_ERRORS_KEPT)).append(abs(error))
         pipe = self.redis.pipeline(transaction=False)
         ids = [eid for eid, _ in entries]
         pipe.xack(self.keys.completions, INTAKE_GROUP, *ids)

@@ -153,15 +153,13 @@ class VirtualCluster:
             job.first_token = event.time
             return
         del jobs[event.request_id]
-        held = self.cluster.release(row, event.request_id)
         worker = self.ids[row]
         if event.kind is EventKind.failed:
+            self.cluster.release(row, event.request_id)
             outcomes[job.index] = Outcome(status="failed", worker=worker, reason=event.error)
             return
-        service_ms = (event.time - job.started) * 1000.0
-        computed = max(job.request.prompt_tokens - event.cached_tokens, 1)
-        load, backlog = (held.load, held.backlog) if held else (0.0, 0.0)
-        error = self.cluster.learn(row, computed, event.output_tokens, service_ms, load, backlog)
+        error = self.cluster.complete(row, event.request_id, job.request.prompt_tokens, event.cached_tokens,
+                                      event.output_tokens, (event.time - job.started) * 1000.0)
         self.errors.setdefault(worker, []).append(abs(error))
         ttft = None if job.first_token is None else (job.first_token - job.arrival) * 1000.0
         outcomes[job.index] = Outcome(status="completed", worker=worker, latency_ms=(event.time - job.arrival) * 1000.0,
