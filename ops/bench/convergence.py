@@ -125,18 +125,23 @@ def _next_arrival(arrivals: list[tuple[int, int, float]], i: int, drift_at: floa
     return drift_at + (t - drift_at) * slowdown
 
 
-def errors(done: list[tuple[Job, float]], kind: str, gpu: str = "H100", model: str = "llama-3.2-3b") -> np.ndarray:
+def gpu_prior(gpu: str, model: str) -> np.ndarray | None:
+    """The roofline prior (``dispatcher.prior``) of a simulated GPU, from what its worker registers."""
+    engine = SimEngine(gpu, model)  # not started: only its registration is read
+    return roofline_prior(engine.capacity().worker_info("w", engine.name))
+
+
+def errors(done: list[tuple[Job, float]], kind: str, prior: np.ndarray | None = None) -> np.ndarray:
     """Return |error| (ms) of a fresh predictor row over the completions, in order.
 
-    ``kind`` ``vector+prior`` is the vector predictor started from the GPU's roofline prior
-    (``dispatcher.prior``), as the dispatcher starts a worker that registered its datasheet.
+    ``kind`` ``vector+prior`` is the vector predictor started from ``prior``, as the dispatcher
+    starts a worker that registered its datasheet.
     """
-    base, _, prior = kind.partition("+")
+    base, _, primed = kind.partition("+")
     predictor = make_predictor(base)
     row = predictor.add_row()
-    if prior:
-        engine = SimEngine(gpu, model)  # not started: only its registration is read
-        predictor.prime(row, roofline_prior(engine.capacity().worker_info("w", engine.name)))
+    if primed and prior is not None:
+        predictor.prime(row, prior)
     return np.asarray([abs(predictor.update(row, job.prompt, job.output, latency, job.load))
                        for job, latency in done])
 
@@ -217,8 +222,9 @@ def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
             floors[gpu] = {phase: round(float(np.median([floor_ms(done[part]) for done in runs])), 1)
                            for phase, part in (("cold", slice(0, config.completions)),
                                                ("drift", slice(config.completions, count)))}
+            prior = gpu_prior(gpu, config.model)
             for kind in config.predictors:
-                samples = np.asarray([errors(done[:count], kind, gpu, config.model) for done in runs])
+                samples = np.asarray([errors(done[:count], kind, prior) for done in runs])
                 results[kind][gpu] = analyse(samples, latencies, config)
     summary = headline(results, config)
     out_dir = Path(config.out_dir or report.RESULTS_DIR)
