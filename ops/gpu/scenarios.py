@@ -35,6 +35,7 @@ from client import Client, ResultTimeout
 from client.handle import JobHandle
 from client.jobs import parse_job
 from gpu_worker import nvml
+from gpu_worker.config import WorkerSettings
 from gpu_worker.engines import STANDIN_ENV
 from ops.local_cluster import LocalCluster
 from ops.redis_server import ensure_redis
@@ -147,8 +148,8 @@ def wait_gpu_released(baseline_free: int | None, timeout_s: float = 60.0) -> flo
 
 
 def eager_from_env() -> bool:
-    """Whether engines run eager (no CUDA graphs): DIO_ENFORCE_EAGER, as the worker reads it (default yes)."""
-    return os.environ.get("DIO_ENFORCE_EAGER", "true").strip().lower() not in ("0", "false", "no", "off")
+    """Whether engines run eager (no CUDA graphs): DIO_ENFORCE_EAGER, read by the worker's own settings."""
+    return WorkerSettings().enforce_eager
 
 
 def engine_job(job: dict[str, Any], work_dir: Path, name: str, timeout_s: float,
