@@ -1,14 +1,14 @@
 """DIO's client SDK: submit LLM requests, wait for results, run offline batches.
 
-    from client import Client
+    from dio.client import Client
 
     with Client(redis_url="redis://localhost:6379/0") as dio:
         print(dio.submit("Hello", max_tokens=32).result(timeout=60).output)
 """
 
-from client.aio import AsyncClient, AsyncJobHandle
-from client.client import Client
-from client.exceptions import (
+from dio.client.aio import AsyncClient, AsyncJobHandle
+from dio.client.client import Client
+from dio.client.exceptions import (
     DIOError,
     JobCancelled,
     JobError,
@@ -17,9 +17,9 @@ from client.exceptions import (
     JobRejected,
     ResultTimeout,
 )
-from client.handle import JobHandle
-from client.settings import ClientSettings
-from protocol.models import JobResult, JobStatus, Request, Tier
+from dio.client.handle import JobHandle
+from dio.client.settings import ClientSettings
+from dio.protocol.models import JobResult, JobStatus, Request, Tier
 
 __all__ = [
     "AsyncClient",

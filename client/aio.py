@@ -20,15 +20,15 @@ from typing import Any
 
 import redis
 
-from client.client import CLIENT_NAME_PREFIX, resolve_settings, submit_fields
-from client.exceptions import JobNotFound, ResultTimeout
-from client.jobs import build_request, cancelled_result, check_unique, is_terminal, outcome, parse_job, queue_submit
-from client.mailbox import Mailbox
-from client.reader import RETRY_DELAY_S, WAKE_FIELD, parse_notice
-from client.settings import POLLED_HASHES_PER_S, READER_BATCH, READER_BLOCK_MS, ClientSettings
-from protocol.connection import connect_async
-from protocol.models import JobResult, JobStatus, Request, Tier
-from protocol.scripts import Scripts
+from dio.client.client import CLIENT_NAME_PREFIX, resolve_settings, submit_fields
+from dio.client.exceptions import JobNotFound, ResultTimeout
+from dio.client.jobs import build_request, cancelled_result, check_unique, is_terminal, outcome, parse_job, queue_submit
+from dio.client.mailbox import Mailbox
+from dio.client.reader import RETRY_DELAY_S, WAKE_FIELD, parse_notice
+from dio.client.settings import POLLED_HASHES_PER_S, READER_BATCH, READER_BLOCK_MS, ClientSettings
+from dio.protocol.connection import connect_async
+from dio.protocol.models import JobResult, JobStatus, Request, Tier
+from dio.protocol.scripts import Scripts
 
 log = logging.getLogger(__name__)
 

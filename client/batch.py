@@ -33,12 +33,12 @@ from rq import Queue, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from client.batch_output import OutputFile
-from client.client import Client, resolve_settings
-from client.exceptions import DIOError, JobNotFound
-from client.handle import JobHandle
-from client.jobs import build_request
-from client.openai_batch import (
+from dio.client.batch_output import OutputFile
+from dio.client.client import Client, resolve_settings
+from dio.client.exceptions import DIOError, JobNotFound
+from dio.client.handle import JobHandle
+from dio.client.jobs import build_request
+from dio.client.openai_batch import (
     BatchLine,
     BatchLineError,
     error_record,
@@ -48,8 +48,8 @@ from client.openai_batch import (
     parse_line,
     result_record,
 )
-from client.settings import BATCH_CONCURRENCY, BATCH_HASH_TTL_S, BATCH_JOB_TIMEOUT_S, MAX_BATCH_LINE_BYTES
-from protocol.models import JobResult, JobStatus, Request, Tier, describe_validation_error
+from dio.client.settings import BATCH_CONCURRENCY, BATCH_HASH_TTL_S, BATCH_JOB_TIMEOUT_S, MAX_BATCH_LINE_BYTES
+from dio.protocol.models import JobResult, JobStatus, Request, Tier, describe_validation_error
 
 log = logging.getLogger(__name__)
 

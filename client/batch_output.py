@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from client.openai_batch import line_record_id
+from dio.client.openai_batch import line_record_id
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import redis
 
-from client.exceptions import JobNotFound, ResultTimeout
-from client.handle import JobHandle
-from client.jobs import (
+from dio.client.exceptions import JobNotFound, ResultTimeout
+from dio.client.handle import JobHandle
+from dio.client.jobs import (
     build_request,
     cancelled_result,
     check_unique,
@@ -29,12 +29,12 @@ from client.jobs import (
     parse_job,
     queue_submit,
 )
-from client.mailbox import Mailbox
-from client.reader import ReplyReader
-from client.settings import POLLED_HASHES_PER_S, ClientSettings
-from protocol.connection import connect
-from protocol.models import JobResult, JobStatus, Request, Tier
-from protocol.scripts import Scripts
+from dio.client.mailbox import Mailbox
+from dio.client.reader import ReplyReader
+from dio.client.settings import POLLED_HASHES_PER_S, ClientSettings
+from dio.protocol.connection import connect
+from dio.protocol.models import JobResult, JobStatus, Request, Tier
+from dio.protocol.scripts import Scripts
 
 CLIENT_NAME_PREFIX = "dio-client:"  # CLIENT LIST shows every connection of a client under this name
 

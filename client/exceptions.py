@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol.models import JobResult
+from dio.protocol.models import JobResult
 
 
 class DIOError(Exception):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
-from client.jobs import outcome
-from protocol.models import JobResult, JobStatus, Request
+from dio.client.jobs import outcome
+from dio.protocol.models import JobResult, JobStatus, Request
 
 if TYPE_CHECKING:
-    from client.client import Client
+    from dio.client.client import Client
 
 
 class JobHandle:

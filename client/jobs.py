@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from client.exceptions import JobCancelled, JobFailed, JobRejected
-from client.settings import ClientSettings
-from protocol.keys import Keys
-from protocol.models import JobResult, JobStatus, Request
+from dio.client.exceptions import JobCancelled, JobFailed, JobRejected
+from dio.client.settings import ClientSettings
+from dio.protocol.keys import Keys
+from dio.protocol.models import JobResult, JobStatus, Request
 
 CANCEL_REASON = "cancelled by the client"
 

@@ -13,8 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from client.settings import EARLY_NOTICES_MAX
-from protocol.models import JobResult
+from dio.client.settings import EARLY_NOTICES_MAX
+from dio.protocol.models import JobResult
 
 
 class FutureLike(Protocol):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import defaults as d
-from protocol.models import JobResult, JobStatus, Request
+from dio.protocol import defaults as d
+from dio.protocol.models import JobResult, JobStatus, Request
 
 COMPLETIONS_URL = "/v1/completions"
 CHAT_URL = "/v1/chat/completions"

@@ -13,9 +13,9 @@ import threading
 import redis
 from pydantic import ValidationError
 
-from client.mailbox import Mailbox
-from client.settings import READER_BATCH, READER_BLOCK_MS
-from protocol.models import JobResult
+from dio.client.mailbox import Mailbox
+from dio.client.settings import READER_BATCH, READER_BLOCK_MS
+from dio.protocol.models import JobResult
 
 log = logging.getLogger(__name__)
 

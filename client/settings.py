@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from protocol.models import Tier
-from protocol.settings import CommonSettings
+from dio.protocol.models import Tier
+from dio.protocol.settings import CommonSettings
 
 DEFAULT_MODEL = "llama-3.2-3b"
 DEFAULT_MAX_TOKENS = 256

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import redis
 
-from protocol.connection import connect
-from protocol.models import JobResult, JobStatus, Request
-from protocol.scripts import Scripts
-from protocol.settings import CommonSettings
+from dio.protocol.connection import connect
+from dio.protocol.models import JobResult, JobStatus, Request
+from dio.protocol.scripts import Scripts
+from dio.protocol.settings import CommonSettings
 
 # decide(request) -> the terminal result to write, or None to leave the job running forever.
 Decide = Callable[[Request], JobResult | None]

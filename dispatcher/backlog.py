@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from protocol.models import Request, Tier
+from dio.protocol.models import Request, Tier
 
 MAX_WAITS_PER_ROUTE = 64  # after this many requests in a row found no worker, the rest wait too
 

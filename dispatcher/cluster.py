@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dispatcher.nlms import Predictor, make_predictor
-from dispatcher.prefix import PrefixIndex
-from dispatcher.prior import roofline_prior
-from protocol.models import WorkerInfo, WorkerTelemetry
+from dio.dispatcher.predictors import Predictor, make_predictor
+from dio.dispatcher.prefix import PrefixIndex
+from dio.dispatcher.prior import roofline_prior
+from dio.protocol.models import WorkerInfo, WorkerTelemetry
 
 DEFAULT_LOAD_UNIT_TOKENS = 50_000.0  # when a worker does not report its weights (≈ a 3B model's)
 BACKLOG_UNIT_TOKENS = 10_000.0  # the prefill backlog feature counts prompt tokens in these units

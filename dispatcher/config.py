@@ -7,13 +7,13 @@ import socket
 
 from pydantic import Field
 
-from protocol import defaults as d
-from protocol.settings import CommonSettings
+from dio.protocol import defaults as d
+from dio.protocol.settings import CommonSettings
 
 
 class DispatcherSettings(CommonSettings):
     policy: str = "dio"  # dio | round-robin | random | least-loaded | power-of-two | queue-kv
-    predictor: str = "vector"  # seed | vector | rls (see dispatcher/nlms.py)
+    predictor: str = "vector"  # seed | vector | rls (see dispatcher/predictors.py)
     dispatcher_name: str = Field(default_factory=lambda: f"dispatcher-{socket.gethostname()}-{os.getpid()}")
     read_count: int = 1024  # intake entries read per round trip
     block_ms: int = 50  # longest wait for new work when idle

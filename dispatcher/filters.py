@@ -1,11 +1,11 @@
-"""Filters: which workers may take a request (see ``dispatcher.scheduling``)."""
+"""Filters: which workers may take a request (see ``dio.dispatcher.scheduling``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from dispatcher.cluster import Cluster
-from dispatcher.scheduling import Ask, Filter
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.scheduling import Ask, Filter
 
 
 class ServesModel(Filter):

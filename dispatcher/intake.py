@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from dispatcher.backlog import Pending
-from protocol.models import JobId, JobResult, JobStatus, Request, describe_validation_error
+from dio.dispatcher.backlog import Pending
+from dio.protocol.models import JobId, JobResult, JobStatus, Request, describe_validation_error
 
 MAX_DEADLETTER_RAW_CHARS = 2000
 

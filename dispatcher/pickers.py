@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dispatcher.cluster import Cluster
-from dispatcher.scheduling import Picker
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.scheduling import Picker
 
 
 class MinCost(Picker):

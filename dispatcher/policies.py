@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dispatcher import filters, pickers, scorers
-from dispatcher.scheduling import Scheduler
+from dio.dispatcher import filters, pickers, scorers
+from dio.dispatcher.scheduling import Scheduler
 
 
 def _common(prefetch: int) -> list:

@@ -5,7 +5,7 @@ an H100, so it sends a cold worker only a couple of probe jobs and prices it lik
 the others. On a cold cluster, or a short burst, that wait is most of the run.
 
 A worker that registers its GPU's peak FLOP/s and memory bandwidth (the simulated engine always
-does; the vLLM worker does for GPUs it finds in ``gpu_worker.sim.profiles``) starts from a
+does; the vLLM worker does for GPUs it finds in ``dio.gpu_worker.sim.profiles``) starts from a
 physical estimate instead, in the vector predictor's features (prompt/1000, output/100·(1+ℓ), 1):
 
 * prefill of 1,000 prompt tokens: 1,000 × 2·params FLOPs at ``COMPUTE_EFFICIENCY`` of peak
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocol.models import WorkerInfo
+from dio.protocol.models import WorkerInfo
 
 COMPUTE_EFFICIENCY = 0.4
 BANDWIDTH_EFFICIENCY = 0.7

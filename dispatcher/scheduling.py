@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dispatcher.cluster import Cluster
-from dispatcher.deadlines import NO_CEILING, load_ceiling
-from protocol.models import Request
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.deadlines import NO_CEILING, load_ceiling
+from dio.protocol.models import Request
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Scheduler:
 
     @staticmethod
     def _ceiling(ask: Ask, cluster: Cluster, row: int, now: float) -> float:
-        """The load ceiling the job sets on its worker (see ``dispatcher.deadlines``)."""
+        """The load ceiling the job sets on its worker (see ``dio.dispatcher.deadlines``)."""
         if ask.deadline_at is None:
             return NO_CEILING
         slack_ms = (ask.deadline_at - now) * 1000.0 - float(ask.predicted[row])

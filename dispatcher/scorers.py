@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dispatcher.cluster import Cluster
-from dispatcher.deadlines import would_breach
-from dispatcher.scheduling import Ask, Scorer
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.deadlines import would_breach
+from dio.dispatcher.scheduling import Ask, Scorer
 
 INFEASIBLE_MS = 1e5  # added to a worker that would miss the request's own deadline
 BREACH_MS = 1e6  # added to a worker where the request would make a job already there miss its deadline
@@ -112,7 +112,7 @@ class ProtectsDeadlines(Scorer):
     """Penalty for a worker where the request's load would push a job already there past its deadline.
 
     Larger than ``DeadlineFeasibility``'s: a request that will be late anyway goes where it harms
-    nobody rather than spoiling a job that would have made it (see ``dispatcher.deadlines``).
+    nobody rather than spoiling a job that would have made it (see ``dio.dispatcher.deadlines``).
     """
 
     name = "protects-deadlines"

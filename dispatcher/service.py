@@ -17,28 +17,24 @@ import json
 import logging
 import threading
 import time
-from collections import deque
 
-import numpy as np
 import redis
 from pydantic import ValidationError
 
-from dispatcher.backlog import MAX_WAITS_PER_ROUTE, Backlog, Pending, expired
-from dispatcher.cluster import Cluster
-from dispatcher.config import DispatcherSettings
-from dispatcher.intake import Refusal, parse_entry
-from dispatcher.policies import make_policy
-from dispatcher.scheduling import Decision
-from protocol import defaults as d
-from protocol.connection import connect, ensure_group
-from protocol.keys import INTAKE_GROUP
-from protocol.models import Completion, JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
-from protocol.scripts import Scripts
+from dio.dispatcher.backlog import MAX_WAITS_PER_ROUTE, Backlog, Pending, expired
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.config import DispatcherSettings
+from dio.dispatcher.intake import Refusal, parse_entry
+from dio.dispatcher.policies import make_policy
+from dio.dispatcher.predictor_store import PredictorStore
+from dio.dispatcher.scheduling import Decision
+from dio.protocol import defaults as d
+from dio.protocol.connection import connect, ensure_group
+from dio.protocol.keys import DISPATCHER_GROUP
+from dio.protocol.models import Completion, JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
+from dio.protocol.scripts import Scripts
 
 log = logging.getLogger("dio.dispatcher")
-
-PREDICTOR_ERRORS_KEPT = 200  # recent |error| samples per worker kept for inspection
-
 
 class Dispatcher:
     def __init__(self, settings: DispatcherSettings, client: redis.Redis | None = None) -> None:
@@ -51,12 +47,11 @@ class Dispatcher:
         self.policy = make_policy(settings.policy, prefetch=settings.prefetch, seed=settings.seed,
                                   shed_late=settings.shed_late, shed_margin=settings.shed_margin)
         self.backlog = Backlog(settings.batch_age_s)
-        self.errors: dict[str, deque[float]] = {}
+        self.predictors = PredictorStore(self.redis, self.keys)
         self.stats = {"dispatched": 0, "rejected": 0, "deadlettered": 0, "completions": 0, "requeued": 0}
         self._stop = threading.Event()
         self._dirty = True  # something changed since the backlog was last routed
         self._next = {"refresh": 0.0, "persist": 0.0, "sync": 0.0, "lease": 0.0, "expire": 0.0}
-        self._saved_state: dict[str, dict] = {}
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -65,8 +60,8 @@ class Dispatcher:
 
     def run(self) -> None:
         """Serve until ``stop()``: wait for the lease, then route."""
-        ensure_group(self.redis, self.keys.intake, INTAKE_GROUP)
-        ensure_group(self.redis, self.keys.completions, INTAKE_GROUP)
+        ensure_group(self.redis, self.keys.intake, DISPATCHER_GROUP)
+        ensure_group(self.redis, self.keys.completions, DISPATCHER_GROUP)
         while not self._stop.is_set():
             if not self._acquire_lease():
                 self._stop.wait(self.settings.lease_ttl_ms / 3000)
@@ -104,7 +99,7 @@ class Dispatcher:
                 cursor = self._autoclaim(stream, cursor)
                 if cursor == "0-0":
                     break
-        self._load_predictor_state()
+        self.predictors.load()
         self.refresh_workers(force=True)
         self.sync_reservations()
         # Our own pending entries (claimed or left from before a restart) come back with id "0".
@@ -113,7 +108,7 @@ class Dispatcher:
     def _autoclaim(self, stream: str, cursor: str) -> str:
         """Claim up to 1,000 entries from ``cursor``; return the next cursor ("0-0" when done)."""
         # justid=False on purpose: redis-py's justid=True drops the cursor.
-        reply = self.redis.xautoclaim(stream, INTAKE_GROUP, self.name, min_idle_time=0, start_id=cursor,
+        reply = self.redis.xautoclaim(stream, DISPATCHER_GROUP, self.name, min_idle_time=0, start_id=cursor,
                                       count=1000, justid=False)
         return reply[0]
 
@@ -137,7 +132,7 @@ class Dispatcher:
 
     def _read(self, streams: dict[str, str], block: int | None) -> None:
         try:
-            reply = self.redis.xreadgroup(INTAKE_GROUP, self.name, streams, count=self.settings.read_count,
+            reply = self.redis.xreadgroup(DISPATCHER_GROUP, self.name, streams, count=self.settings.read_count,
                                           block=block)
         except redis.ConnectionError:
             log.warning("redis unreachable; retrying", exc_info=True)
@@ -175,21 +170,23 @@ class Dispatcher:
         if refusal.result is not None:
             self.stats["rejected"] += 1
             self.scripts.finish(pipe, refusal.result, refusal.reply_to, ack_stream=self.keys.intake,
-                                ack_group=INTAKE_GROUP, ack_entry=refusal.entry_id, job_ttl_s=self.settings.job_ttl_s)
+                                ack_group=DISPATCHER_GROUP, ack_entry=refusal.entry_id,
+                                job_ttl_s=self.settings.job_ttl_s)
             return
         # Nobody can read a result for it: keep it for an operator, and take it off the intake.
         self.stats["deadlettered"] += 1
         log.warning("dead-lettered intake entry %s: %s", refusal.entry_id, refusal.error)
         pipe.xadd(self.keys.deadletter, {"entry": refusal.entry_id, "raw": refusal.raw, "error": refusal.error},
                   maxlen=10_000, approximate=True)
-        pipe.xack(self.keys.intake, INTAKE_GROUP, refusal.entry_id)
+        pipe.xack(self.keys.intake, DISPATCHER_GROUP, refusal.entry_id)
         pipe.xdel(self.keys.intake, refusal.entry_id)
 
     def _reject(self, pipe: redis.client.Pipeline, item: Pending, reason: str, retry_after_s: float | None) -> None:
         self.stats["rejected"] += 1
         result = JobResult(id=item.request.id, status=JobStatus.rejected, reason=reason, retry_after_s=retry_after_s,
                            finished_at=time.time())
-        self.scripts.finish(pipe, result, item.request.reply_to, ack_stream=self.keys.intake, ack_group=INTAKE_GROUP,
+        self.scripts.finish(pipe, result, item.request.reply_to, ack_stream=self.keys.intake,
+                            ack_group=DISPATCHER_GROUP,
                             ack_entry=item.entry_id, job_ttl_s=self.settings.job_ttl_s)
 
     def _retry_after(self) -> float:
@@ -268,10 +265,10 @@ class Dispatcher:
                 continue
             error = self.cluster.complete(row, done.job, done.prompt_tokens, done.cached_tokens, done.output_tokens,
                                           done.service_ms)
-            self.errors.setdefault(done.worker, deque(maxlen=PREDICTOR_ERRORS_KEPT)).append(abs(error))
+            self.predictors.record_error(done.worker, error)
         pipe = self.redis.pipeline(transaction=False)
         ids = [eid for eid, _ in entries]
-        pipe.xack(self.keys.completions, INTAKE_GROUP, *ids)
+        pipe.xack(self.keys.completions, DISPATCHER_GROUP, *ids)
         pipe.xdel(self.keys.completions, *ids)
         pipe.execute()
         self._dirty = True
@@ -301,7 +298,7 @@ class Dispatcher:
             row = self.cluster.index.get(worker_id)
             if row is None:
                 row = self.cluster.upsert(info)
-                self._restore_predictor(row, worker_id)
+                self.predictors.restore(self.cluster, row)
                 self._sync_one(row)
                 log.info("worker %s joined: %s %s, %d KV tokens", worker_id, info.gpu, info.model,
                          info.kv_capacity_tokens)
@@ -366,31 +363,7 @@ class Dispatcher:
 
     # --- predictor state ------------------------------------------------------------------------
 
-    def _load_predictor_state(self) -> None:
-        self._saved_state = {}
-        for worker_id, raw in self.redis.hgetall(self.keys.predictor).items():
-            try:
-                self._saved_state[worker_id] = json.loads(raw)
-            except json.JSONDecodeError:
-                log.warning("ignored unreadable predictor state of %s", worker_id)
-
-    def _restore_predictor(self, row: int, worker_id: str) -> None:
-        state = self._saved_state.get(worker_id)
-        if state and self.cluster.predictor.load(row, state):
-            self.cluster.service_ms[row] = float(state.get("service_ms", 0.0))
-            log.info("predictor of %s restored (%d completions seen)", worker_id, self.cluster.predictor.seen[row])
-
     def persist_predictors(self) -> None:
         """Save every worker's predictor (and recent error) so a restart starts warm."""
         self._next["persist"] = time.monotonic() + self.settings.persist_interval_s
-        if not len(self.cluster):
-            return
-        mapping = {}
-        for row, worker_id in enumerate(self.cluster.ids):
-            state = self.cluster.predictor.state(row)
-            errors = self.errors.get(worker_id)
-            state.update(service_ms=float(self.cluster.service_ms[row]), gpu=self.cluster.infos[row].gpu,
-                         error_p50_ms=float(np.median(errors)) if errors else None, updated_at=time.time())
-            mapping[worker_id] = json.dumps(state)
-        self.redis.hset(self.keys.predictor, mapping=mapping)
-
+        self.predictors.save(self.cluster)

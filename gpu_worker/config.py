@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
-from protocol import defaults as d
-from protocol.settings import CommonSettings
+from dio.protocol import defaults as d
+from dio.protocol.settings import CommonSettings
 
 
 def default_worker_id() -> str:

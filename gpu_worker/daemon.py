@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from gpu_worker.config import WorkerSettings
-from gpu_worker.engine import Engine, EngineError, EngineOutput, EngineRequest, EngineStats, RequestRejected
-from protocol.connection import connect_async
-from protocol.keys import QUEUE_GROUP
-from protocol.models import (
+from dio.gpu_worker.config import WorkerSettings
+from dio.gpu_worker.engine import Engine, EngineError, EngineOutput, EngineRequest, EngineStats, RequestRejected
+from dio.protocol.connection import connect_async
+from dio.protocol.keys import WORKER_GROUP
+from dio.protocol.models import (
     Completion,
     JobResult,
     JobStatus,
@@ -38,7 +38,7 @@ from protocol.models import (
     describe_validation_error,
     to_hash,
 )
-from protocol.scripts import Scripts
+from dio.protocol.scripts import Scripts
 
 log = logging.getLogger("dio.worker")
 
@@ -112,7 +112,7 @@ class WorkerDaemon:
             self.worker_id = f"{self.engine.name}-{cap.gpu}-{socket.gethostname()}-{os.getpid()}".replace(" ", "_")
         self.info = cap.worker_info(self.worker_id, self.engine.name, host=socket.gethostname(), pid=os.getpid())
         try:
-            await self.redis.xgroup_create(self.keys.queue(self.worker_id), QUEUE_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.keys.queue(self.worker_id), WORKER_GROUP, id="0", mkstream=True)
         except aioredis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -198,7 +198,7 @@ class WorkerDaemon:
                 await self._slot_freed.wait()
                 continue
             try:
-                reply = await self.redis.xreadgroup(QUEUE_GROUP, self.worker_id, {queue: cursor}, count=free,
+                reply = await self.redis.xreadgroup(WORKER_GROUP, self.worker_id, {queue: cursor}, count=free,
                                                     block=None if cursor == "0" else self.settings.read_block_ms)
             except (aioredis.ConnectionError, aioredis.TimeoutError):
                 log.warning("queue read failed; retrying", exc_info=True)
@@ -252,7 +252,7 @@ class WorkerDaemon:
     async def _ack_only(self, entry_id: str) -> None:
         queue = self.keys.queue(self.worker_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(queue, QUEUE_GROUP, entry_id)
+        pipe.xack(queue, WORKER_GROUP, entry_id)
         pipe.xdel(queue, entry_id)
         await pipe.execute()
 
@@ -319,7 +319,7 @@ class WorkerDaemon:
         queue = self.keys.queue(self.worker_id)
         pipe = self.redis.pipeline(transaction=False)
         for f in batch:
-            await self.scripts.finish(pipe, f.result, f.reply_to, ack_stream=queue, ack_group=QUEUE_GROUP,
+            await self.scripts.finish(pipe, f.result, f.reply_to, ack_stream=queue, ack_group=WORKER_GROUP,
                                       ack_entry=f.entry_id, completion=f.completion, job_ttl_s=self.settings.job_ttl_s)
         try:
             await pipe.execute()

@@ -10,7 +10,7 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
-from protocol.models import WorkerInfo
+from dio.protocol.models import WorkerInfo
 
 
 class EngineError(Exception):
@@ -30,7 +30,7 @@ class OutOfMemory(EngineError):
 
 @dataclass
 class EngineRequest:
-    """What an engine needs of a request (translated from ``protocol.models.Request``)."""
+    """What an engine needs of a request (translated from ``dio.protocol.models.Request``)."""
 
     id: str
     prompt_tokens: int  # prompt length in tokens (exact for token ids, declared or estimated for text)

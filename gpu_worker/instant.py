@@ -6,7 +6,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 
-from gpu_worker.engine import (
+from dio.gpu_worker.engine import (
     Engine,
     EngineCapacity,
     EngineOutput,

@@ -3,7 +3,7 @@
 vLLM batches every request in flight (continuous batching); the daemon calls ``stream`` once per
 job, concurrently, from one event loop. vLLM is imported only in ``start`` (through
 ``load_vllm_backend``), so this module imports on machines without it; CPU tests replace the
-backend with a stand-in (``tests/vllm_standin.py``).
+backend with a stand-in (``gpu_worker/vllm_standin.py``).
 
 Models without downloads: ``gpu_worker/models/<name>/config.json`` holds real Llama shapes but no
 weights and no tokenizer, so they run with random weights (``load_format="dummy"``) and token-id
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu_worker import nvml
-from gpu_worker.engine import (
+from dio.gpu_worker import nvml
+from dio.gpu_worker.engine import (
     Engine,
     EngineCapacity,
     EngineError,
@@ -33,7 +33,7 @@ from gpu_worker.engine import (
     OutOfMemory,
     RequestRejected,
 )
-from gpu_worker.sim.profiles import match_profile
+from dio.gpu_worker.sim.profiles import match_profile
 
 MODELS_DIR = Path(__file__).parent / "models"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")

@@ -11,11 +11,11 @@ import threading
 
 import typer
 
-from ops.bench.cli import bench_app
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DIO: a Distributed Inference Orchestrator for LLM serving on Redis.")
-app.add_typer(bench_app, name="bench")
+
+BENCH_MISSING = ("the benchmarks run from a DIO checkout (they are not part of the installed package): "
+                 "git clone the repository and pip install -e '.[bench]'")
 
 
 def _logging(verbose: bool) -> None:
@@ -36,9 +36,9 @@ def dispatcher(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a dispatcher (active, or standby until the active one's lease expires)."""
-    from dispatcher.config import DispatcherSettings
-    from dispatcher.policies import POLICIES
-    from dispatcher.service import Dispatcher
+    from dio.dispatcher.config import DispatcherSettings
+    from dio.dispatcher.policies import POLICIES
+    from dio.dispatcher.service import Dispatcher
 
     _logging(verbose)
     overrides = {k: v for k, v in (("policy", policy), ("predictor", predictor), ("dispatcher_name", name)) if v}
@@ -53,25 +53,29 @@ def dispatcher(
 
 @app.command()
 def worker(
-    engine: str = typer.Option("sim", help="sim | vllm | instant"),
-    profile: str = typer.Option("H100-80GB", help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4"),
-    model: str = typer.Option("llama-3.2-3b", help="model shape (sim) or model path (vllm)"),
-    time_scale: float = typer.Option(1.0, help="sim: simulated seconds per wall second"),
+    # Every default is None, so that an option not given leaves its DIO_* variable (or the settings' default).
+    engine: str = typer.Option(None, help="sim | vllm | instant [DIO_ENGINE; default sim]"),
+    profile: str = typer.Option(None, help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4 "
+                                           "[DIO_PROFILE; default H100-80GB]"),
+    model: str = typer.Option(None, help="model shape (sim) or model path (vllm) [DIO_MODEL; default llama-3.2-3b]"),
+    time_scale: float = typer.Option(None, help="sim: simulated seconds per wall second [DIO_TIME_SCALE; default 1]"),
     count: int = typer.Option(1, help="simulated workers hosted by this one process"),
     worker_id: str = typer.Option(None, "--id", help="worker id (with --count N, suffixed -1..N)"),
     cluster: str = typer.Option(None, "--cluster",
                                 help="host one engine per GPU of a spec like H100:1,L4:2 (ids H100-1, L4-1, L4-2)"),
-    max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once"),
-    gpu_memory_utilization: float = typer.Option(None, help="fraction of VRAM for weights + KV cache"),
-    max_model_len: int = typer.Option(None, help="vllm: the model's context length"),
-    kv_capacity_tokens: int = typer.Option(None, help="sim: override the KV capacity in tokens"),
-    load_format: str = typer.Option(None, help="vllm: 'dummy' for random weights"),
+    max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once [DIO_MAX_NUM_SEQS]"),
+    gpu_memory_utilization: float = typer.Option(None, help="fraction of VRAM for weights + KV cache "
+                                                            "[DIO_GPU_MEMORY_UTILIZATION]"),
+    max_model_len: int = typer.Option(None, help="vllm: the model's context length [DIO_MAX_MODEL_LEN]"),
+    kv_capacity_tokens: int = typer.Option(None, help="sim: override the KV capacity in tokens "
+                                                      "[DIO_KV_CAPACITY_TOKENS]"),
+    load_format: str = typer.Option(None, help="vllm: 'dummy' for random weights [DIO_LOAD_FORMAT]"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a GPU worker daemon (or several simulated ones in one process)."""
-    from gpu_worker.config import WorkerSettings
-    from gpu_worker.daemon import serve
-    from gpu_worker.engines import make_engine
+    from dio.gpu_worker.config import WorkerSettings
+    from dio.gpu_worker.daemon import serve
+    from dio.gpu_worker.engine_factory import make_engine
 
     _logging(verbose)
     given = {"engine": engine, "profile": profile, "model": model, "time_scale": time_scale,
@@ -84,7 +88,7 @@ def worker(
         else:
             engines = [make_engine(settings) for _ in range(count)]
             base = worker_id or settings.worker_id
-            ids = [base] if count == 1 else [f"{base or profile}-{i + 1}" for i in range(count)]
+            ids = [base] if count == 1 else [f"{base or settings.profile}-{i + 1}" for i in range(count)]
     except ValueError as exc:
         _fail(str(exc))
     asyncio.run(serve(settings, engines, ids))
@@ -92,42 +96,12 @@ def worker(
 
 def _cluster_engines(settings, spec: str) -> tuple[list, list[str]]:
     """Build one engine per GPU of a ``PROFILE:COUNT,...`` spec, with the ids a LocalCluster uses."""
-    from gpu_worker.engines import make_engine
-    from ops.local_cluster import parse_workers, worker_ids
+    from dio.gpu_worker.engine_factory import make_engine
+    from dio.ops.local_cluster import parse_workers, worker_ids
 
     pairs = worker_ids(parse_workers(spec))
     engines = [make_engine(settings.model_copy(update={"profile": profile})) for profile, _ in pairs]
     return engines, [worker_id for _, worker_id in pairs]
-
-
-@app.command("sim-server")
-def sim_server(
-    profile: str = typer.Option("H100-80GB", help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4"),
-    model: str = typer.Option("llama-3.2-3b", help="model shape"),
-    port: int = typer.Option(8000, help="HTTP port (with --cluster: the first of consecutive ports; 0: any free)"),
-    host: str = typer.Option("127.0.0.1"),
-    time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
-    max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once"),
-    kv_capacity_tokens: int = typer.Option(None, help="override the KV capacity in tokens"),
-    cluster: str = typer.Option(None, help="serve several GPUs from this process, e.g. H100:1,L4:2"),
-    load_format: str = typer.Option("vllm-router", help="/get_load's shape: vllm-router | sglang"),
-    ports_file: str = typer.Option(None, help="write the ports served (a JSON list) to this file when ready"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Serve simulated GPUs over HTTP as vLLM OpenAI servers (for testing routers)."""
-    from gpu_worker.http_server import LOAD_FORMATS, serve_forever, sim_specs
-    from ops.local_cluster import parse_workers
-
-    _logging(verbose)
-    if load_format not in LOAD_FORMATS:
-        _fail(f"--load-format must be one of {', '.join(LOAD_FORMATS)}")
-    try:
-        profiles = [s.profile for s in parse_workers(cluster) for _ in range(s.count)] if cluster else [profile]
-        specs = sim_specs(profiles, model, port, time_scale=time_scale, max_num_seqs=max_num_seqs,
-                          kv_capacity_tokens=kv_capacity_tokens)
-    except ValueError as exc:
-        _fail(str(exc))
-    asyncio.run(serve_forever(specs, host, load_format=load_format, ports_file=ports_file))
 
 
 @app.command()
@@ -142,9 +116,9 @@ def up(
     """Run a local cluster (dispatcher + simulated workers) until Ctrl-C or SIGTERM."""
     from pathlib import Path
 
-    from ops.local_cluster import LocalCluster, parse_workers
-    from ops.redis_server import ensure_redis
-    from protocol.settings import CommonSettings
+    from dio.ops.local_cluster import LocalCluster, parse_workers
+    from dio.ops.redis_server import ensure_redis
+    from dio.protocol.settings import CommonSettings
 
     settings = CommonSettings()
     try:
@@ -181,7 +155,7 @@ def submit(
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
 ) -> None:
     """Submit one request and print its result."""
-    from client import Client, DIOError
+    from dio.client import Client, DIOError
 
     with Client() as dio:
         try:
@@ -200,9 +174,9 @@ def submit(
 @app.command()
 def inspect(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Show workers, queues, pending work and predictors: what redis-cli shows, explained."""
-    from ops.inspect import collect, render
-    from protocol.connection import connect
-    from protocol.settings import CommonSettings
+    from dio.ops.inspect import collect, render
+    from dio.protocol.connection import connect
+    from dio.protocol.settings import CommonSettings
 
     settings = CommonSettings()
     facts = collect(connect(settings), settings.keys)
@@ -225,7 +199,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="also print the summary as JSON on the last line"),
 ) -> None:
     """Run DIO end to end on a simulated heterogeneous cluster and print a summary."""
-    from ops.demo import DemoConfig, run_demo
+    from dio.ops.demo import DemoConfig, run_demo
 
     config = DemoConfig(requests=requests, policy=policy, workers=workers, trace=trace, load=load,
                         time_scale=time_scale, slo_k=slo_k, seed=seed)
@@ -240,8 +214,8 @@ def demo(
 @app.command()
 def reset(yes: bool = typer.Option(False, "--yes", help="really delete")) -> None:
     """Delete every DIO key under the configured prefix."""
-    from protocol.connection import connect, delete_keys
-    from protocol.settings import CommonSettings
+    from dio.protocol.connection import connect, delete_keys
+    from dio.protocol.settings import CommonSettings
 
     settings = CommonSettings()
     client = connect(settings)
@@ -250,6 +224,19 @@ def reset(yes: bool = typer.Option(False, "--yes", help="really delete")) -> Non
         typer.echo(f"{found} keys under {settings.key_prefix!r}; add --yes to delete them")
         return
     typer.echo(f"deleted {delete_keys(client, settings.keys)} keys")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks: goodput, replay, overload, convergence, decision cost, pipeline, simulated GPUs over HTTP."""
+    # Loaded only when asked for: the product never imports benchmark code.
+    try:
+        from dio.ops.bench.cli import bench_app
+    except ImportError as exc:
+        if exc.name is not None and exc.name.startswith("dio.ops.bench"):
+            _fail(BENCH_MISSING)
+        raise
+    bench_app(args=ctx.args, prog_name="dio bench")
 
 
 def main() -> None:

@@ -19,16 +19,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from client import Client
-from ops.bench.cluster_run import delete_prefix, read_predictors
-from ops.bench.metrics import reason_key
-from ops.bench.openloop import request_fields, submit_on_schedule
-from ops.bench.workload import capacity_rps, deadline_ms
-from ops.local_cluster import LocalCluster, WorkerSpec, parse_workers, worker_ids
-from ops.redis_server import ensure_redis
-from ops.traces import BUNDLED, TraceRequest, bundled, load_trace, rescale_arrivals
-from protocol.models import JobResult, JobStatus
-from protocol.settings import CommonSettings
+from dio.client import Client
+from dio.dispatcher.predictor_store import read_states
+from dio.ops.capacity import capacity_rps, deadline_ms
+from dio.ops.local_cluster import LocalCluster, WorkerSpec, parse_workers, worker_ids
+from dio.ops.openloop import request_fields, submit_on_schedule
+from dio.ops.redis_server import ensure_redis
+from dio.ops.stats import reason_key
+from dio.ops.traces import BUNDLED, TraceRequest, bundled, load_trace, rescale_arrivals
+from dio.protocol.connection import connect, delete_keys
+from dio.protocol.models import JobResult, JobStatus
+from dio.protocol.settings import CommonSettings
 
 RESULT_GRACE_S = 120.0  # after the last submission, how long to wait for the last results
 
@@ -149,7 +150,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             wall_s = time.monotonic() - started
         finally:
             cluster.stop()
-        summary = summarize(config, specs, trace, results, read_predictors(server.url, prefix), wall_s, offered_rps)
-        delete_prefix(server.url, prefix)
+        run_settings = CommonSettings(redis_url=server.url, key_prefix=prefix)
+        redis_client = connect(run_settings)
+        summary = summarize(config, specs, trace, results, read_states(redis_client, run_settings.keys), wall_s,
+                            offered_rps)
+        delete_keys(redis_client, run_settings.keys)
     print_summary(summary)
     return summary

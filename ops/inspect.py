@@ -9,7 +9,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from protocol.keys import INTAKE_GROUP, QUEUE_GROUP, Keys
+from dio.protocol.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 
 
 def _group(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def collect(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     predictors = {wid: json.loads(raw) for wid, raw in client.hgetall(keys.predictor).items()}
     for worker_id in sorted(client.smembers(keys.workers)):
         fields = client.hgetall(keys.worker(worker_id))
-        queue = _group(client, keys.queue(worker_id), QUEUE_GROUP)
+        queue = _group(client, keys.queue(worker_id), WORKER_GROUP)
         reserved = client.hgetall(keys.reserved(worker_id))
         state = predictors.get(worker_id, {})
         workers.append({
@@ -52,8 +52,8 @@ def collect(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         "prefix": keys.prefix,
         "lease": client.get(keys.lease),
         "ttl_ms": client.pttl(keys.lease),
-        "intake": _group(client, keys.intake, INTAKE_GROUP),
-        "completions": _group(client, keys.completions, INTAKE_GROUP),
+        "intake": _group(client, keys.intake, DISPATCHER_GROUP),
+        "completions": _group(client, keys.completions, DISPATCHER_GROUP),
         "deadletter": client.xlen(keys.deadletter),
         "workers": workers,
     }

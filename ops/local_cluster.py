@@ -1,7 +1,7 @@
 """A local DIO cluster: one dispatcher and simulated workers as separate processes.
 
 Used by ``dio up``, ``dio demo`` and the benchmarks. Each process is the real thing started
-with ``python -m ops.cli ...``: the same code an operator runs, talking through a real Redis.
+with ``python -m dio.ops.cli ...``: the same code an operator runs, talking through a real Redis.
 With ``one_worker_process`` every simulated GPU runs in a single worker process (``dio worker
 --cluster``), so a benchmark on a small machine does not spend its cores on idle interpreters.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from protocol.keys import Keys
+from dio.protocol.keys import Keys
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -89,7 +89,7 @@ class LocalCluster:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", *args], env=self.env(), stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "dio.ops.cli", *args], env=self.env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(proc)
         return proc

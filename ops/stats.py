@@ -7,11 +7,21 @@ which describe the requests that did finish.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 DEFAULT_QUANTILES = (50, 90, 99)
+REASON_CHARS = 160  # a grouped reason is cut to this length
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def reason_key(text: str | None) -> str:
+    """Return a reason without its request-specific numbers, so equal causes group together."""
+    if not text:
+        return "(none)"
+    return NUMBER.sub("#", text)[:REASON_CHARS]
 
 
 def _finished(values: Iterable[float | None]) -> np.ndarray:

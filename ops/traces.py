@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ops.stats import percentile
+from dio.ops.stats import percentile
 
 FORMATS = ("azure", "mooncake", "lengths")
 BUNDLED = {
@@ -72,7 +72,7 @@ def bundled(name: str) -> Path:
     if name not in BUNDLED:
         raise KeyError(f"no bundled trace {name!r}; choose one of {sorted(BUNDLED)}")
     # DIO is installed as plain files (not zipped), so the resource is a real path.
-    return Path(str(files("ops").joinpath("data", BUNDLED[name])))
+    return Path(str(files("dio.ops").joinpath("data", BUNDLED[name])))
 
 
 def load_trace(

@@ -7,8 +7,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from protocol.keys import Keys
-from protocol.settings import CommonSettings
+from dio.protocol.keys import Keys
+from dio.protocol.settings import CommonSettings
 
 
 def _options(settings: CommonSettings) -> dict[str, Any]:

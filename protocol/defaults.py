@@ -19,3 +19,8 @@ MAX_ID_CHARS = 128
 MAX_MODEL_CHARS = 256
 MAX_METADATA_ITEMS = 16
 MAX_METADATA_CHARS = 512
+
+# Model and prompt conventions every component shares.
+DEFAULT_MODEL = "llama-3.2-3b"  # the model shape a simulated worker serves unless told otherwise
+CHARS_PER_TOKEN = 4  # a text prompt whose token count is unknown counts ceil(characters / 4) tokens
+PREFIX_BLOCK_TOKENS = 512  # prompt tokens one prefix-cache block hash names (as Mooncake's hash_ids)

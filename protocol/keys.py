@@ -11,8 +11,18 @@ from dataclasses import dataclass
 DEFAULT_PREFIX = "{dio}:"
 
 # Consumer groups.
-INTAKE_GROUP = "dispatchers"  # on the intake and completions streams
-QUEUE_GROUP = "workers"  # on each worker's queue stream
+DISPATCHER_GROUP = "dispatchers"  # the dispatchers' group, on the intake and the completions streams
+WORKER_GROUP = "workers"  # a worker's group on its own queue stream
+
+# Stream entry fields (the Lua scripts get the same names from ``dio.protocol.scripts``' prelude).
+REQUEST_FIELD = "req"  # intake and queue entries: the Request JSON
+JOB_FIELD = "job"  # queue entries: the job id
+COMPLETION_FIELD = "c"  # completions entries: the Completion JSON
+RESULT_FIELD = "r"  # reply entries: the JobResult JSON (the job's terminal state)
+
+# Job-hash fields that scripts and processes read by name (the rest are JobResult's fields).
+STATUS_FIELD = "status"
+ATTEMPTS_FIELD = "attempts"
 
 
 @dataclass(frozen=True)

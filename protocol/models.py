@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from protocol import defaults as d
+from dio.protocol import defaults as d
 
 SCHEMA_VERSION = 1
 

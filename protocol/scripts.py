@@ -13,9 +13,9 @@ from typing import Any
 
 import redis
 
-from protocol import defaults as d
-from protocol.keys import INTAKE_GROUP, QUEUE_GROUP, Keys
-from protocol.models import Completion, JobResult
+from dio.protocol import defaults as d
+from dio.protocol.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
+from dio.protocol.models import Completion, JobResult
 
 TERMINAL_FIELDS = (
     "status", "worker", "output", "output_token_ids", "prompt_tokens", "output_tokens", "error",
@@ -32,7 +32,7 @@ def _stamp(now: float | None) -> str:
 
 
 def _load(name: str) -> str:
-    return resources.files("protocol").joinpath("lua", f"{name}.lua").read_text()
+    return resources.files("dio.protocol").joinpath("lua", f"{name}.lua").read_text()
 
 
 class Scripts:
@@ -54,7 +54,7 @@ class Scripts:
         k = self.keys
         return self._handoff(
             keys=[k.intake, k.queue(worker_id), k.job(job_id), k.reserved(worker_id)],
-            args=[INTAKE_GROUP, entry_id, job_id, worker_id, request_json, kv_tokens, _stamp(now)],
+            args=[DISPATCHER_GROUP, entry_id, job_id, worker_id, request_json, kv_tokens, _stamp(now)],
             client=pipe,
         )
 
@@ -65,7 +65,7 @@ class Scripts:
         k = self.keys
         return self._requeue(
             keys=[k.queue(worker_id), k.intake, k.job(job_id), k.reserved(worker_id)],
-            args=[QUEUE_GROUP, entry_id, job_id, request_json],
+            args=[WORKER_GROUP, entry_id, job_id, request_json],
             client=pipe,
         )
 

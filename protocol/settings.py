@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protocol.keys import DEFAULT_PREFIX, Keys
+from dio.protocol.keys import DEFAULT_PREFIX, Keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -1,7 +1,7 @@
 """Shared fixtures: a real Redis under a unique key prefix, cleaned up after each test.
 
 Integration tests use the server at ``DIO_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``);
-when none answers there, a private ``redis-server`` is started for the session (``ops.redis_server``),
+when none answers there, a private ``redis-server`` is started for the session (``dio.ops.redis_server``),
 so a fresh machine runs every test instead of skipping them. Every test gets its own prefix, a Cluster hash tag such as
 ``{t1a2b3c4d}:``, so tests never see each other's keys and can run against a shared server.
 """
@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from ops.redis_server import ensure_redis
-from protocol.connection import delete_keys
-from protocol.keys import Keys
-from protocol.settings import CommonSettings
+from dio.ops.redis_server import ensure_redis
+from dio.protocol.connection import delete_keys
+from dio.protocol.keys import Keys
+from dio.protocol.settings import CommonSettings
 
 TEST_REDIS_URL = os.environ.get("DIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -51,7 +51,7 @@ def settings(redis_url: str, redis_prefix: str) -> CommonSettings:
 @pytest.fixture
 def client_settings(settings: CommonSettings):
     """Client settings on the test server; a short poll interval keeps lost-notice tests fast."""
-    from client import ClientSettings
+    from dio.client import ClientSettings
 
     return ClientSettings(**settings.model_dump(), poll_interval_s=0.2)
 
@@ -59,7 +59,7 @@ def client_settings(settings: CommonSettings):
 @pytest.fixture
 def backend(client_settings):
     """A fake backend thread that ends every request through the real finish script."""
-    from client.testing import EchoBackend
+    from dio.client.testing import EchoBackend
 
     with EchoBackend(client_settings) as echo:
         yield echo
@@ -68,7 +68,7 @@ def backend(client_settings):
 @pytest.fixture
 def client(client_settings):
     """A sync client on the test server."""
-    from client import Client
+    from dio.client import Client
 
     with Client(client_settings) as dio:
         yield dio

@@ -13,8 +13,8 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from client import Tier
-from client.batch import (
+from dio.client import Tier
+from dio.client.batch import (
     BatchBusy,
     BatchProgress,
     claim_batch,
@@ -23,7 +23,7 @@ from client.batch import (
     request_cancel,
     run_batch,
 )
-from client.testing import EchoBackend, echo_decide
+from dio.client.testing import EchoBackend, echo_decide
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from client.openai_batch import (
+from dio.client.openai_batch import (
     BatchLine,
     BatchLineError,
     iter_raw_lines,
@@ -14,7 +14,7 @@ from client.openai_batch import (
     parse_line,
     result_record,
 )
-from protocol.models import JobResult, JobStatus, Request
+from dio.protocol.models import JobResult, JobStatus, Request
 
 
 def line(obj) -> bytes:

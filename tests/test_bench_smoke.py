@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ops.bench.summary import render
-from ops.cli import app
-from ops.peers import peer_command
+from dio.ops.bench.peers import peer_command
+from dio.ops.bench.summary import render
+from dio.ops.cli import app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

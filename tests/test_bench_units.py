@@ -7,14 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from ops.bench import convergence, decision
-from ops.bench.calibrate import saturation_rps
-from ops.bench.cluster_run import RunConfig, RunRecord
-from ops.bench.cpu import machine_busy_s, process_cpu_s
-from ops.bench.metrics import counts, latency_figures, reason_key, slo_figures, summarize_run
-from ops.bench.openloop import LOST, Outcome, request_fields
-from ops.bench.replay import Plan, headline, offered
-from ops.bench.workload import (
+from dio.ops.bench import convergence, decision
+from dio.ops.bench.calibrate import saturation_rps
+from dio.ops.bench.cluster_run import RunConfig, RunRecord
+from dio.ops.bench.cpu import machine_busy_s, process_cpu_s
+from dio.ops.bench.metrics import counts, latency_figures, reason_key, slo_figures, summarize_run
+from dio.ops.bench.replay import Plan, headline, offered
+from dio.ops.bench.workload import (
     at_rate,
     auto_time_scale,
     deadline_ms,
@@ -25,8 +24,9 @@ from ops.bench.workload import (
     span_s,
     unloaded_ms,
 )
-from ops.local_cluster import WorkerSpec, parse_workers
-from ops.traces import TraceRequest, mean_rate
+from dio.ops.local_cluster import WorkerSpec, parse_workers
+from dio.ops.openloop import LOST, Outcome, request_fields
+from dio.ops.traces import TraceRequest, mean_rate
 
 MODEL = "llama-3.2-3b"
 

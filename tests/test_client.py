@@ -8,7 +8,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from client import (
+from dio.client import (
     Client,
     ClientSettings,
     JobCancelled,
@@ -19,9 +19,9 @@ from client import (
     ResultTimeout,
     Tier,
 )
-from client.testing import EchoBackend
-from protocol.models import JobResult
-from protocol.scripts import Scripts
+from dio.client.testing import EchoBackend
+from dio.protocol.models import JobResult
+from dio.protocol.scripts import Scripts
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from client import AsyncClient, JobCancelled, JobFailed, JobRejected, JobStatus, ResultTimeout
-from client.testing import EchoBackend
+from dio.client import AsyncClient, JobCancelled, JobFailed, JobRejected, JobStatus, ResultTimeout
+from dio.client.testing import EchoBackend
 
 pytestmark = pytest.mark.integration
 

@@ -6,11 +6,11 @@ from concurrent.futures import Future
 
 import pytest
 
-from client import JobCancelled, JobFailed, JobRejected, JobStatus, Request, Tier
-from client.jobs import build_request, is_terminal, outcome, parse_job
-from client.mailbox import Mailbox
-from client.settings import ClientSettings
-from protocol.models import JobResult
+from dio.client import JobCancelled, JobFailed, JobRejected, JobStatus, Request, Tier
+from dio.client.jobs import build_request, is_terminal, outcome, parse_job
+from dio.client.mailbox import Mailbox
+from dio.client.settings import ClientSettings
+from dio.protocol.models import JobResult
 
 
 def done(job_id: str, status: JobStatus = JobStatus.completed, **fields) -> JobResult:

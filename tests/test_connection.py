@@ -5,8 +5,8 @@ import uuid
 import pytest
 import redis
 
-from protocol.connection import connect
-from protocol.settings import CommonSettings
+from dio.protocol.connection import connect
+from dio.protocol.settings import CommonSettings
 
 pytestmark = pytest.mark.integration
 

@@ -5,15 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from dispatcher.cluster import Cluster
-from dispatcher.deadlines import NO_CEILING, load_ceiling, would_breach
-from dispatcher.nlms import VectorNLMS
-from dispatcher.policies import make_policy
-from dispatcher.prior import roofline_prior
-from gpu_worker.sim.engine import SimEngine
-from gpu_worker.sim.profiles import match_profile
-from gpu_worker.vllm_engine import read_model_config, weight_bytes
-from protocol.models import Request, WorkerInfo, WorkerTelemetry
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.deadlines import NO_CEILING, load_ceiling, would_breach
+from dio.dispatcher.policies import make_policy
+from dio.dispatcher.predictors import VectorNLMS
+from dio.dispatcher.prior import roofline_prior
+from dio.gpu_worker.sim.engine import SimEngine
+from dio.gpu_worker.sim.profiles import match_profile
+from dio.gpu_worker.vllm_engine import read_model_config, weight_bytes
+from dio.protocol.models import Request, WorkerInfo, WorkerTelemetry
 
 
 def sim_info(worker_id: str, profile: str) -> WorkerInfo:
@@ -79,8 +79,8 @@ def test_the_prior_ranks_gpus_by_their_datasheet_before_any_completion():
     assert list(np.argsort(predicted))[:2] == [3, 2]  # H100, then A100; L4 and T4 far behind
     assert min(predicted[:2]) > 3 * predicted[3]
     # The simulated H100 itself takes about what the prior says (within 2x, before learning anything).
-    from gpu_worker.sim.profiles import get_model, get_profile
-    from gpu_worker.sim.roofline import unloaded_service_time_s
+    from dio.gpu_worker.sim.profiles import get_model, get_profile
+    from dio.gpu_worker.sim.roofline import unloaded_service_time_s
     actual_ms = 1000 * unloaded_service_time_s(get_profile("H100"), get_model("llama-3.2-3b"), 1000, 200)
     assert actual_ms / 2 < predicted[3] < actual_ms * 2
 
@@ -128,8 +128,8 @@ def test_weight_bytes_from_a_llama_config():
 
 
 def test_dispatcher_settings_reach_the_policy(monkeypatch):
-    from dispatcher.config import DispatcherSettings
-    from dispatcher.service import Dispatcher
+    from dio.dispatcher.config import DispatcherSettings
+    from dio.dispatcher.service import Dispatcher
 
     monkeypatch.setenv("DIO_SHED_LATE", "false")
     monkeypatch.setenv("DIO_SHED_MARGIN", "1.5")

@@ -1,6 +1,6 @@
 """The whole pipeline on the real Redis: client → intake → dispatcher → worker queue → worker → client.
 
-Every process is real (started like an operator starts it, ``python -m ops.cli ...``) and runs
+Every process is real (started like an operator starts it, ``python -m dio.ops.cli ...``) and runs
 simulated GPUs at a high time scale so the tests stay short.
 """
 
@@ -16,9 +16,9 @@ import time
 import pytest
 import redis
 
-from client import Client, JobRejected
-from ops.local_cluster import LocalCluster, WorkerSpec
-from protocol.keys import Keys
+from dio.client import Client, JobRejected
+from dio.ops.local_cluster import LocalCluster, WorkerSpec
+from dio.protocol.keys import Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -128,7 +128,7 @@ def test_predictor_state_survives_a_dispatcher_restart(redis_url: str, redis_pre
         saved = json.loads(raw.hget(keys.predictor, "H100-1"))
         assert saved["seen"] >= 20
         env = running.env()
-        restarted = subprocess.Popen([sys.executable, "-m", "ops.cli", "dispatcher"], env=env,
+        restarted = subprocess.Popen([sys.executable, "-m", "dio.ops.cli", "dispatcher"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         running.processes.append(restarted)
         with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:

@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import pytest
 
-from gpu_worker.sim.profiles import GPU_PROFILES
-from ops.gpu import report
-from ops.gpu.calibration import Point, calibrate, simulate
-from ops.gpu.calibration import main as calibration_main
-from ops.gpu.predictors import completions_to, evaluate
-from ops.gpu.scenarios import MAX_OUTPUT_TOKENS, MAX_PROMPT_TOKENS, azure_conv, fit_linear, prompt_ids
+from dio.gpu_worker.sim.profiles import GPU_PROFILES
+from dio.ops.gpu import report
+from dio.ops.gpu.calibration import Point, calibrate, simulate
+from dio.ops.gpu.calibration import main as calibration_main
+from dio.ops.gpu.predictors import completions_to, evaluate
+from dio.ops.gpu.scenarios import MAX_OUTPUT_TOKENS, MAX_PROMPT_TOKENS, azure_conv, fit_linear, prompt_ids
 
 
 def test_prompt_ids_are_deterministic_per_tag_and_index():
@@ -52,7 +52,7 @@ def test_calibration_recovers_known_efficiencies():
 
 @pytest.mark.slow
 def test_refit_recovers_host_overheads_from_a_saved_result(tmp_path):
-    """``python -m ops.gpu.calibration FILE`` fits the saved measurements again, overheads included."""
+    """``python -m dio.ops.gpu.calibration FILE`` fits the saved measurements again, overheads included."""
     truth = replace(GPU_PROFILES["H100-80GB"], compute_efficiency=0.5, bandwidth_efficiency=0.9,
                     step_overhead_s=0.0012, seq_overhead_s=20e-6, prefill_overhead_s=0.005)
     models = {}

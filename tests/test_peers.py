@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ops.peers import (
+from dio.ops.bench.peers import (
     LOAD_FORMAT,
     free_port,
     peer_command,
@@ -21,7 +21,7 @@ from ops.peers import (
     start_sim_servers,
     stop_processes,
 )
-from ops.traces import TraceRequest, bundled, load_trace, rescale_arrivals
+from dio.ops.traces import TraceRequest, bundled, load_trace, rescale_arrivals
 
 MODEL = "llama-3.2-3b"
 TIME_SCALE = 50.0  # a short replay: correctness, not timing

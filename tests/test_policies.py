@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from dispatcher.cluster import Cluster
-from dispatcher.policies import POLICIES, make_policy
-from dispatcher.prefix import PrefixIndex
-from protocol.models import Request, WorkerInfo, WorkerTelemetry
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.policies import POLICIES, make_policy
+from dio.dispatcher.prefix import PrefixIndex
+from dio.protocol.models import Request, WorkerInfo, WorkerTelemetry
 
 
 def make_cluster(*workers: tuple[str, int, float], model: str = "m") -> Cluster:

@@ -3,10 +3,10 @@
 import pytest
 from pydantic import ValidationError
 
-from dispatcher.intake import Refusal, parse_entry
-from protocol import defaults as d
-from protocol.keys import Keys
-from protocol.models import (
+from dio.dispatcher.intake import Refusal, parse_entry
+from dio.protocol import defaults as d
+from dio.protocol.keys import Keys
+from dio.protocol.models import (
     JobStatus,
     Request,
     WorkerInfo,

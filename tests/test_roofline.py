@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_worker.sim import roofline
-from gpu_worker.sim.profiles import GPU_PROFILES, GpuProfile, get_model, get_profile
+from dio.gpu_worker.sim import roofline
+from dio.gpu_worker.sim.profiles import GPU_PROFILES, GpuProfile, get_model, get_profile
 
 H100 = get_profile("H100-80GB")
 T4 = get_profile("T4")

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gpu_worker.engine import EngineError, EngineOutput, EngineRequest, OutOfMemory, RequestRejected
-from gpu_worker.instant import InstantEngine
-from gpu_worker.sim import SimEngine, roofline
-from gpu_worker.sim.profiles import get_model, get_profile
+from dio.gpu_worker.engine import EngineError, EngineOutput, EngineRequest, OutOfMemory, RequestRejected
+from dio.gpu_worker.instant import InstantEngine
+from dio.gpu_worker.sim import SimEngine, roofline
+from dio.gpu_worker.sim.profiles import get_model, get_profile
 
 H100 = get_profile("H100")
 LLAMA_3B = get_model("llama-3.2-3b")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_worker.engine import RequestRejected
-from gpu_worker.sim import roofline
-from gpu_worker.sim.profiles import get_model, get_profile
-from gpu_worker.sim.scheduler import EventKind, Scheduler, SchedulerEvent, SimRequest
+from dio.gpu_worker.engine import RequestRejected
+from dio.gpu_worker.sim import roofline
+from dio.gpu_worker.sim.profiles import get_model, get_profile
+from dio.gpu_worker.sim.scheduler import EventKind, Scheduler, SchedulerEvent, SimRequest
 
 H100 = get_profile("H100")
 T4 = get_profile("T4")

@@ -12,8 +12,9 @@ import aiohttp
 import openai
 import pytest
 
-from gpu_worker.engine import EngineRequest
-from gpu_worker.http_server import (
+from dio.gpu_worker.engine import EngineRequest
+from dio.gpu_worker.sim.engine import SimEngine
+from dio.ops.bench.sim_server import (
     ServerSpec,
     parse_prompts,
     prefix_hashes_for_ids,
@@ -21,7 +22,6 @@ from gpu_worker.http_server import (
     start_servers,
     token_text,
 )
-from gpu_worker.sim.engine import SimEngine
 
 MODEL = "llama-3.2-3b"
 TIME_SCALE = 5.0

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ops.stats import goodput, met_slo, percentile, percentiles, slo_attained, summarize
+from dio.ops.stats import goodput, met_slo, percentile, percentiles, slo_attained, summarize
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ops.traces import (
+from dio.ops.traces import (
     BUNDLED,
     TraceError,
     TraceRequest,

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from vllm_standin import Counter, Gauge, StandinBackend
 
-from gpu_worker import nvml
-from gpu_worker.engine import EngineError, EngineOutput, EngineRequest, OutOfMemory, RequestRejected
-from gpu_worker.vllm_engine import (
+from dio.gpu_worker import nvml
+from dio.gpu_worker.engine import EngineError, EngineOutput, EngineRequest, OutOfMemory, RequestRejected
+from dio.gpu_worker.vllm_engine import (
     VllmEngine,
     bundled_model_path,
     kv_bytes_per_token,
     read_model_config,
     synthetic_token_ids,
 )
+from dio.gpu_worker.vllm_standin import Counter, Gauge, StandinBackend
 
 module_loop = pytest.mark.asyncio(loop_scope="module")  # the loop the module-scoped engine lives in
 

@@ -6,7 +6,7 @@
 - ``engine``: ``SimEngine``, the Engine that runs the scheduler against the wall clock.
 """
 
-from gpu_worker.sim.engine import SimEngine
-from gpu_worker.sim.profiles import get_model, get_profile
+from dio.gpu_worker.sim.engine import SimEngine
+from dio.gpu_worker.sim.profiles import get_model, get_profile
 
 __all__ = ["SimEngine", "get_model", "get_profile"]

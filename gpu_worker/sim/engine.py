@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from gpu_worker.engine import (
+from dio.gpu_worker.engine import (
     Engine,
     EngineCapacity,
     EngineError,
@@ -24,10 +24,10 @@ from gpu_worker.engine import (
     EngineStats,
     OutOfMemory,
 )
-from gpu_worker.instant import synthetic_token_ids
-from gpu_worker.sim import roofline
-from gpu_worker.sim.profiles import get_model, get_profile
-from gpu_worker.sim.scheduler import (
+from dio.gpu_worker.instant import synthetic_token_ids
+from dio.gpu_worker.sim import roofline
+from dio.gpu_worker.sim.profiles import get_model, get_profile
+from dio.gpu_worker.sim.scheduler import (
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MAX_PREEMPTIONS,
     PREFIX_BLOCK_TOKENS,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from gpu_worker.sim.profiles import GpuProfile, ModelShape
+from dio.gpu_worker.sim.profiles import GpuProfile, ModelShape
 
 GIB = 1024**3
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9

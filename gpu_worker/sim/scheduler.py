@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from gpu_worker.engine import RequestRejected
-from gpu_worker.sim import roofline
-from gpu_worker.sim.profiles import GpuProfile, ModelShape
+from dio.gpu_worker.engine import RequestRejected
+from dio.gpu_worker.sim import roofline
+from dio.gpu_worker.sim.profiles import GpuProfile, ModelShape
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_PREEMPTIONS = 1

@@ -14,9 +14,9 @@ from dataclasses import replace
 import numpy as np
 from rich.progress import Progress
 
-from ops.bench.cluster_run import RunConfig, run_trace
-from ops.bench.workload import at_rate
-from ops.traces import Trace
+from dio.ops.bench.cluster_run import RunConfig, run_trace
+from dio.ops.bench.workload import at_rate
+from dio.ops.traces import Trace
 
 OVERDRIVE = 1.5  # offered load during calibration, as a multiple of the estimate
 CALIBRATION_REQUESTS = 1000

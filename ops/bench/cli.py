@@ -8,6 +8,8 @@ from typing import Any
 
 import typer
 
+from dio.protocol.defaults import DEFAULT_MODEL
+
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                         help="Benchmarks: trace replay, overload, predictor convergence, decision cost, pipeline.")
 
@@ -40,7 +42,7 @@ EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
 def _run(run: Callable[[Any], dict], config: Any, as_json: bool,
          errors: tuple[type[Exception], ...] = (ValueError, RuntimeError, TimeoutError)) -> None:
     """Run a benchmark; a bad option or a run that cannot finish is one error line (exit 2), not a traceback."""
-    from ops.bench.report import json_line
+    from dio.ops.bench.report import json_line
 
     try:
         summary = run(config)
@@ -52,7 +54,7 @@ def _run(run: Callable[[Any], dict], config: Any, as_json: bool,
 
 def _predictor(given: str | None) -> str:
     """Return the predictor to use: the one given, else the dispatcher's default."""
-    from ops.bench.cluster_run import DEFAULT_PREDICTOR
+    from dio.ops.bench.cluster_run import DEFAULT_PREDICTOR
 
     return given or DEFAULT_PREDICTOR
 
@@ -87,7 +89,7 @@ def replay(
     as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
     """Replay a trace through the whole system for every policy and load; compare latency and SLOs."""
-    from ops.bench.replay import ReplayConfig, run_replay
+    from dio.ops.bench.replay import ReplayConfig, run_replay
 
     config = ReplayConfig(trace=trace, cluster=cluster, model=model, loads=_loads(load, ctx), policies=_list(policies),
                           peers=_list(peers), slo_k=slo_k, time_scale=time_scale, target_wall_s=target_wall_s,
@@ -113,7 +115,7 @@ def pipeline(
     as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
     """Requests/s and added latency of DIO with an instant engine, against RQ and redis-benchmark."""
-    from ops.bench.pipeline import PipelineConfig, run_pipeline
+    from dio.ops.bench.pipeline import PipelineConfig, run_pipeline
 
     try:
         rates = tuple(float(r) for r in _list(low_rates))
@@ -147,7 +149,7 @@ def overload(
     as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
     """Offer 1x-3x capacity to every policy: goodput, rejections with retry-after, failures."""
-    from ops.bench.overload import OverloadConfig, run_overload
+    from dio.ops.bench.overload import OverloadConfig, run_overload
 
     config = OverloadConfig(trace=trace, cluster=cluster, model=model, loads=_loads(load, ctx), duration_s=duration_s,
                             policies=_list(policies), slo_k=slo_k, time_scale=time_scale, target_wall_s=target_wall_s,
@@ -174,7 +176,7 @@ def convergence(
     as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
     """Predictor error against completions seen, per GPU, from a cold start and after a slowdown."""
-    from ops.bench.convergence import ConvergenceConfig, run_convergence
+    from dio.ops.bench.convergence import ConvergenceConfig, run_convergence
 
     config = ConvergenceConfig(trace=trace, gpus=_list(gpus), predictors=_list(predictors), model=model, load=load,
                                completions=completions, slowdown=slowdown, repeats=repeats,
@@ -198,7 +200,7 @@ def decision(
     as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
     """Microseconds per routing decision against worker count: pure scoring and one dispatcher end to end."""
-    from ops.bench.decision import DecisionConfig, run_decision
+    from dio.ops.bench.decision import DecisionConfig, run_decision
 
     try:
         counts = [int(n) for n in _list(workers)]
@@ -215,7 +217,42 @@ def decision(
 @bench_app.command()
 def summary(folder: Path = typer.Option(None, help="results folder (default ops/bench/results)")) -> None:
     """Print the headline tables of the result files as Markdown."""
-    from ops.bench.report import RESULTS_DIR
-    from ops.bench.summary import render
+    from dio.ops.bench.report import RESULTS_DIR
+    from dio.ops.bench.summary import render
 
     typer.echo(render(folder or RESULTS_DIR))
+
+
+@bench_app.command("sim-server")
+def sim_server(
+    profile: str = typer.Option("H100-80GB", help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4"),
+    model: str = typer.Option(DEFAULT_MODEL, help="model shape"),
+    port: int = typer.Option(8000, help="HTTP port (with --cluster: the first of consecutive ports; 0: any free)"),
+    host: str = typer.Option("127.0.0.1"),
+    time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
+    max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once"),
+    kv_capacity_tokens: int = typer.Option(None, help="override the KV capacity in tokens"),
+    cluster: str = typer.Option(None, help="serve several GPUs from this process, e.g. H100:1,L4:2"),
+    load_format: str = typer.Option("vllm-router", help="/get_load's shape: vllm-router | sglang"),
+    ports_file: str = typer.Option(None, help="write the ports served (a JSON list) to this file when ready"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve simulated GPUs over HTTP as vLLM OpenAI servers (for testing routers)."""
+    import asyncio
+    import logging
+    import sys
+
+    from dio.ops.bench.sim_server import LOAD_FORMATS, serve_forever, sim_specs
+    from dio.ops.local_cluster import parse_workers
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if load_format not in LOAD_FORMATS:
+        _fail(f"--load-format must be one of {', '.join(LOAD_FORMATS)}")
+    try:
+        profiles = [s.profile for s in parse_workers(cluster) for _ in range(s.count)] if cluster else [profile]
+        specs = sim_specs(profiles, model, port, time_scale=time_scale, max_num_seqs=max_num_seqs,
+                          kv_capacity_tokens=kv_capacity_tokens)
+    except ValueError as exc:
+        _fail(str(exc))
+    asyncio.run(serve_forever(specs, host, load_format=load_format, ports_file=ports_file))

@@ -8,7 +8,6 @@ scaled by the time scale, so the cluster behaves the same in simulated time at a
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,14 +15,15 @@ from typing import Any
 
 from rich.progress import Progress
 
-from client import Client
-from dispatcher.config import DispatcherSettings
-from ops.bench.cpu import CpuMeter
-from ops.bench.openloop import Outcome, collect, request_fields, submit_on_schedule, to_outcome
-from ops.local_cluster import LocalCluster, WorkerSpec, worker_ids
-from ops.traces import Trace, TraceRequest
-from protocol.connection import connect, delete_keys
-from protocol.settings import CommonSettings
+from dio.client import Client
+from dio.dispatcher.config import DispatcherSettings
+from dio.dispatcher.predictor_store import read_states
+from dio.ops.bench.cpu import CpuMeter
+from dio.ops.local_cluster import LocalCluster, WorkerSpec, worker_ids
+from dio.ops.openloop import Outcome, collect, request_fields, submit_on_schedule, to_outcome
+from dio.ops.traces import Trace, TraceRequest
+from dio.protocol.connection import connect, delete_keys
+from dio.protocol.settings import CommonSettings
 
 DEFAULT_PREDICTOR = DispatcherSettings.model_fields["predictor"].default  # what `dio dispatcher` uses
 HEARTBEAT_SIM_S = 0.5  # a worker's telemetry is this old at most, in simulated seconds (DIO's default)
@@ -123,8 +123,7 @@ def _pids(cluster: LocalCluster) -> dict[str, int]:
 def read_predictors(redis_url: str, prefix: str) -> dict[str, dict[str, Any]]:
     """Return the dispatcher's persisted predictor state per worker (``{prefix}predictor``)."""
     settings = CommonSettings(redis_url=redis_url, key_prefix=prefix)
-    raw = connect(settings).hgetall(settings.keys.predictor)
-    return {worker_id: json.loads(value) for worker_id, value in raw.items()}
+    return read_states(connect(settings), settings.keys)
 
 
 def delete_prefix(redis_url: str, prefix: str) -> int:

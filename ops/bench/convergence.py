@@ -1,6 +1,6 @@
 """``dio bench convergence``: how fast each predictor learns a GPU's latency, cold and after drift.
 
-Pure and deterministic: each GPU's scheduler (``gpu_worker.sim.scheduler``, the simulated
+Pure and deterministic: each GPU's scheduler (``dio.gpu_worker.sim.scheduler``, the simulated
 engine's core) is driven directly in simulated time, no Redis, no processes. Requests from a trace
 arrive open loop (Poisson) at ``load`` × the GPU's saturation throughput; every completion's
 latency (from the worker starting the job to its end, as the worker daemon reports it) is fed to
@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from dispatcher.nlms import PREDICTORS, make_predictor
-from dispatcher.prior import roofline_prior
-from gpu_worker.sim.engine import SimEngine
-from gpu_worker.sim.profiles import get_model, get_profile
-from gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
-from ops.bench import plots, report
-from ops.bench.workload import engine_saturation_rps, load_workload, trace_name
-from ops.traces import Trace, poisson_arrivals, sample
+from dio.dispatcher.predictors import PREDICTORS, make_predictor
+from dio.dispatcher.prior import roofline_prior
+from dio.gpu_worker.sim.engine import SimEngine
+from dio.gpu_worker.sim.profiles import get_model, get_profile
+from dio.gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
+from dio.ops.bench import plots, report
+from dio.ops.bench.workload import engine_saturation_rps, load_workload, trace_name
+from dio.ops.traces import Trace, poisson_arrivals, sample
 
 PHASES = ("cold", "drift")
 PRIMED = "vector+prior"  # the vector predictor started from the roofline prior
@@ -126,7 +126,7 @@ def _next_arrival(arrivals: list[tuple[int, int, float]], i: int, drift_at: floa
 
 
 def gpu_prior(gpu: str, model: str) -> np.ndarray | None:
-    """The roofline prior (``dispatcher.prior``) of a simulated GPU, from what its worker registers."""
+    """The roofline prior (``dio.dispatcher.prior``) of a simulated GPU, from what its worker registers."""
     engine = SimEngine(gpu, model)  # not started: only its registration is read
     return roofline_prior(engine.capacity().worker_info("w", engine.name))
 
@@ -148,7 +148,7 @@ def errors(done: list[tuple[Job, float]], kind: str, prior: np.ndarray | None = 
 
 def features(done: list[tuple[Job, float]]) -> tuple[np.ndarray, np.ndarray]:
     """Return the vector predictors' feature rows and the latencies of the completions."""
-    from dispatcher.nlms import VectorNLMS
+    from dio.dispatcher.predictors import VectorNLMS
 
     rows = VectorNLMS()
     x = np.asarray([rows.features(job.prompt, job.output, job.load) for job, _ in done])

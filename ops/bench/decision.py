@@ -2,7 +2,7 @@
 
 Two measurements per policy and worker count:
 
-* **pure scoring** — ``Scheduler.decide`` on a synthetic ``dispatcher.cluster.Cluster`` (one row
+* **pure scoring** — ``Scheduler.decide`` on a synthetic ``dio.dispatcher.cluster.Cluster`` (one row
   per worker, GPU types in turn, predictors warmed with a few completions), µs per request over
   a batch, with each chosen worker's reservation held and released in turn so the cluster stays
   in a steady state;
@@ -27,20 +27,20 @@ from typing import Any
 import numpy as np
 import redis
 
-from dispatcher.cluster import Cluster
-from dispatcher.nlms import make_predictor
-from dispatcher.policies import POLICIES, make_policy
-from gpu_worker.sim.profiles import get_model, get_profile
-from gpu_worker.sim.roofline import kv_capacity_tokens, unloaded_service_time_s
-from ops.bench import plots, report
-from ops.bench.cluster_run import DEFAULT_PREDICTOR, delete_prefix
-from ops.bench.cpu import process_cpu_s
-from ops.bench.workload import load_workload
-from ops.redis_server import ensure_redis
-from protocol.connection import connect
-from protocol.keys import INTAKE_GROUP, Keys
-from protocol.models import Request, WorkerInfo, WorkerTelemetry, to_hash
-from protocol.settings import CommonSettings
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.policies import POLICIES, make_policy
+from dio.dispatcher.predictors import make_predictor
+from dio.gpu_worker.sim.profiles import get_model, get_profile
+from dio.gpu_worker.sim.roofline import kv_capacity_tokens, unloaded_service_time_s
+from dio.ops.bench import plots, report
+from dio.ops.bench.cluster_run import DEFAULT_PREDICTOR, delete_prefix
+from dio.ops.bench.cpu import process_cpu_s
+from dio.ops.bench.workload import load_workload
+from dio.ops.redis_server import ensure_redis
+from dio.protocol.connection import connect
+from dio.protocol.keys import DISPATCHER_GROUP, Keys
+from dio.protocol.models import Request, WorkerInfo, WorkerTelemetry, to_hash
+from dio.protocol.settings import CommonSettings
 
 GPUS = ("H100-80GB", "A100-40GB", "L4", "T4")
 WARM_COMPLETIONS = 30  # completions each synthetic worker's predictor learns before timing
@@ -165,7 +165,7 @@ def _warm_state(gpu: str, model: str, predictor: str, lengths: list[tuple[int, i
     row = bank.add_row()
     for prompt, output, latency in warm_samples(gpu, model, lengths[:WARM_COMPLETIONS]):
         bank.update(row, prompt, output, latency, load_units(model, prompt + output))
-    return json.dumps({**bank.state(row), "gpu": gpu, "service_ms": 1000.0})
+    return json.dumps({**bank.snapshot(row), "gpu": gpu, "service_ms": 1000.0})
 
 
 def fill_intake(client: redis.Redis, keys: Keys, batch: list[Request], chunk: int = 1000) -> None:
@@ -180,7 +180,7 @@ def fill_intake(client: redis.Redis, keys: Keys, batch: list[Request], chunk: in
 def handed_off(client: redis.Redis, keys: Keys) -> int:
     """Return how many intake entries the dispatchers' group has read and acknowledged."""
     for group in client.xinfo_groups(keys.intake):
-        if group["name"] == INTAKE_GROUP:
+        if group["name"] == DISPATCHER_GROUP:
             return int(group.get("entries-read") or 0) - int(group["pending"])
     return 0
 
@@ -189,7 +189,7 @@ def start_dispatcher(redis_url: str, prefix: str, policy: str, predictor: str) -
     """Start ``dio dispatcher`` for the prefix (requests never time out while it drains)."""
     env = dict(os.environ, DIO_REDIS_URL=redis_url, DIO_KEY_PREFIX=prefix, DIO_MAX_WAIT_S="3600",
                PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "ops.cli", "dispatcher", "--policy", policy,
+    return subprocess.Popen([sys.executable, "-m", "dio.ops.cli", "dispatcher", "--policy", policy,
                              "--predictor", predictor], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 

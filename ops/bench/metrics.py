@@ -8,26 +8,16 @@ SLO, over the run's makespan (first submission to last result).
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from ops.bench.cluster_run import RunRecord
-from ops.bench.openloop import LOST, Outcome
-from ops.stats import goodput, percentile, slo_attained
+from dio.ops.bench.cluster_run import RunRecord
+from dio.ops.openloop import LOST, Outcome
+from dio.ops.stats import goodput, percentile, reason_key, slo_attained
 
 STATUSES = ("completed", "rejected", "failed", "cancelled", LOST)
-REASON_CHARS = 160
-NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-def reason_key(text: str | None) -> str:
-    """Return a reason without its request-specific numbers, so equal causes group together."""
-    if not text:
-        return "(none)"
-    return NUMBER.sub("#", text)[:REASON_CHARS]
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:

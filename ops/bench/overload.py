@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ops.bench.replay import ReplayConfig, run_benchmark
-from ops.bench.workload import trace_name
+from dio.ops.bench.replay import ReplayConfig, run_benchmark
+from dio.ops.bench.workload import trace_name
 
 OVERLOAD_KEYS = ("goodput_tok_s", "slo_attainment", "p99_ms", "completed", "rejected", "rejected_with_retry_after",
                  "failed", "lost", "submitted")

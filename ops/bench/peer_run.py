@@ -1,8 +1,8 @@
 """One replay run through a peer router (``vllm-router``, ``sglang-router``) on the same simulated GPUs.
 
 The counterpart of ``cluster_run.run_trace`` for ``dio bench replay --peers``: one sim-server per GPU
-of the cluster (``dio sim-server``, same model and time scale as DIO's runs), the peer router in
-front of them, the trace replayed over HTTP open loop (``ops.peers.replay_http``), everything
+of the cluster (``dio bench sim-server``, same model and time scale as DIO's runs), the peer router in
+front of them, the trace replayed over HTTP open loop (``dio.ops.bench.peers.replay_http``), everything
 stopped afterwards. It returns a ``RunRecord`` so that ``summarize_run`` gives the same figures.
 """
 
@@ -15,9 +15,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ops.bench.cluster_run import RunRecord
-from ops.bench.cpu import CpuMeter
-from ops.peers import (
+from dio.ops.bench.cluster_run import RunRecord
+from dio.ops.bench.cpu import CpuMeter
+from dio.ops.bench.peers import (
     LOAD_FORMAT,
     PEER_POLICIES,
     as_outcomes,
@@ -28,7 +28,7 @@ from ops.peers import (
     start_sim_servers,
     stop_processes,
 )
-from ops.traces import Trace
+from dio.ops.traces import Trace
 
 SUCCESS = re.compile(r'^vllm:request_success_total\{[^}]*\}\s+([0-9.eE+-]+)$', re.MULTILINE)
 

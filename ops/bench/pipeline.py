@@ -29,16 +29,16 @@ from urllib.parse import urlsplit
 
 import redis
 
-from client import Client
-from client.handle import JobHandle
-from ops.bench import report
-from ops.bench.cluster_run import delete_prefix
-from ops.bench.cpu import CpuMeter
-from ops.local_cluster import LocalCluster, WorkerSpec
-from ops.redis_server import ensure_redis
-from ops.stats import percentile
-from protocol.connection import connect
-from protocol.settings import CommonSettings
+from dio.client import Client
+from dio.client.handle import JobHandle
+from dio.ops.bench import report
+from dio.ops.bench.cluster_run import delete_prefix
+from dio.ops.bench.cpu import CpuMeter
+from dio.ops.local_cluster import LocalCluster, WorkerSpec
+from dio.ops.redis_server import ensure_redis
+from dio.ops.stats import percentile
+from dio.protocol.connection import connect
+from dio.protocol.settings import CommonSettings
 
 SUBMIT_CHUNK = 500  # requests per submit_many call at full speed
 TICK_S = 0.002  # the half-load submitter's period

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dispatcher.policies import POLICIES
-from ops.bench import plots, report
-from ops.bench.calibrate import measure_capacity
-from ops.bench.cluster_run import DEFAULT_PREDICTOR, RunConfig, run_trace
-from ops.bench.metrics import gpu_shares, latency_cdf, summarize_run
-from ops.bench.peer_run import parse_peer, run_peer
-from ops.bench.virtual import record as virtual_record
-from ops.bench.virtual import replay_virtual
-from ops.bench.workload import (
+from dio.dispatcher.policies import POLICIES
+from dio.ops.bench import plots, report
+from dio.ops.bench.calibrate import measure_capacity
+from dio.ops.bench.cluster_run import DEFAULT_PREDICTOR, RunConfig, run_trace
+from dio.ops.bench.metrics import gpu_shares, latency_cdf, summarize_run
+from dio.ops.bench.peer_run import parse_peer, run_peer
+from dio.ops.bench.virtual import record as virtual_record
+from dio.ops.bench.virtual import replay_virtual
+from dio.ops.bench.workload import (
     TRACE_ARRIVALS,
     at_rate,
     auto_time_scale,
@@ -32,11 +32,11 @@ from ops.bench.workload import (
     span_s,
     trace_name,
 )
-from ops.local_cluster import parse_workers
-from ops.redis_server import ensure_redis
-from ops.traces import Trace, trace_stats
-from protocol.connection import connect
-from protocol.settings import CommonSettings
+from dio.ops.local_cluster import parse_workers
+from dio.ops.redis_server import ensure_redis
+from dio.ops.traces import Trace, trace_stats
+from dio.protocol.connection import connect
+from dio.protocol.settings import CommonSettings
 
 DEFAULT_CLUSTER = "H100:1,A100-40GB:2,L4:2,T4:3"
 HEADLINE_KEYS = ("p50_ms", "p99_ms", "slo_attainment", "goodput_tok_s", "completed", "rejected", "failed", "lost")
@@ -59,7 +59,7 @@ class ReplayConfig:
     model: str = "llama-3.2-3b"
     loads: list[float] = field(default_factory=lambda: [0.7, 0.9])
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
-    peers: list[str] = field(default_factory=list)  # ROUTER:POLICY, e.g. vllm-router:round_robin (ops.peers)
+    peers: list[str] = field(default_factory=list)  # ROUTER:POLICY, e.g. vllm-router:round_robin (ops.bench.peers)
     slo_k: float = 5.0
     time_scale: float | None = None  # None: chosen so the arrivals at the lowest load take target_wall_s
     target_wall_s: float = 12.0

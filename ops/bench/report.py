@@ -1,7 +1,7 @@
 """Benchmark output: result files under ``ops/bench/results/``, tables, progress bars.
 
 Every result file records the benchmark, the time, the exact command, the machine (CPU count,
-Python, package and Redis versions, git commit: ``ops.machine.machine_info``) and every figure.
+Python, package and Redis versions, git commit: ``dio.ops.machine.machine_info``) and every figure.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ops.machine import machine_info
+from dio.ops.machine import machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

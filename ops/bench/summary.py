@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ops.bench.report import RESULTS_DIR, fmt
+from dio.ops.bench.report import RESULTS_DIR, fmt
 
 
 def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:

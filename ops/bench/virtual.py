@@ -2,8 +2,8 @@
 
 ``dio bench replay`` runs the whole system (Redis, dispatcher and worker processes) in wall time;
 a 3,000-request trace takes minutes per policy. This module runs the same pieces that decide
-where requests go — ``dispatcher.policies`` over a ``dispatcher.cluster.Cluster`` with its
-predictors, reservations and backlog rules — against the same ``gpu_worker.sim.scheduler``
+where requests go — ``dio.dispatcher.policies`` over a ``dio.dispatcher.cluster.Cluster`` with its
+predictors, reservations and backlog rules — against the same ``dio.gpu_worker.sim.scheduler``
 models, but on a discrete-event clock: no Redis, no processes, no sleeping. A run takes seconds,
 so a policy change can be tried on every trace and load before the full benchmark confirms it.
 
@@ -19,19 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dispatcher.backlog import MAX_WAITS_PER_ROUTE, expired
-from dispatcher.cluster import Cluster
-from dispatcher.policies import make_policy
-from dispatcher.scheduling import Decision
-from dispatcher.scheduling import Scheduler as Policy
-from gpu_worker.engine import RequestRejected
-from gpu_worker.sim.engine import SimEngine
-from gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
-from ops.bench.cluster_run import RunRecord
-from ops.bench.openloop import LOST, Outcome
-from ops.local_cluster import parse_workers
-from ops.traces import Trace
-from protocol.models import Request, WorkerTelemetry
+from dio.dispatcher.backlog import MAX_WAITS_PER_ROUTE, expired
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.policies import make_policy
+from dio.dispatcher.scheduling import Decision
+from dio.dispatcher.scheduling import Scheduler as Policy
+from dio.gpu_worker.engine import RequestRejected
+from dio.gpu_worker.sim.engine import SimEngine
+from dio.gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
+from dio.ops.bench.cluster_run import RunRecord
+from dio.ops.local_cluster import parse_workers
+from dio.ops.openloop import LOST, Outcome
+from dio.ops.traces import Trace
+from dio.protocol.models import Request, WorkerTelemetry
 
 
 @dataclass
@@ -167,7 +167,7 @@ class VirtualCluster:
 
 
 def record(virtual: VirtualCluster, outcomes: list[Outcome], trace: Trace) -> RunRecord:
-    """The run as ``ops.bench.metrics.summarize_run`` reads it (simulated seconds, time scale 1)."""
+    """The run as ``dio.ops.bench.metrics.summarize_run`` reads it (simulated seconds, time scale 1)."""
     seen = virtual.cluster.predictor.seen
     predictors = {wid: {"error_p50_ms": float(np.median(virtual.errors[wid])) if virtual.errors.get(wid) else None,
                         "seen": int(seen[row])} for row, wid in enumerate(virtual.ids)}

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_worker.sim.profiles import get_model, get_profile
-from gpu_worker.sim.roofline import estimate_capacity_rps, unloaded_service_time_s
-from gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
-from ops.local_cluster import WorkerSpec
-from ops.traces import (
+from dio.gpu_worker.sim.profiles import get_model, get_profile
+from dio.gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
+from dio.ops.capacity import capacity_rps, deadline_ms, deadlines_ms, unloaded_ms
+from dio.ops.local_cluster import WorkerSpec
+from dio.ops.traces import (
     BUNDLED,
     Trace,
-    TraceRequest,
     bundled,
     detect_format,
     load_trace,
@@ -27,6 +26,8 @@ from ops.traces import (
     rescale_arrivals,
     with_arrivals,
 )
+
+__all__ = ["capacity_rps", "deadline_ms", "deadlines_ms", "unloaded_ms"]  # re-exported for the benchmarks
 
 POISSON = "poisson"
 TRACE_ARRIVALS = "trace"
@@ -75,15 +76,6 @@ def _arrival_times(path: str, max_requests: int | None) -> list[float]:
     return [r.arrival_s for r in load_trace(trace_path(path), max_requests=max_requests)]
 
 
-def capacity_rps(specs: list[WorkerSpec], model_name: str, trace: Trace) -> float:
-    """Return the roofline estimate of the cluster's saturation throughput (requests per simulated s)."""
-    model = get_model(model_name)
-    mean_prompt = float(np.mean([r.prompt_tokens for r in trace]))
-    mean_output = float(np.mean([r.output_tokens for r in trace]))
-    return sum(s.count * estimate_capacity_rps(get_profile(s.profile), model, mean_prompt, mean_output)
-               for s in specs)
-
-
 def engine_saturation_rps(profile: str, model_name: str, trace: Trace, sample: int = SATURATION_SAMPLE) -> float:
     """Return one simulated GPU's saturation throughput on the trace's requests (requests per simulated s).
 
@@ -121,30 +113,6 @@ def at_rate(trace: Trace, rps: float) -> Trace:
 def span_s(trace: Trace) -> float:
     """Return the time from the first arrival to the last, in simulated seconds."""
     return trace[-1].arrival_s - trace[0].arrival_s if trace else 0.0
-
-
-def unloaded_ms(specs: list[WorkerSpec], model_name: str, request: TraceRequest) -> float:
-    """Return the request's latency alone on the fastest GPU of the cluster, in simulated ms."""
-    model = get_model(model_name)
-    return 1000.0 * min(unloaded_service_time_s(get_profile(s.profile), model, request.prompt_tokens,
-                                                request.output_tokens) for s in specs)
-
-
-def deadline_ms(specs: list[WorkerSpec], model_name: str, request: TraceRequest, k: float) -> float:
-    """Return the request's SLO: k × its unloaded latency on the fastest GPU, in simulated ms."""
-    return k * unloaded_ms(specs, model_name, request)
-
-
-def deadlines_ms(specs: list[WorkerSpec], model_name: str, trace: Trace, k: float) -> list[float]:
-    """Return every request's SLO in simulated ms (equal lengths are costed once)."""
-    cache: dict[tuple[int, int], float] = {}
-    out = []
-    for request in trace:
-        key = (request.prompt_tokens, request.output_tokens)
-        if key not in cache:
-            cache[key] = deadline_ms(specs, model_name, request, k)
-        out.append(cache[key])
-    return out
 
 
 def nice_time_scale(raw: float) -> float:

@@ -1,9 +1,9 @@
 """Compare measured prefill and decode times with the simulator's roofline, and fit its H100 profile.
 
-Pure functions (numpy only, no GPU): ``ops.gpu.measure calibration`` feeds them the times measured
-by ``ops.gpu.direct``. A point is either the time to first token of one prompt alone (prefill,
+Pure functions (numpy only, no GPU): ``dio.ops.gpu.measure calibration`` feeds them the times measured
+by ``dio.ops.gpu.direct``. A point is either the time to first token of one prompt alone (prefill,
 chunked by the engine's token budget) or one decode step of a batch of equal requests. The
-simulator's time for it is ``gpu_worker.sim.roofline.prefill_time_s`` / ``step_time_s``, so the
+simulator's time for it is ``dio.gpu_worker.sim.roofline.prefill_time_s`` / ``step_time_s``, so the
 fitted numbers plug straight into ``GpuProfile``.
 
 The fit searches ``compute_efficiency`` and ``bandwidth_efficiency`` on a log grid, zooming in
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from gpu_worker.sim.profiles import GPU_PROFILES, GpuProfile, ModelShape, get_model
-from gpu_worker.sim.roofline import prefill_time_s, step_time_s
+from dio.gpu_worker.sim.profiles import GPU_PROFILES, GpuProfile, ModelShape, get_model
+from dio.gpu_worker.sim.roofline import prefill_time_s, step_time_s
 
 COARSE = 36  # grid points per efficiency in the first pass
 FINE = 25  # and around the best pair
@@ -65,7 +65,7 @@ CALIBRATION_DECODE = (128, 64)  # prompt tokens, new tokens of each sequence of 
 
 
 def measured_points(model: str, measured: dict[str, Any], batched_tokens: int) -> list[Point]:
-    """The points of one model's measurements (``ops.gpu.direct``'s calibration result)."""
+    """The points of one model's measurements (``dio.ops.gpu.direct``'s calibration result)."""
     prompt, new = CALIBRATION_DECODE
     points = [Point(model, "prefill", p["prompt_tokens"], p["ttft_median_ms"] / 1000.0, batched_tokens)
               for p in measured["prefill"] if p["ttft_median_ms"]]
@@ -230,7 +230,7 @@ def refit(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ops.gpu.calibration FILE...``: refit calibration results here (no GPU needed)."""
+    """``python -m dio.ops.gpu.calibration FILE...``: refit calibration results here (no GPU needed)."""
     for name in argv if argv is not None else sys.argv[1:]:
         fit = refit(Path(name))["fit"]
         print(f"{name}: fitted {fit['fitted']}, error {fit['error_before']['max']} -> {fit['error_after']}")

@@ -4,7 +4,7 @@
 #                                              this call carried in /tmp/p, which outlives the call
 #   bash ops/gpu/device.sh MEASUREMENT...      call 3 (carry .w3): install vLLM + DIO's wheels into
 #                                              /tmp/site, start redis-server on 127.0.0.1:$REDIS_PORT, run
-#                                              python -m ops.gpu.measure MEASUREMENT... --out $OUT
+#                                              python -m dio.ops.gpu.measure MEASUREMENT... --out $OUT
 #                                              Later calls on the same warm machine need no carry.
 # Options through the environment: MEASURE_ARGS (extra measure.py options), T_MEASURE (seconds the
 # measurements may take, default: what is left of 570 s), PYTHON (default python3).
@@ -16,6 +16,7 @@ SITE=${SITE:-/tmp/site}        # vLLM + wheels, kept while the machine is held
 PARTS=${PARTS:-/tmp/p}         # vllm tarball parts gathered over calls 1-3
 BIN=${BIN:-/tmp/dio-bin}       # redis-server, kept while the machine is held
 REDIS_PORT=${REDIS_PORT:-6379}
+DIO_ROOT=${DIO_ROOT:-/tmp/dio-root}  # holds dio/ -> the working tree's folders (see link_dio)
 TARBALL=vllm-0.26.0-nofa2.tar.xz
 CALL_LIMIT_S=${CALL_LIMIT_S:-570}  # the run tool allows 600 s; leave time to copy $OUT back
 T0=$(date +%s)
@@ -81,8 +82,18 @@ start_redis() {
   echo "REDIS DID NOT START"; tail -20 "$OUT/redis.log"; return 7
 }
 
+link_dio() {
+  # The checkout is not installed here: give Python the `dio` import root that pyproject's
+  # package-dir maps (dio.protocol = protocol/, ...), as links into the working tree.
+  local d
+  mkdir -p "$DIO_ROOT/dio"
+  ln -sfn "$R/dio/__init__.py" "$DIO_ROOT/dio/__init__.py"
+  for d in protocol client dispatcher gpu_worker ops; do ln -sfn "$R/$d" "$DIO_ROOT/dio/$d"; done
+}
+
 setup_env() {
-  export PYTHONPATH="$R:$SITE" PYTHONUNBUFFERED=1 \
+  link_dio
+  export PYTHONPATH="$DIO_ROOT:$SITE" PYTHONUNBUFFERED=1 \
     VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     DIO_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" DIO_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/15" \
@@ -113,7 +124,7 @@ left=$(( CALL_LIMIT_S - ($(date +%s) - T0) ))
 export MEASURE_DEADLINE=$(( $(date +%s) + ${T_MEASURE:-$left} - 10 ))
 ts "measure $* (up to ${T_MEASURE:-$left}s)" | tee -a "$OUT/setup.log"
 # shellcheck disable=SC2086  # MEASURE_ARGS is a list of options
-timeout -k 10 "${T_MEASURE:-$left}" "$PYTHON" -m ops.gpu.measure "$@" --out "$OUT" ${MEASURE_ARGS:-} \
+timeout -k 10 "${T_MEASURE:-$left}" "$PYTHON" -m dio.ops.gpu.measure "$@" --out "$OUT" ${MEASURE_ARGS:-} \
   > "$OUT/measure.log" 2>&1
 rc=$?
 echo "rc=$rc" >> "$OUT/measure.log"

@@ -1,6 +1,6 @@
-"""One vLLM engine driven straight (no Redis), in a child process of ``ops.gpu.measure``.
+"""One vLLM engine driven straight (no Redis), in a child process of ``dio.ops.gpu.measure``.
 
-    python -m ops.gpu.direct JOB.json RESULT.json
+    python -m dio.ops.gpu.direct JOB.json RESULT.json
 
 Each engine runs in its own child process: when the child exits, every byte of GPU memory the
 engine took is free again (the next engine's memory profiling must not see it go), and no vLLM
@@ -12,7 +12,7 @@ state outlives one engine. The job (JSON) names a task:
   and the decode step time per batch size (prompts of ``decode_prompt`` tokens, ``decode_tokens``
   new tokens, all at once; step = (latency - TTFT) / (new tokens - 1)).
 
-Prompts are token ids from ``ops.gpu.scenarios.prompt_ids``: the same (tag, index) gives the same
+Prompts are token ids from ``dio.ops.gpu.scenarios.prompt_ids``: the same (tag, index) gives the same
 ids here and in a request sent through DIO.
 """
 
@@ -27,10 +27,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gpu_worker.engine import EngineRequest
-from gpu_worker.engines import standin_backend
-from gpu_worker.vllm_engine import VllmEngine, read_model_config, resolve_model
-from ops.gpu.scenarios import eager_from_env, prompt_ids
+from dio.gpu_worker.engine import EngineRequest
+from dio.gpu_worker.engine_factory import standin_backend
+from dio.gpu_worker.vllm_engine import VllmEngine, read_model_config, resolve_model
+from dio.ops.gpu.scenarios import eager_from_env, prompt_ids
 
 WARMUP = (8, 64, 16)  # requests, prompt tokens, new tokens
 

@@ -1,10 +1,10 @@
 """Measurements on the GPU machine; each writes ``<name>.json`` to ``--out`` and prints a RESULT line.
 
 On the device, ``ops/gpu/device.sh`` installs vLLM, starts Redis, sets the environment and runs
-``python -m ops.gpu.measure <name>... --out $OUT``. Here, the same driver runs against the CPU
+``python -m dio.ops.gpu.measure <name>... --out $OUT``. Here, the same driver runs against the CPU
 stand-in of vLLM (a dry run of the code path, no numbers worth keeping)::
 
-    python -m ops.gpu.measure smoke --backend standin --out /tmp/gpu-dry
+    python -m dio.ops.gpu.measure smoke --backend standin --out /tmp/gpu-dry
 
 Measurements (helpers in ``scenarios``, ``direct``, ``calibration``, ``predictors``, ``report``):
     smoke           start DIO's VllmEngine (no Redis), run concurrent batches, an abort and a rejected
@@ -16,7 +16,7 @@ Measurements (helpers in ``scenarios``, ``direct``, ``calibration``, ``predictor
                     replay at 70% / 90% of it per policy: latency, TTFT, SLO attainment, preemptions.
     predictor-real  replay the predictors (seed, vector, rls) on hetero's real service times.
     calibration     prefill and decode step times of two model shapes vs the simulator; fit its profile.
-    summary         the headline numbers of the measurements in --out (also: python -m ops.gpu.report DIR).
+    summary         the headline numbers of the measurements in --out (also: python -m dio.ops.gpu.report DIR).
 
 With ``--backend standin`` every engine (in this process, in engine child processes and in worker
 processes, through ``DIO_VLLM_STANDIN``) is the CPU stand-in of vLLM: a dry run of the code path.
@@ -45,14 +45,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from client import Client
-from gpu_worker import nvml
-from gpu_worker.engine import EngineOutput, EngineRequest, RequestRejected
-from gpu_worker.vllm_engine import VllmBackend, VllmEngine, read_model_config, resolve_model
-from ops.gpu import report
-from ops.gpu.calibration import CALIBRATION_DECODE, Point, calibrate, measured_points
-from ops.gpu.predictors import evaluate
-from ops.gpu.scenarios import (
+from dio.client import Client
+from dio.gpu_worker import nvml
+from dio.gpu_worker.engine import EngineOutput, EngineRequest, RequestRejected
+from dio.gpu_worker.vllm_engine import VllmBackend, VllmEngine, read_model_config, resolve_model
+from dio.ops.gpu import report
+from dio.ops.gpu.calibration import CALIBRATION_DECODE, Point, calibrate, measured_points
+from dio.ops.gpu.predictors import evaluate
+from dio.ops.gpu.scenarios import (
     GpuCluster,
     Sent,
     WorkerPlan,
@@ -75,7 +75,7 @@ from ops.gpu.scenarios import (
     send_open_loop,
     wait_gpu_released,
 )
-from ops.traces import rescale_arrivals
+from dio.ops.traces import rescale_arrivals
 
 REPO = Path(__file__).resolve().parents[2]
 STATS_INTERVAL_S = 0.02  # how often a batch samples engine.stats()
@@ -113,8 +113,7 @@ def _backend(name: str) -> VllmBackend | None:
     """Return the engine backend: None for the real vLLM, or the CPU stand-in for dry runs."""
     if name == "vllm":
         return None
-    sys.path.insert(0, str(REPO / "tests"))
-    from vllm_standin import StandinBackend
+    from dio.gpu_worker.vllm_standin import StandinBackend
 
     return StandinBackend(step_s=0.005)
 
@@ -759,7 +758,7 @@ def environment() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ops.gpu.measure", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dio.ops.gpu.measure", description=__doc__.split("\n")[0])
     parser.add_argument("measurements", nargs="+", choices=sorted(MEASUREMENTS), metavar="MEASUREMENT")
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="folder for JSON and logs")
     parser.add_argument("--backend", choices=("vllm", "standin"), default="vllm", help="standin: dry run")

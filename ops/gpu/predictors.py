@@ -1,7 +1,7 @@
 """Replay DIO's latency predictors offline on service times measured on a real GPU.
 
 Input: per-request records of the ``hetero`` measurement (worker, prompt and output tokens,
-dispatch/start/finish times from the job hashes). Each predictor of ``dispatcher/nlms.py``
+dispatch/start/finish times from the job hashes). Each predictor of ``dispatcher/predictors.py``
 (``seed``, ``vector``, ``rls``) learns them per worker in completion order, exactly as the
 dispatcher does (``Predictor.update`` returns the error made before learning), with the load
 feature the dispatcher uses: the KV tokens of that worker's jobs in flight when the job was
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from dispatcher.cluster import DEFAULT_LOAD_UNIT_TOKENS
-from dispatcher.nlms import PREDICTORS, make_predictor
+from dio.dispatcher.cluster import DEFAULT_LOAD_UNIT_TOKENS
+from dio.dispatcher.predictors import PREDICTORS, make_predictor
 
 THRESHOLD_MS = 50.0
 WINDOW = 10

@@ -1,8 +1,8 @@
 """PNGs and the summary of the GPU measurements, from their JSON files.
 
-    python -m ops.gpu.report ops/bench/results/gpu --device-kind nvidia-h100-x1   # <dir>/*.png, <dir>/summary.json
+    python -m dio.ops.gpu.report ops/bench/results/gpu --device-kind nvidia-h100-x1   # <dir>/*.png, <dir>/summary.json
 
-The device may lack matplotlib: ``ops.gpu.measure`` tries the plots there and skips them when it
+The device may lack matplotlib: ``dio.ops.gpu.measure`` tries the plots there and skips them when it
 cannot import it; this command draws them here from the JSON that came back.
 """
 
@@ -235,7 +235,7 @@ def plot(name: str, result: dict[str, Any], folder: Path) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops.gpu.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dio.ops.gpu.report", description=__doc__.split("\n")[0])
     parser.add_argument("folder", nargs="?", default="ops/bench/results/gpu", type=Path)
     parser.add_argument("--device-kind", default=None, help="the run tool's kind they ran on, e.g. nvidia-h100-x1")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
-"""Building blocks of the GPU measurements in ``ops.gpu.measure`` (issue 5).
+"""Building blocks of the GPU measurements in ``dio.ops.gpu.measure`` (issue 5).
 
 - Request sets: Azure conversation lengths clamped to the tiny model's context, with
   deterministic token-id prompts (``prompt_ids``): the same (tag, index) gives the same prompt to
   an engine driven straight and to DIO, and different tags never share a prefix-cache block.
-- Child processes: an engine driven straight (``ops.gpu.direct``) runs in a process group of its
+- Child processes: an engine driven straight (``dio.ops.gpu.direct``) runs in a process group of its
   own, which is killed whole afterwards (vLLM's engine core is a grandchild), and the caller waits
   until the GPU memory it held is free again.
 - ``GpuCluster``: vLLM workers started one after the other (vLLM sizes its KV cache from the GPU
@@ -31,20 +31,20 @@ from typing import Any
 import numpy as np
 import redis
 
-from client import Client, ResultTimeout
-from client.handle import JobHandle
-from client.jobs import parse_job
-from gpu_worker import nvml
-from gpu_worker.config import WorkerSettings
-from gpu_worker.engines import STANDIN_ENV
-from ops.local_cluster import LocalCluster
-from ops.redis_server import ensure_redis
-from ops.stats import percentile
-from ops.traces import Trace, bundled, load_trace, sample
-from protocol.connection import delete_keys
-from protocol.keys import Keys
-from protocol.models import JobResult, JobStatus
-from protocol.settings import DEFAULT_REDIS_URL
+from dio.client import Client, ResultTimeout
+from dio.client.handle import JobHandle
+from dio.client.jobs import parse_job
+from dio.gpu_worker import nvml
+from dio.gpu_worker.config import WorkerSettings
+from dio.gpu_worker.engine_factory import STANDIN_ENV
+from dio.ops.local_cluster import LocalCluster
+from dio.ops.redis_server import ensure_redis
+from dio.ops.stats import percentile
+from dio.ops.traces import Trace, bundled, load_trace, sample
+from dio.protocol.connection import delete_keys
+from dio.protocol.keys import Keys
+from dio.protocol.models import JobResult, JobStatus
+from dio.protocol.settings import DEFAULT_REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama-1b"
@@ -154,13 +154,13 @@ def eager_from_env() -> bool:
 
 def engine_job(job: dict[str, Any], work_dir: Path, name: str, timeout_s: float,
                env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one ``ops.gpu.direct`` job in a child process; return its result (raises if it failed)."""
+    """Run one ``dio.ops.gpu.direct`` job in a child process; return its result (raises if it failed)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     job_path, result_path = work_dir / f"{name}.job.json", work_dir / f"{name}.result.json"
     job_path.write_text(json.dumps(job))
     result_path.unlink(missing_ok=True)
     child_env = {**os.environ, **(env or {})}
-    code = run_child(["ops.gpu.direct", str(job_path), str(result_path)], timeout_s, child_env)
+    code = run_child(["dio.ops.gpu.direct", str(job_path), str(result_path)], timeout_s, child_env)
     if code != 0 or not result_path.exists():
         raise RuntimeError(f"{name}: the engine process exited with code {code} (its log is in measure.log)")
     return json.loads(result_path.read_text())

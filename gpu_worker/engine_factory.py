@@ -2,18 +2,16 @@
 
 Dry runs of the GPU measurements (``ops/gpu``) on a machine without a GPU set
 ``DIO_VLLM_STANDIN=<seconds per token>``: ``--engine vllm`` then runs DIO's real ``VllmEngine`` on
-the CPU stand-in of vLLM that the tests use (``tests/vllm_standin.py``), in every worker process.
+the CPU stand-in of vLLM that the tests use (``gpu_worker/vllm_standin.py``), in every worker process.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
-from gpu_worker.config import WorkerSettings
-from gpu_worker.engine import Engine
+from dio.gpu_worker.config import WorkerSettings
+from dio.gpu_worker.engine import Engine
 
 ENGINES = ("sim", "vllm", "instant")
 STANDIN_ENV = "DIO_VLLM_STANDIN"  # seconds per output token of the stand-in; unset: the real vLLM
@@ -22,10 +20,7 @@ STANDIN_BLOCKS_PER_UTILIZATION = 40_000  # stand-in KV blocks (16 tokens) per un
 
 def standin_backend(step_s: float, gpu_memory_utilization: float) -> Any:
     """Return the CPU stand-in of vLLM (a VllmBackend), its KV cache sized by the memory share."""
-    tests = str(Path(__file__).resolve().parents[1] / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from vllm_standin import StandinBackend
+    from dio.gpu_worker.vllm_standin import StandinBackend
 
     blocks = max(64, int(gpu_memory_utilization * STANDIN_BLOCKS_PER_UTILIZATION))
     return StandinBackend(step_s=step_s, num_gpu_blocks=blocks)
@@ -34,7 +29,7 @@ def standin_backend(step_s: float, gpu_memory_utilization: float) -> Any:
 def make_engine(settings: WorkerSettings) -> Engine:
     """Return the engine named by ``settings.engine``, configured from the settings."""
     if settings.engine == "sim":
-        from gpu_worker.sim.engine import SimEngine
+        from dio.gpu_worker.sim.engine import SimEngine
 
         return SimEngine(
             gpu=settings.profile,
@@ -46,11 +41,11 @@ def make_engine(settings: WorkerSettings) -> Engine:
             kv_capacity_tokens=settings.kv_capacity_tokens,
         )
     if settings.engine == "instant":
-        from gpu_worker.instant import InstantEngine
+        from dio.gpu_worker.instant import InstantEngine
 
         return InstantEngine(model=settings.model, max_num_seqs=settings.max_num_seqs)
     if settings.engine == "vllm":
-        from gpu_worker.vllm_engine import VllmEngine
+        from dio.gpu_worker.vllm_engine import VllmEngine
 
         return VllmEngine(
             model=settings.model,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dispatcher.nlms import SeedNLMS, VectorNLMS, make_predictor
+from dio.dispatcher.predictors import SeedNLMS, VectorNLMS, make_predictor
 
 
 def synthetic(rng: np.random.Generator, n: int, scale: float = 1.0):
@@ -88,10 +88,10 @@ def test_state_round_trips_and_rows_are_independent(kind):
         pred.update(1, p, o, y)
     restored = make_predictor(kind)
     restored.add_row()
-    assert restored.load(0, pred.state(1))
+    assert restored.restore(0, pred.snapshot(1))
     assert restored.predict(0, 1000, 100) == pytest.approx(pred.predict(1, 1000, 100))
     assert pred.seen[0] == 0 and pred.predict(0, 1000, 100) == 0.0
-    assert not make_predictor("seed" if kind != "seed" else "vector").load(0, pred.state(1)) or kind == "rls"
+    assert not make_predictor("seed" if kind != "seed" else "vector").restore(0, pred.snapshot(1)) or kind == "rls"
 
 
 def test_predict_all_is_vectorised_over_rows():

@@ -14,7 +14,7 @@ One asyncio process (aiohttp) serves one or several engines, each on its own por
   sees -1 for every worker): answering it gives the routers more information, not less.
 
 Prompt length: token ids count exactly; text counts ``ceil(chars / 4)`` tokens (DIO's estimate, as
-``protocol.models.CHARS_PER_TOKEN``). Prompts that share leading tokens share prefix-cache blocks:
+``dio.protocol.models.CHARS_PER_TOKEN``). Prompts that share leading tokens share prefix-cache blocks:
 each 512-token block (2048 characters of text) is named by a hash of the whole prompt up to its end,
 the last partial block included, so the simulated prefix cache works over HTTP.
 
@@ -43,14 +43,14 @@ from typing import Any
 
 from aiohttp import web
 
-from gpu_worker.engine import (
+from dio.gpu_worker.engine import (
     Engine,
     EngineOutput,
     EngineRequest,
     OutOfMemory,
     RequestRejected,
 )
-from protocol.models import CHARS_PER_TOKEN
+from dio.protocol.models import CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -651,7 +651,7 @@ def sim_specs(profiles: Sequence[str], model: str, base_port: int, *, time_scale
     Raises:
         ValueError: an unknown GPU profile or model, or a model that does not fit.
     """
-    from gpu_worker.sim.engine import SimEngine
+    from dio.gpu_worker.sim.engine import SimEngine
 
     options: dict[str, Any] = {"time_scale": time_scale, "kv_capacity_tokens": kv_capacity_tokens}
     if max_num_seqs is not None:

@@ -1,4 +1,4 @@
-"""A CPU stand-in for the parts of vLLM 0.26's AsyncLLM that ``gpu_worker.vllm_engine`` calls.
+"""A CPU stand-in for the parts of vLLM 0.26's AsyncLLM that ``dio.gpu_worker.vllm_engine`` calls.
 
 It follows vLLM's shapes and behaviour where the adapter depends on them (checked against the
 vLLM 0.26.0 source):
@@ -29,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from gpu_worker.vllm_engine import VllmBackend
+from dio.gpu_worker.vllm_engine import VllmBackend
 
 DEFAULT_MAX_NUM_SEQS = 256
 

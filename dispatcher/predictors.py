@@ -25,7 +25,7 @@ prefill chunk is slower, so the backlog costs the request once plus again per ou
 Putting load in the features makes the prediction react at the moment of the decision, not only
 after slow completions come back; the weights stay per worker (how fast this GPU is). At
 prediction the output is the request's ``max_tokens``. A worker that registers its GPU's datasheet
-starts from a roofline prior (``dispatcher.prior``) instead of its first completion. Learned by
+starts from a roofline prior (``dio.dispatcher.prior``) instead of its first completion. Learned by
 normalized LMS
 ``w ← w + μ·e·x / (ε + x·x)`` at the same two timescales (μ_fast, μ_slow), mixed 0.8 / 0.2.
 Prefill and decode cost differ by orders of magnitude per token, so one slope over N cannot fit
@@ -146,12 +146,12 @@ class Predictor:
     def _step(self, row: int, x: np.ndarray, error: float) -> None:
         raise NotImplementedError
 
-    def state(self, row: int) -> dict:
+    def snapshot(self, row: int) -> dict:
         """JSON-able state of one row (persisted in Redis)."""
         return {"kind": self.kind, "fast": self.fast[row].tolist(), "slow": self.slow[row].tolist(),
                 "seen": int(self.seen[row])}
 
-    def load(self, row: int, state: dict) -> bool:
+    def restore(self, row: int, state: dict) -> bool:
         """Restore one row from ``state``; ignore a state of another kind. Return True if loaded."""
         if state.get("kind") != self.kind or len(state.get("fast", ())) != self.dims:
             return False
@@ -270,11 +270,11 @@ class VectorRLS(VectorNLMS):
             weights[row] += gain * own_error
             cov[row] = (cov[row] - np.outer(gain, px)) / lam
 
-    def state(self, row: int) -> dict:
-        return {**super().state(row), "p_fast": self.p_fast[row].tolist(), "p_slow": self.p_slow[row].tolist()}
+    def snapshot(self, row: int) -> dict:
+        return {**super().snapshot(row), "p_fast": self.p_fast[row].tolist(), "p_slow": self.p_slow[row].tolist()}
 
-    def load(self, row: int, state: dict) -> bool:
-        if not super().load(row, state):
+    def restore(self, row: int, state: dict) -> bool:
+        if not super().restore(row, state):
             return False
         if "p_fast" in state:
             self.p_fast[row] = np.asarray(state["p_fast"], dtype=float)

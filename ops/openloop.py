@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from client import Client, ResultTimeout
-from client.handle import JobHandle
-from ops.traces import Trace, TraceRequest
-from protocol.models import JobResult, JobStatus
+from dio.client import Client, ResultTimeout
+from dio.client.handle import JobHandle
+from dio.ops.traces import Trace, TraceRequest
+from dio.protocol.models import JobResult, JobStatus
 
 SUBMIT_TICK_S = 0.005  # the submitter sleeps at most this long between checks for due requests
 LOST = "lost"  # the status of a request with no terminal state when the run ended

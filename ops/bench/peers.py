@@ -1,7 +1,7 @@
 """Peer routers in front of simulated GPUs: the building blocks for benchmarking DIO against them.
 
 - ``start_sim_servers``: the simulated GPUs of a cluster spec, served over HTTP as vLLM servers
-  (``dio sim-server``), in one or a few processes;
+  (``dio bench sim-server``), in one or a few processes;
 - ``start_peer``: ``vllm-router`` or ``sglang-router`` in front of them, waiting until it routes;
 - ``replay_http``: an open-loop asyncio HTTP client that sends each trace request at its arrival
   time, streaming, and records latency, TTFT and errors per request;
@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from gpu_worker.http_server import PREFIX_BLOCK_TOKENS, token_text
-from gpu_worker.instant import SYNTHETIC_VOCAB
-from ops.local_cluster import parse_workers
-from ops.traces import TraceRequest
+from dio.gpu_worker.instant import SYNTHETIC_VOCAB
+from dio.ops.bench.sim_server import PREFIX_BLOCK_TOKENS, token_text
+from dio.ops.local_cluster import parse_workers
+from dio.ops.traces import TraceRequest
 
 PEER_POLICIES: dict[str, tuple[str, ...]] = {
     "vllm-router": ("random", "round_robin", "power_of_two", "cache_aware", "kv_aware", "consistent_hash",
@@ -149,7 +149,7 @@ def start_sim_servers(
     log_dir: Path | None = None,
     timeout_s: float = READY_TIMEOUT_S,
 ) -> list[tuple[str, subprocess.Popen]]:
-    """Serve each simulated GPU of ``cluster_spec`` over HTTP (``dio sim-server``); return ``(url, process)``.
+    """Serve each simulated GPU of ``cluster_spec`` over HTTP (``dio bench sim-server``); return ``(url, process)``.
 
     Ports are ``base_port``, ``base_port + 1``, ... or, with ``base_port=0`` (the default, immune to
     port races), whatever free ports the OS gives. The GPUs are spread over ``processes`` processes
@@ -164,7 +164,7 @@ def start_sim_servers(
             spec = ",".join(f"{profiles[i]}:1" for i in group)
             port = base_port + int(group[0]) if base_port else 0
             ports_file = Path(tmp) / f"ports-{n}.json"
-            args = [sys.executable, "-m", "ops.cli", "sim-server", "--cluster", spec, "--model", model,
+            args = [sys.executable, "-m", "dio.ops.cli", "bench", "sim-server", "--cluster", spec, "--model", model,
                     "--port", str(port), "--host", host, "--time-scale", str(time_scale),
                     "--load-format", load_format, "--ports-file", str(ports_file)]
             if max_num_seqs is not None:
@@ -394,8 +394,8 @@ async def replay_http(url: str, requests: Sequence[TraceRequest], *, model: str,
 
 
 def as_outcomes(records: Sequence[dict[str, Any]]) -> list[Any]:
-    """Convert records to ``ops.bench.openloop.Outcome`` (times in simulated ms), as DIO's replay reports."""
-    from ops.bench.openloop import Outcome
+    """Convert records to ``dio.ops.openloop.Outcome`` (times in simulated ms), as DIO's replay reports."""
+    from dio.ops.openloop import Outcome
 
     def ms(seconds: float | None) -> float | None:
         return None if seconds is None else seconds * 1000.0
