@@ -24,9 +24,10 @@ from dio.client.client import CLIENT_NAME_PREFIX, resolve_settings, submit_field
 from dio.client.exceptions import JobNotFound, ResultTimeout
 from dio.client.jobs import build_request, cancelled_result, check_unique, is_terminal, outcome, parse_job, queue_submit
 from dio.client.mailbox import Mailbox
-from dio.client.reader import RETRY_DELAY_S, WAKE_FIELD, parse_notice
+from dio.client.reader import RETRY_DELAY_S, parse_notice
 from dio.client.settings import POLLED_HASHES_PER_S, READER_BATCH, READER_BLOCK_MS, ClientSettings
 from dio.protocol.connection import connect_async
+from dio.protocol.keys import STATUS_FIELD, WAKE_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, Tier
 from dio.protocol.scripts import Scripts
 
@@ -151,10 +152,6 @@ class AsyncClient:
         )
         return (await self.submit_many([data]))[0]
 
-    async def submit_request(self, request: Request) -> AsyncJobHandle:
-        """Submit a ready Request (its reply address defaults to this client)."""
-        return (await self.submit_many([request]))[0]
-
     async def submit_many(self, requests: Iterable[Request | Mapping[str, Any]]) -> list[AsyncJobHandle]:
         """Submit many requests, ``submit_chunk`` per round trip; same contract as the sync one."""
         reqs = [build_request(self.settings, self.client_id, item) for item in requests]
@@ -217,12 +214,13 @@ class AsyncClient:
 
     async def status(self, job_id: str) -> JobStatus | None:
         """Return a job's current status, or None when its hash is gone."""
-        raw = await self.redis.hget(self.keys.job(job_id), "status")
+        raw = await self.redis.hget(self.keys.job(job_id), STATUS_FIELD)
         return None if raw is None else JobStatus(raw)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not ended; same contract as ``Client.cancel``."""
-        status, reply_to, worker = await self.redis.hmget(self.keys.job(job_id), ["status", "reply_to", "worker"])
+        key = self.keys.job(job_id)
+        status, reply_to, worker = await self.redis.hmget(key, [STATUS_FIELD, "reply_to", "worker"])
         if status is None or is_terminal(status):
             return False
         result = cancelled_result(job_id, worker)
@@ -262,7 +260,7 @@ class AsyncClient:
         """
         pipe = self.redis.pipeline(transaction=False)
         for handle in handles:
-            pipe.hget(self.keys.job(handle.id), "status")
+            pipe.hget(self.keys.job(handle.id), STATUS_FIELD)
         statuses = await pipe.execute()
         ended = [h for h, s in zip(handles, statuses, strict=True) if s is None or is_terminal(s)]
         if ended:

@@ -33,6 +33,7 @@ from dio.client.mailbox import Mailbox
 from dio.client.reader import ReplyReader
 from dio.client.settings import POLLED_HASHES_PER_S, ClientSettings
 from dio.protocol.connection import connect
+from dio.protocol.keys import STATUS_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, Tier
 from dio.protocol.scripts import Scripts
 
@@ -129,10 +130,6 @@ class Client:
         )
         return self.submit_many([data])[0]
 
-    def submit_request(self, request: Request) -> JobHandle:
-        """Submit a ready Request (its reply address defaults to this client)."""
-        return self.submit_many([request])[0]
-
     def submit_many(self, requests: Iterable[Request | Mapping[str, Any]]) -> list[JobHandle]:
         """Submit many requests, ``submit_chunk`` per round trip; return their handles in order.
 
@@ -177,7 +174,7 @@ class Client:
 
     def status(self, job_id: str) -> JobStatus | None:
         """Return a job's current status, or None when its hash is gone."""
-        raw = self.redis.hget(self.keys.job(job_id), "status")
+        raw = self.redis.hget(self.keys.job(job_id), STATUS_FIELD)
         return None if raw is None else JobStatus(raw)
 
     def cancel(self, job_id: str) -> bool:
@@ -186,7 +183,7 @@ class Client:
         The terminal state ``cancelled`` is written through the finish script, so a worker that
         finishes the job later cannot overwrite it, and a worker that has not started it drops it.
         """
-        status, reply_to, worker = self.redis.hmget(self.keys.job(job_id), ["status", "reply_to", "worker"])
+        status, reply_to, worker = self.redis.hmget(self.keys.job(job_id), [STATUS_FIELD, "reply_to", "worker"])
         if status is None or is_terminal(status):
             return False
         result = cancelled_result(job_id, worker)
@@ -227,7 +224,7 @@ class Client:
         """
         pipe = self.redis.pipeline(transaction=False)
         for handle in handles:
-            pipe.hget(self.keys.job(handle.id), "status")
+            pipe.hget(self.keys.job(handle.id), STATUS_FIELD)
         statuses = pipe.execute()
         ended = [h for h, s in zip(handles, statuses, strict=True) if s is None or is_terminal(s)]
         if ended:

@@ -6,7 +6,6 @@ turn what Redis returned into models, so both clients run the same code.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -14,8 +13,8 @@ from typing import Any
 
 from dio.client.exceptions import JobCancelled, JobFailed, JobRejected
 from dio.client.settings import ClientSettings
-from dio.protocol.keys import Keys
-from dio.protocol.models import JobResult, JobStatus, Request
+from dio.protocol.keys import REQUEST_FIELD, STATUS_FIELD, Keys
+from dio.protocol.models import JobResult, JobStatus, Request, from_hash
 
 CANCEL_REASON = "cancelled by the client"
 
@@ -62,27 +61,18 @@ def queue_submit(pipe: Any, keys: Keys, req: Request) -> None:
 
     The intake is never trimmed: a trimmed entry would be a request silently lost.
     """
-    fields = {"status": JobStatus.queued.value, "submitted_at": repr(req.submitted_at), "tier": req.tier.value}
+    fields = {STATUS_FIELD: JobStatus.queued.value, "submitted_at": repr(req.submitted_at), "tier": req.tier.value}
     if req.reply_to:
         fields["reply_to"] = req.reply_to
     pipe.hset(keys.job(req.id), mapping=fields)
-    pipe.xadd(keys.intake, {"req": req.to_json()})
+    pipe.xadd(keys.intake, {REQUEST_FIELD: req.to_json()})
 
 
 def parse_job(job_id: str, fields: Mapping[str, str]) -> JobResult | None:
-    """Turn a job hash (HGETALL) into a JobResult; None when the hash does not exist.
-
-    Only ``output_token_ids`` is JSON: text fields are kept verbatim, even when an output looks
-    like JSON.
-    """
+    """Turn a job hash (HGETALL) into a JobResult; None when the hash does not exist."""
     if not fields:
         return None
-    data: dict[str, Any] = {name: fields[name] for name in JobResult.model_fields if name in fields}
-    data.pop("v", None)
-    if "output_token_ids" in data:
-        data["output_token_ids"] = json.loads(data["output_token_ids"])
-    data["id"] = job_id
-    return JobResult.model_validate(data)
+    return from_hash(JobResult, fields, id=job_id)
 
 
 def is_terminal(status: str | None) -> bool:

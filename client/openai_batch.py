@@ -5,9 +5,10 @@ Input line: ``{"custom_id": "...", "method": "POST", "url": "/v1/completions" |
 Output line: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"} | null,
 "error": null | {"code", "message"}}``, the body being a completion or chat completion object.
 
-Body fields used: model, prompt (text, token ids, or a list of one text), messages,
-max_tokens (chat: also max_completion_tokens), temperature, top_p, seed. Other fields (stop,
-user, logprobs, ...) are ignored; ``n`` other than 1 and ``stream: true`` are refused.
+Body fields used: model, prompt (text, token ids, or a list of one), messages (rendered as
+``dio.protocol.openai`` says), max_tokens (chat: also max_completion_tokens), temperature, top_p,
+seed. Other fields (stop, user, logprobs, ...) are ignored; ``n`` other than 1 and ``stream: true``
+are refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from dio.protocol import defaults as d
 from dio.protocol.models import JobResult, JobStatus, Request
+from dio.protocol.openai import messages_to_prompt, parse_prompt
 
 COMPLETIONS_URL = "/v1/completions"
 CHAT_URL = "/v1/chat/completions"
@@ -43,7 +45,6 @@ class BatchLineError(ValueError):
 class BatchLine:
     """One parsed input line: who asked (custom_id), which endpoint, and the request fields."""
 
-    line_no: int
     custom_id: str
     url: str
     fields: dict[str, Any]
@@ -91,7 +92,7 @@ def parse_line(line_no: int, raw: bytes | None, max_bytes: int) -> BatchLine:
         fields = body_to_fields(url, obj.get("body"))
     except ValueError as exc:
         raise BatchLineError("invalid_request", f"line {line_no}: {exc}", custom_id) from None
-    return BatchLine(line_no, custom_id, url, fields)
+    return BatchLine(custom_id, url, fields)
 
 
 def _custom_id(line_no: int, obj: dict[str, Any]) -> str:
@@ -123,33 +124,8 @@ def body_to_fields(url: str, body: Any) -> dict[str, Any]:
 
 
 def _prompt_fields(prompt: Any) -> dict[str, Any]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return {"prompt": prompt}
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return {"prompt_token_ids": prompt}
-    raise ValueError("'prompt' must be a string, a list of one string, or a list of token ids")
-
-
-def messages_to_prompt(messages: Any) -> str:
-    """Join chat messages into one prompt, one ``role: content`` line per message."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
-    lines = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{i}] must be an object with a 'role'")
-        lines.append(f"{message['role']}: {_content_text(i, message.get('content'))}")
-    return "\n".join(lines)
-
-
-def _content_text(i: int, content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise ValueError(f"messages[{i}].content must be text (a string or text parts)")
+    value = parse_prompt(prompt)
+    return {"prompt": value} if isinstance(value, str) else {"prompt_token_ids": value}
 
 
 # --- writing the output -------------------------------------------------------------------------

@@ -15,17 +15,17 @@ from pydantic import ValidationError
 
 from dio.client.mailbox import Mailbox
 from dio.client.settings import READER_BATCH, READER_BLOCK_MS
+from dio.protocol.keys import RESULT_FIELD, WAKE_FIELD
 from dio.protocol.models import JobResult
 
 log = logging.getLogger(__name__)
 
-WAKE_FIELD = "wake"  # an entry with this field only wakes the reader up (on close)
 RETRY_DELAY_S = 1.0
 
 
 def parse_notice(entry_id: str, fields: dict[str, str]) -> JobResult | None:
     """Return the JobResult a reply entry carries, or None for wake-ups and garbage."""
-    raw = fields.get("r")
+    raw = fields.get(RESULT_FIELD)
     if raw is None:
         return None
     try:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from dio.protocol.defaults import DEFAULT_MODEL
 from dio.protocol.models import Tier
 from dio.protocol.settings import CommonSettings
 
-DEFAULT_MODEL = "llama-3.2-3b"
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_RESULT_TIMEOUT_S = 600.0  # JobHandle.result() gives up after this long unless told otherwise
 POLL_INTERVAL_S = 1.0  # a waiter re-reads the job hash this often, in case its notice was lost

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import redis
 
 from dio.protocol.connection import connect
+from dio.protocol.keys import REQUEST_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request
 from dio.protocol.scripts import Scripts
 from dio.protocol.settings import CommonSettings
@@ -87,7 +88,7 @@ class EchoBackend:
                 return  # the test is over (its keys were deleted, or Redis went away)
             for _stream, entries in replies or []:
                 last_id = entries[-1][0]
-                self._answer([Request.model_validate_json(fields["req"]) for _id, fields in entries])
+                self._answer([Request.model_validate_json(fields[REQUEST_FIELD]) for _id, fields in entries])
 
     def _answer(self, reqs: list[Request]) -> None:
         if self.delay_s:

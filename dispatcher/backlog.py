@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 from dio.protocol.models import Request, Tier
 
-MAX_WAITS_PER_ROUTE = 64  # after this many requests in a row found no worker, the rest wait too
-
 
 def expired(request: Request, received_at: float, now: float, max_wait_s: float) -> bool:
     """An interactive request stops waiting at its deadline (or ``max_wait_s`` after it arrived); batch never."""
@@ -64,6 +62,3 @@ class Backlog:
             return
         self.interactive = deque(p for p in self.interactive if p.entry_id not in done)
         self.batch = deque(p for p in self.batch if p.entry_id not in done)
-
-    def count_by_tier(self) -> dict[str, int]:
-        return {Tier.interactive.value: len(self.interactive), Tier.batch.value: len(self.batch)}

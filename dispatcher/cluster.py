@@ -16,7 +16,7 @@ import numpy as np
 from dio.dispatcher.predictors import Predictor, make_predictor
 from dio.dispatcher.prefix import PrefixIndex
 from dio.dispatcher.prior import roofline_prior
-from dio.protocol.models import WorkerInfo, WorkerTelemetry
+from dio.protocol.models import Request, WorkerInfo, WorkerTelemetry
 
 DEFAULT_LOAD_UNIT_TOKENS = 50_000.0  # when a worker does not report its weights (≈ a 3B model's)
 BACKLOG_UNIT_TOKENS = 10_000.0  # the prefill backlog feature counts prompt tokens in these units
@@ -171,6 +171,11 @@ class Cluster:
         self.prompt_in_flight[row] = sum(h.prompt_tokens for h in self.reservations[row].values())
         self.outstanding[row] = len(held)
         self._reset_ceiling(row)
+
+    def dispatched(self, row: int, request: Request, ceiling: float = np.inf, prompt_tokens: int = 0) -> None:
+        """Count a request sent to a worker: reserve its KV, remember the prefix blocks it will cache there."""
+        self.reserve(row, request.id, request.kv_tokens, ceiling, prompt_tokens)
+        self.prefix.record(request.prefix_hashes, self.ids[row])
 
     def cached_tokens(self, prompt_tokens: int, prefix_hashes: list[int] | None) -> np.ndarray:
         """Prompt tokens each worker probably has in its prefix cache (never the whole prompt)."""

@@ -1,11 +1,11 @@
-"""Filters: which workers may take a request (see ``dio.dispatcher.scheduling``)."""
+"""Filters: which workers may take a request (see ``dio.dispatcher.policy``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from dio.dispatcher.cluster import Cluster
-from dio.dispatcher.scheduling import Ask, Filter
+from dio.dispatcher.policy import Ask, Filter
 
 
 class ServesModel(Filter):
@@ -14,16 +14,16 @@ class ServesModel(Filter):
     name = "serves-model"
     permanent = True
 
-    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
-        return cluster.model == request.model
+    def mask(self, ask: Ask, cluster: Cluster, now: float) -> np.ndarray:
+        return cluster.model == ask.model
 
-    def explain(self, request: Ask, cluster: Cluster) -> str:
+    def explain(self, ask: Ask, cluster: Cluster) -> str:
         served = sorted(set(cluster.model.tolist()))
-        return f"no worker serves model {request.model!r} (served: {', '.join(served) or 'none'})"
+        return f"no worker serves model {ask.model!r} (served: {', '.join(served) or 'none'})"
 
 
 class FitsWhenIdle(Filter):
-    """Roofline admission, the hard part: the request's whole KV must fit the worker when idle.
+    """KV admission, the hard part: the request's whole KV must fit the worker when idle.
 
     KV tokens needed = prompt tokens + max_tokens (the most the request can ever hold); a worker
     whose KV cache or context length is smaller would fail it with an OOM or refuse it. Permanent.
@@ -32,16 +32,16 @@ class FitsWhenIdle(Filter):
     name = "fits-when-idle"
     permanent = True
 
-    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
-        need = request.kv_tokens
+    def mask(self, ask: Ask, cluster: Cluster, now: float) -> np.ndarray:
+        need = ask.kv_tokens
         return (cluster.kv_capacity >= need) & (cluster.max_model_len >= need)
 
-    def explain(self, request: Ask, cluster: Cluster) -> str:
-        same_model = cluster.model == request.model
+    def explain(self, ask: Ask, cluster: Cluster) -> str:
+        same_model = cluster.model == ask.model
         largest = int(np.minimum(cluster.kv_capacity, cluster.max_model_len)[same_model].max(initial=0))
-        return (f"too large for every worker: needs {request.kv_tokens} KV tokens "
-                f"(prompt {request.prompt_tokens} + max_tokens {request.max_tokens}); "
-                f"the largest worker for {request.model!r} holds {largest}")
+        return (f"too large for every worker: needs {ask.kv_tokens} KV tokens "
+                f"(prompt {ask.prompt_tokens} + max_tokens {ask.max_tokens}); "
+                f"the largest worker for {ask.model!r} holds {largest}")
 
 
 class Alive(Filter):
@@ -49,15 +49,15 @@ class Alive(Filter):
 
     name = "alive"
 
-    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, ask: Ask, cluster: Cluster, now: float) -> np.ndarray:
         return cluster.alive & ~cluster.draining
 
-    def explain(self, request: Ask, cluster: Cluster) -> str:
-        return f"no live worker for model {request.model!r}"
+    def explain(self, ask: Ask, cluster: Cluster) -> str:
+        return f"no live worker for model {ask.model!r}"
 
 
 class KvAdmission(Filter):
-    """Roofline admission, now: the request's KV fits what DIO has not yet reserved. Transient.
+    """KV admission, now: the request's KV fits what DIO has not yet reserved. Transient.
 
     Reservations are the KV of every job DIO sent to the worker that has not ended, so the
     engine's cache never overflows even if every running request grows to its max_tokens.
@@ -65,11 +65,11 @@ class KvAdmission(Filter):
 
     name = "kv-admission"
 
-    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
-        return cluster.reserved_kv + request.kv_tokens <= cluster.kv_capacity
+    def mask(self, ask: Ask, cluster: Cluster, now: float) -> np.ndarray:
+        return cluster.reserved_kv + ask.kv_tokens <= cluster.kv_capacity
 
-    def explain(self, request: Ask, cluster: Cluster) -> str:
-        return f"no worker has {request.kv_tokens} free KV tokens now (all reserved by running jobs)"
+    def explain(self, ask: Ask, cluster: Cluster) -> str:
+        return f"no worker has {ask.kv_tokens} free KV tokens now (all reserved by running jobs)"
 
 
 class QueueBound(Filter):
@@ -84,10 +84,10 @@ class QueueBound(Filter):
     def __init__(self, prefetch: int = 2) -> None:
         self.prefetch = prefetch
 
-    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, ask: Ask, cluster: Cluster, now: float) -> np.ndarray:
         return cluster.outstanding < cluster.slots + self.prefetch
 
-    def explain(self, request: Ask, cluster: Cluster) -> str:
+    def explain(self, ask: Ask, cluster: Cluster) -> str:
         return "every worker's queue is full"
 
 
@@ -104,8 +104,8 @@ class ColdStartProbe(Filter):
     def __init__(self, probes: int = 2) -> None:
         self.probes = probes
 
-    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, ask: Ask, cluster: Cluster, now: float) -> np.ndarray:
         return cluster.predictor.warm | (cluster.outstanding < self.probes)
 
-    def explain(self, request: Ask, cluster: Cluster) -> str:
+    def explain(self, ask: Ask, cluster: Cluster) -> str:
         return "waiting for the first completions of new workers"

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 
 from dio.dispatcher.backlog import Pending
+from dio.protocol.keys import REQUEST_FIELD
 from dio.protocol.models import JobId, JobResult, JobStatus, Request, describe_validation_error
 
 MAX_DEADLETTER_RAW_CHARS = 2000
 
 
 @dataclass
-class Refusal:
+class InvalidEntry:
     """An intake entry that will not be routed."""
 
     entry_id: str
@@ -25,14 +26,14 @@ class Refusal:
     error: str
 
 
-def parse_entry(entry_id: str, fields: dict[str, str], now: float | None = None) -> Pending | Refusal:
+def parse_entry(entry_id: str, fields: dict[str, str], now: float | None = None) -> Pending | InvalidEntry:
     """Validate one intake entry.
 
     A valid request becomes a backlog item. An invalid one whose id can be read is rejected
     with the validation message (the client sees why); one without a usable id can only be
     dead-lettered, since nobody could ever read a result for it.
     """
-    raw = fields.get("req", "")
+    raw = fields.get(REQUEST_FIELD, "")
     try:
         request = Request.model_validate_json(raw)
         return Pending(entry_id=entry_id, request=request, request_json=raw, received_at=now or time.time())
@@ -42,7 +43,7 @@ def parse_entry(entry_id: str, fields: dict[str, str], now: float | None = None)
     result = None
     if job_id is not None:
         result = JobResult(id=job_id, status=JobStatus.rejected, reason=message, finished_at=time.time())
-    return Refusal(entry_id=entry_id, result=result, reply_to=reply_to, raw=raw[:MAX_DEADLETTER_RAW_CHARS],
+    return InvalidEntry(entry_id=entry_id, result=result, reply_to=reply_to, raw=raw[:MAX_DEADLETTER_RAW_CHARS],
                    error=message)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dio.dispatcher.cluster import Cluster
-from dio.dispatcher.scheduling import Picker
+from dio.dispatcher.policy import Picker
 
 
 class MinCost(Picker):

@@ -1,7 +1,7 @@
 """Named routing policies, each one composition of filters, scorers and a picker.
 
 ``dio`` is DIO's policy; the others are the baselines the benchmarks compare it with. They share
-the liveness, model and queue-bound filters; only DIO adds roofline admission and its scorers.
+the liveness, model and queue-bound filters; only DIO adds KV admission and its scorers.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dio.dispatcher import filters, pickers, scorers
-from dio.dispatcher.scheduling import Scheduler
+from dio.dispatcher.policy import Policy
 
 
 def _common(prefetch: int) -> list:
@@ -17,13 +17,13 @@ def _common(prefetch: int) -> list:
 
 
 def dio(prefetch: int = 2, seed: int | None = None, shed_late: bool = True, shed_margin: float = 1.0,
-        **_: object) -> Scheduler:
+        **_: object) -> Policy:
     """NLMS latency (net of prefix-cache hits) + interference + queue wait + KV headroom + deadlines.
 
-    Under roofline admission. ``shed_late``: reject a request predicted to miss its deadline on
+    Under KV admission. ``shed_late``: reject a request predicted to miss its deadline on
     every worker, with a retry-after, instead of running it late.
     """
-    return Scheduler(
+    return Policy(
         name="dio",
         filters=[filters.ServesModel(), filters.FitsWhenIdle(), filters.Alive(), filters.KvAdmission(),
                  filters.QueueBound(prefetch), filters.ColdStartProbe()],
@@ -36,27 +36,27 @@ def dio(prefetch: int = 2, seed: int | None = None, shed_late: bool = True, shed
     )
 
 
-def round_robin(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
-    return Scheduler("round-robin", _common(prefetch), [], pickers.RoundRobin())
+def round_robin(prefetch: int = 2, seed: int | None = None, **_: object) -> Policy:
+    return Policy("round-robin", _common(prefetch), [], pickers.RoundRobin())
 
 
-def random(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
-    return Scheduler("random", _common(prefetch), [], pickers.Random(seed))
+def random(prefetch: int = 2, seed: int | None = None, **_: object) -> Policy:
+    return Policy("random", _common(prefetch), [], pickers.Random(seed))
 
 
-def least_loaded(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
-    return Scheduler("least-loaded", _common(prefetch), [(scorers.Outstanding(), 1.0)], pickers.MinCost(seed))
+def least_loaded(prefetch: int = 2, seed: int | None = None, **_: object) -> Policy:
+    return Policy("least-loaded", _common(prefetch), [(scorers.Outstanding(), 1.0)], pickers.MinCost(seed))
 
 
-def power_of_two(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
-    return Scheduler("power-of-two", _common(prefetch), [(scorers.Outstanding(), 1.0)], pickers.PowerOfTwo(seed))
+def power_of_two(prefetch: int = 2, seed: int | None = None, **_: object) -> Policy:
+    return Policy("power-of-two", _common(prefetch), [(scorers.Outstanding(), 1.0)], pickers.PowerOfTwo(seed))
 
 
-def queue_kv(prefetch: int = 2, seed: int | None = None, **_: object) -> Scheduler:
-    return Scheduler("queue-kv", _common(prefetch), [(scorers.QueueAndKv(), 1.0)], pickers.MinCost(seed))
+def queue_kv(prefetch: int = 2, seed: int | None = None, **_: object) -> Policy:
+    return Policy("queue-kv", _common(prefetch), [(scorers.QueueAndKv(), 1.0)], pickers.MinCost(seed))
 
 
-POLICIES: dict[str, Callable[..., Scheduler]] = {
+POLICIES: dict[str, Callable[..., Policy]] = {
     "dio": dio,
     "round-robin": round_robin,
     "random": random,
@@ -66,7 +66,7 @@ POLICIES: dict[str, Callable[..., Scheduler]] = {
 }
 
 
-def make_policy(name: str, **options: object) -> Scheduler:
+def make_policy(name: str, **options: object) -> Policy:
     """Build a policy by name (see ``POLICIES``)."""
     try:
         factory = POLICIES[name]

@@ -104,7 +104,7 @@ class Predictor:
         """Predicted latency (ms) of one request on every row, at each row's load and prefill backlog."""
         weights = FAST_WEIGHT * self.fast + SLOW_WEIGHT * self.slow
         if loads is None:
-            return weights @ self.features(prompt_tokens, output_tokens)
+            return weights @ self.features(float(prompt_tokens), output_tokens)
         if backlogs is None:
             backlogs = np.zeros(len(loads))
         return (weights * self._features_many(prompt_tokens, output_tokens, loads, backlogs)).sum(axis=1)

@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-PREFIX_BLOCK_TOKENS = 512  # as Mooncake's hash_ids: one hash per 512-token block of the prompt
+from dio.protocol.defaults import PREFIX_BLOCK_TOKENS
 
 
 class PrefixIndex:

@@ -6,19 +6,19 @@ import numpy as np
 
 from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.deadlines import would_breach
-from dio.dispatcher.scheduling import Ask, Scorer
+from dio.dispatcher.policy import Ask, Scorer
 
 INFEASIBLE_MS = 1e5  # added to a worker that would miss the request's own deadline
 BREACH_MS = 1e6  # added to a worker where the request would make a job already there miss its deadline
 
 
-def predicted_ms(request: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
+def predicted_ms(ask: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
     """The NLMS latency of the request on each row; cold rows get the warm rows' mean.
 
     A cold worker (no completion yet) is neither shunned nor flooded: it is priced like an
     average worker, so it receives traffic and its predictor warms up.
     """
-    pred = request.predicted[rows]
+    pred = ask.predicted[rows]
     warm = cluster.predictor.warm[rows]
     if not warm.all():
         pred[~warm] = pred[warm].mean() if warm.any() else 0.0
@@ -30,8 +30,8 @@ class PredictedLatency(Scorer):
 
     name = "predicted-latency"
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
-        return predicted_ms(request, cluster, rows)
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        return predicted_ms(ask, cluster, rows)
 
 
 class Interference(Scorer):
@@ -45,14 +45,14 @@ class Interference(Scorer):
 
     name = "interference"
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         outstanding = cluster.outstanding[rows]
         if not outstanding.any():
             return np.zeros(len(rows))
         # The request's own load, in each worker's weight units, times what a unit of load costs a
         # job of this length there: the prediction with it minus the prediction without it.
-        added_load = request.kv_tokens / cluster.load_unit[rows]
-        return outstanding * cluster.predictor.load_sensitivity(request.max_tokens)[rows] * added_load
+        added_load = ask.kv_tokens / cluster.load_unit[rows]
+        return outstanding * cluster.predictor.load_sensitivity(ask.max_tokens)[rows] * added_load
 
 
 class QueueWait(Scorer):
@@ -64,13 +64,13 @@ class QueueWait(Scorer):
 
     name = "queue-wait"
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
-        kv_slots = cluster.kv_capacity[rows] // max(request.kv_tokens, 1)
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        kv_slots = cluster.kv_capacity[rows] // max(ask.kv_tokens, 1)
         slots = np.maximum(np.minimum(cluster.slots[rows], kv_slots), 1)
         ahead = np.maximum(cluster.outstanding[rows] + 1 - slots, 0)
         service = cluster.service_ms[rows]
         if (service == 0).any():
-            service = np.where(service == 0, predicted_ms(request, cluster, rows), service)
+            service = np.where(service == 0, predicted_ms(ask, cluster, rows), service)
         return ahead * service / slots
 
 
@@ -84,11 +84,11 @@ class KvHeadroom(Scorer):
     name = "kv-headroom"
     START = 0.8
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         capacity = np.maximum(cluster.kv_capacity[rows], 1)
-        usage = (cluster.reserved_kv[rows] + request.kv_tokens) / capacity
+        usage = (cluster.reserved_kv[rows] + ask.kv_tokens) / capacity
         over = np.clip((usage - self.START) / (1 - self.START), 0.0, 1.0)
-        return 0.5 * over * predicted_ms(request, cluster, rows)
+        return 0.5 * over * predicted_ms(ask, cluster, rows)
 
 
 class DeadlineFeasibility(Scorer):
@@ -99,11 +99,11 @@ class DeadlineFeasibility(Scorer):
     def __init__(self) -> None:
         self.wait = QueueWait()
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
-        deadline = request.deadline_at
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        deadline = ask.deadline_at
         if deadline is None:
             return np.zeros(len(rows))
-        finish_ms = predicted_ms(request, cluster, rows) + self.wait.cost(request, cluster, rows, now)
+        finish_ms = predicted_ms(ask, cluster, rows) + self.wait.cost(ask, cluster, rows, now)
         remaining_ms = (deadline - now) * 1000.0
         return np.where(finish_ms > remaining_ms, INFEASIBLE_MS, 0.0)
 
@@ -117,8 +117,8 @@ class ProtectsDeadlines(Scorer):
 
     name = "protects-deadlines"
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
-        return np.where(would_breach(request.loads[rows], cluster.ceiling[rows]), BREACH_MS, 0.0)
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        return np.where(would_breach(ask.loads[rows], cluster.ceiling[rows]), BREACH_MS, 0.0)
 
 
 class Outstanding(Scorer):
@@ -126,7 +126,7 @@ class Outstanding(Scorer):
 
     name = "outstanding"
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         return cluster.outstanding[rows].astype(float)
 
 
@@ -139,7 +139,7 @@ class QueueAndKv(Scorer):
 
     name = "queue-kv"
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         queue = np.maximum(cluster.outstanding[rows] - cluster.running[rows], cluster.waiting[rows])
         queue_norm = queue / max(queue.max(), 1)
         return queue_norm + cluster.kv_usage[rows]

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 from dio.protocol import defaults as d
 from dio.protocol.settings import CommonSettings
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class WorkerSettings(CommonSettings):
@@ -18,7 +11,7 @@ class WorkerSettings(CommonSettings):
     engine: str = "sim"  # sim | vllm | instant
     # Simulated engine.
     profile: str = "H100-80GB"
-    model: str = "llama-3.2-3b"
+    model: str = d.DEFAULT_MODEL
     time_scale: float = 1.0
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from dio.gpu_worker.config import WorkerSettings
 from dio.gpu_worker.engine import Engine, EngineError, EngineOutput, EngineRequest, EngineStats, RequestRejected
 from dio.protocol.connection import connect_async
-from dio.protocol.keys import WORKER_GROUP
+from dio.protocol.keys import JOB_FIELD, REQUEST_FIELD, STATUS_FIELD, WORKER_GROUP
 from dio.protocol.models import (
     Completion,
     JobResult,
@@ -60,8 +60,6 @@ class Finished:
 class Counters:
     completed: int = 0
     failed: int = 0
-    rejected: int = 0
-    preemptions: int = 0
     in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
 
 
@@ -237,9 +235,9 @@ class WorkerDaemon:
     def _parse(self, entry_id: str, fields: dict[str, str]) -> Request | None:
         """Validate a queue entry; a bad one is failed (if it has an id) and acknowledged."""
         try:
-            return Request.model_validate_json(fields.get("req", ""))
+            return Request.model_validate_json(fields.get(REQUEST_FIELD, ""))
         except ValidationError as exc:
-            job_id = fields.get("job")
+            job_id = fields.get(JOB_FIELD)
             log.error("invalid queue entry %s: %s", entry_id, exc)
             if job_id:
                 result = JobResult(id=job_id, status=JobStatus.failed, worker=self.worker_id,
@@ -283,7 +281,6 @@ class WorkerDaemon:
     def _record(self, entry_id: str, request: Request, started_at: float, out: EngineOutput,
                 status: JobStatus, error: str | None, reason: str | None) -> None:
         finished_at = time.time()
-        self.counters.preemptions += out.preemptions
         if status == JobStatus.completed:
             self.counters.completed += 1
         elif status == JobStatus.failed:
@@ -357,7 +354,7 @@ class WorkerDaemon:
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for job_id in job_ids:
-                    pipe.hget(self.keys.job(job_id), "status")
+                    pipe.hget(self.keys.job(job_id), STATUS_FIELD)
                 statuses = await pipe.execute()
             except (aioredis.ConnectionError, aioredis.TimeoutError):
                 continue

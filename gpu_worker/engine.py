@@ -1,4 +1,9 @@
-"""The engine interface every GPU worker engine implements (vLLM, simulated GPU, instant).
+"""The ``Engine`` interface every GPU worker engine implements (vLLM, simulated GPU, instant), and its types.
+
+``EngineRequest`` goes in and cumulative ``EngineOutput``s come out; ``EngineCapacity`` is what a
+worker registers and ``EngineStats`` what it heartbeats; ``EngineError`` and its subclasses say how
+a job ends. The engines themselves live beside this module, and ``engine_factory.make_engine``
+builds one by name.
 
 An engine runs many requests at once (continuous batching): the daemon calls ``stream`` for each
 job concurrently, from one asyncio event loop, and the engine batches them internally.

@@ -1,4 +1,6 @@
-"""Build the engine a worker runs, by name (heavy engines are imported only when chosen).
+"""Build the engine a worker runs: ``make_engine(settings)`` picks it by ``settings.engine`` (``DIO_ENGINE``).
+
+Each engine's module is imported only when it is chosen, so a simulated worker never loads vLLM.
 
 Dry runs of the GPU measurements (``ops/gpu``) on a machine without a GPU set
 ``DIO_VLLM_STANDIN=<seconds per token>``: ``--engine vllm`` then runs DIO's real ``VllmEngine`` on

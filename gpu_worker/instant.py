@@ -14,6 +14,7 @@ from dio.gpu_worker.engine import (
     EngineStats,
     RequestRejected,
 )
+from dio.protocol.defaults import DEFAULT_MODEL
 
 DEFAULT_KV_CAPACITY_TOKENS = 10_000_000  # large enough that KV never limits a pipeline benchmark
 DEFAULT_MAX_NUM_SEQS = 1024
@@ -33,7 +34,7 @@ class InstantEngine(Engine):
 
     def __init__(
         self,
-        model: str = "llama-3.2-3b",
+        model: str = DEFAULT_MODEL,
         *,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS,

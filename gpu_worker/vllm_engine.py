@@ -34,11 +34,11 @@ from dio.gpu_worker.engine import (
     RequestRejected,
 )
 from dio.gpu_worker.sim.profiles import match_profile
+from dio.protocol.defaults import CHARS_PER_TOKEN
 
 MODELS_DIR = Path(__file__).parent / "models"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-CHARS_PER_SYNTHETIC_TOKEN = 4  # same average as protocol.models.CHARS_PER_TOKEN
 FIRST_SYNTHETIC_TOKEN_ID = 3  # skip the usual pad/bos/eos ids
 DEFAULT_VOCAB_SIZE = 32000
 # Aborts of ids not (yet) in vLLM are remembered so a stream that starts later ends at once;
@@ -145,7 +145,7 @@ def synthetic_token_ids(text: str, count: int, vocab_size: int) -> list[int]:
     span = max(1, vocab_size - FIRST_SYNTHETIC_TOKEN_ID)
     ids = []
     for i in range(count):
-        chunk = text[CHARS_PER_SYNTHETIC_TOKEN * i : CHARS_PER_SYNTHETIC_TOKEN * (i + 1)]
+        chunk = text[CHARS_PER_TOKEN * i : CHARS_PER_TOKEN * (i + 1)]  # as DIO's estimate counts
         seed = chunk if chunk else f"{text}\x00{i}"
         ids.append(FIRST_SYNTHETIC_TOKEN_ID + zlib.crc32(seed.encode()) % span)
     return ids

@@ -69,7 +69,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    metrics: Any = None
 
 
 @dataclass

@@ -11,6 +11,8 @@ import threading
 
 import typer
 
+from dio.protocol.defaults import DEFAULT_MODEL
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DIO: a Distributed Inference Orchestrator for LLM serving on Redis.")
 
@@ -54,22 +56,24 @@ def dispatcher(
 @app.command()
 def worker(
     # Every default is None, so that an option not given leaves its DIO_* variable (or the settings' default).
-    engine: str = typer.Option(None, help="sim | vllm | instant [DIO_ENGINE; default sim]"),
-    profile: str = typer.Option(None, help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4 "
-                                           "[DIO_PROFILE; default H100-80GB]"),
-    model: str = typer.Option(None, help="model shape (sim) or model path (vllm) [DIO_MODEL; default llama-3.2-3b]"),
-    time_scale: float = typer.Option(None, help="sim: simulated seconds per wall second [DIO_TIME_SCALE; default 1]"),
+    engine: str | None = typer.Option(None, help="sim | vllm | instant [DIO_ENGINE; default sim]"),
+    profile: str | None = typer.Option(None, help="simulated GPU: H100-80GB, A100-80GB, A100-40GB, L4, A10G, T4 "
+                                                  "[DIO_PROFILE; default H100-80GB]"),
+    model: str | None = typer.Option(None, help="model shape (sim) or model path (vllm) "
+                                                f"[DIO_MODEL; default {DEFAULT_MODEL}]"),
+    time_scale: float | None = typer.Option(None, help="sim: simulated seconds per wall second "
+                                                       "[DIO_TIME_SCALE; default 1]"),
     count: int = typer.Option(1, help="simulated workers hosted by this one process"),
-    worker_id: str = typer.Option(None, "--id", help="worker id (with --count N, suffixed -1..N)"),
-    cluster: str = typer.Option(None, "--cluster",
-                                help="host one engine per GPU of a spec like H100:1,L4:2 (ids H100-1, L4-1, L4-2)"),
-    max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once [DIO_MAX_NUM_SEQS]"),
-    gpu_memory_utilization: float = typer.Option(None, help="fraction of VRAM for weights + KV cache "
-                                                            "[DIO_GPU_MEMORY_UTILIZATION]"),
-    max_model_len: int = typer.Option(None, help="vllm: the model's context length [DIO_MAX_MODEL_LEN]"),
-    kv_capacity_tokens: int = typer.Option(None, help="sim: override the KV capacity in tokens "
-                                                      "[DIO_KV_CAPACITY_TOKENS]"),
-    load_format: str = typer.Option(None, help="vllm: 'dummy' for random weights [DIO_LOAD_FORMAT]"),
+    worker_id: str | None = typer.Option(None, "--id", help="worker id (with --count N, suffixed -1..N)"),
+    cluster: str | None = typer.Option(None, "--cluster", help="host one engine per GPU of a spec like H100:1,L4:2 "
+                                                               "(ids H100-1, L4-1, L4-2)"),
+    max_num_seqs: int | None = typer.Option(None, help="sequences the engine runs at once [DIO_MAX_NUM_SEQS]"),
+    gpu_memory_utilization: float | None = typer.Option(None, help="fraction of VRAM for weights + KV cache "
+                                                                   "[DIO_GPU_MEMORY_UTILIZATION]"),
+    max_model_len: int | None = typer.Option(None, help="vllm: the model's context length [DIO_MAX_MODEL_LEN]"),
+    kv_capacity_tokens: int | None = typer.Option(None, help="sim: override the KV capacity in tokens "
+                                                             "[DIO_KV_CAPACITY_TOKENS]"),
+    load_format: str | None = typer.Option(None, help="vllm: 'dummy' for random weights [DIO_LOAD_FORMAT]"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a GPU worker daemon (or several simulated ones in one process)."""
@@ -109,7 +113,7 @@ def up(
     workers: str = typer.Option("H100:1,A100-40GB:1,L4:1,T4:1", help="GPU profiles and counts"),
     policy: str = typer.Option("dio"),
     predictor: str = typer.Option("vector"),
-    model: str = typer.Option("llama-3.2-3b"),
+    model: str = typer.Option(DEFAULT_MODEL),
     time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
     log_dir: str = typer.Option(None, help="write each process's log here"),
 ) -> None:
@@ -149,7 +153,7 @@ def up(
 def submit(
     prompt: str = typer.Argument(..., help="the prompt text"),
     max_tokens: int = typer.Option(64),
-    model: str = typer.Option("llama-3.2-3b"),
+    model: str = typer.Option(DEFAULT_MODEL),
     tier: str = typer.Option("interactive", help="interactive | batch"),
     timeout: float = typer.Option(120.0, help="seconds to wait for the result"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),

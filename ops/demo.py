@@ -28,6 +28,7 @@ from dio.ops.redis_server import ensure_redis
 from dio.ops.stats import reason_key
 from dio.ops.traces import BUNDLED, TraceRequest, bundled, load_trace, rescale_arrivals
 from dio.protocol.connection import connect, delete_keys
+from dio.protocol.defaults import DEFAULT_MODEL
 from dio.protocol.models import JobResult, JobStatus
 from dio.protocol.settings import CommonSettings
 
@@ -44,7 +45,7 @@ class DemoConfig:
     time_scale: float = 10.0
     slo_k: float = 5.0
     seed: int = 0
-    model: str = "llama-3.2-3b"
+    model: str = DEFAULT_MODEL
 
 
 def load_demo_trace(name: str, count: int, seed: int) -> list[TraceRequest]:

@@ -6,10 +6,16 @@ import json
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from dio.protocol.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
+from dio.protocol.models import M, WorkerInfo, WorkerTelemetry, from_hash
+
+# The capabilities shown of a worker, with what is shown when its hash is gone.
+INFO_UNKNOWN: dict[str, Any] = {"gpu": None, "model": None, "engine": None, "kv_capacity_tokens": 0}
+TELEMETRY_SHOWN = ("kv_usage", "running", "waiting", "completed", "failed", "preemptions", "draining")
 
 
 def _group(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
@@ -25,6 +31,22 @@ def _group(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
     return info
 
 
+def _decode(cls: type[M], fields: dict[str, str]) -> M | None:
+    """Decode a worker hash as ``cls``; None when it is gone or unreadable (the worker is still listed)."""
+    try:
+        return from_hash(cls, fields)
+    except ValidationError:
+        return None
+
+
+def _worker_state(fields: dict[str, str]) -> dict[str, Any]:
+    """The capabilities and telemetry ``dio inspect`` shows of one worker hash."""
+    info = _decode(WorkerInfo, fields)
+    telemetry = _decode(WorkerTelemetry, fields) or WorkerTelemetry()
+    shown = info.model_dump(include=set(INFO_UNKNOWN)) if info else dict(INFO_UNKNOWN)
+    return {**shown, **telemetry.model_dump(include=set(TELEMETRY_SHOWN))}
+
+
 def collect(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     """Read workers, queues, intake, predictors and the lease into one dict."""
     workers = []
@@ -37,13 +59,8 @@ def collect(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         workers.append({
             "id": worker_id,
             "alive": bool(client.exists(keys.alive(worker_id))),
-            "gpu": fields.get("gpu"), "model": fields.get("model"), "engine": fields.get("engine"),
-            "kv_capacity_tokens": int(fields.get("kv_capacity_tokens", 0)),
+            **_worker_state(fields),
             "kv_reserved_tokens": sum(int(v) for v in reserved.values()),
-            "kv_usage": float(fields.get("kv_usage", 0.0)),
-            "running": int(fields.get("running", 0)), "waiting": int(fields.get("waiting", 0)),
-            "completed": int(fields.get("completed", 0)), "failed": int(fields.get("failed", 0)),
-            "preemptions": int(fields.get("preemptions", 0)), "draining": fields.get("draining") == "1",
             "queue": queue,
             "predictor": {"kind": state.get("kind"), "seen": state.get("seen", 0),
                           "error_p50_ms": state.get("error_p50_ms"), "service_ms": state.get("service_ms")},

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from dio.protocol.defaults import DEFAULT_MODEL
 from dio.protocol.keys import Keys
 
 READY_TIMEOUT_S = 60.0
@@ -67,7 +68,7 @@ class LocalCluster:
     key_prefix: str = Keys().prefix
     policy: str = "dio"
     predictor: str = "vector"
-    model: str = "llama-3.2-3b"
+    model: str = DEFAULT_MODEL
     engine: str = "sim"
     time_scale: float = 1.0
     log_dir: Path | None = None

@@ -19,6 +19,7 @@ REQUEST_FIELD = "req"  # intake and queue entries: the Request JSON
 JOB_FIELD = "job"  # queue entries: the job id
 COMPLETION_FIELD = "c"  # completions entries: the Completion JSON
 RESULT_FIELD = "r"  # reply entries: the JobResult JSON (the job's terminal state)
+WAKE_FIELD = "wake"  # reply entries with only this field wake a blocked reader up (on close)
 
 # Job-hash fields that scripts and processes read by name (the rest are JobResult's fields).
 STATUS_FIELD = "status"

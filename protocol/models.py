@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -19,11 +20,9 @@ from dio.protocol import defaults as d
 
 SCHEMA_VERSION = 1
 
-JobId = Annotated[str, Field(min_length=1, max_length=d.MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+M = TypeVar("M", bound=BaseModel)
 
-# A prompt whose tokens the dispatcher does not know is counted as this many characters per token
-# (the usual English average for BPE tokenizers); clients that tokenize pass num_prompt_tokens.
-CHARS_PER_TOKEN = 4
+JobId = Annotated[str, Field(min_length=1, max_length=d.MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
 
 class Tier(str, Enum):
@@ -60,7 +59,7 @@ class Request(Strict):
 
     v: int = SCHEMA_VERSION
     id: JobId
-    model: str = Field(default="llama-3.2-3b", min_length=1, max_length=d.MAX_MODEL_CHARS)
+    model: str = Field(default=d.DEFAULT_MODEL, min_length=1, max_length=d.MAX_MODEL_CHARS)
     prompt: str | None = Field(default=None, max_length=d.MAX_PROMPT_CHARS)
     prompt_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(
         default=None, max_length=d.MAX_PROMPT_TOKENS
@@ -104,7 +103,8 @@ class Request(Strict):
             return len(self.prompt_token_ids)
         if self.num_prompt_tokens is not None:
             return self.num_prompt_tokens
-        return max(1, math.ceil(len(self.prompt or "") / CHARS_PER_TOKEN))
+        # Clients that tokenize pass num_prompt_tokens; the estimate is the usual English BPE average.
+        return max(1, math.ceil(len(self.prompt or "") / d.CHARS_PER_TOKEN))
 
     @property
     def kv_tokens(self) -> int:
@@ -222,17 +222,33 @@ def to_hash(model: BaseModel) -> dict[str, str]:
     return out
 
 
-def from_hash(cls: type[Strict], fields: dict[str, str], **extra: Any) -> Strict:
-    """Rebuild a model from HGETALL fields, ignoring fields the model does not define."""
+def hash_json_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """Return the fields of ``cls`` that a hash stores as JSON: those holding lists or dicts."""
+    return frozenset(name for name, info in cls.model_fields.items() if _holds_container(info.annotation))
+
+
+def _holds_container(annotation: Any) -> bool:
+    if get_origin(annotation) in (list, dict):
+        return True
+    return any(_holds_container(arg) for arg in get_args(annotation))  # list[int] | None, Annotated[...]
+
+
+def from_hash(cls: type[M], fields: Mapping[str, str], **extra: Any) -> M:
+    """Rebuild a model from HGETALL fields, ignoring fields the model does not define.
+
+    The inverse of ``to_hash``: lists and dicts are JSON, booleans "1"/"0"; every other field is
+    kept as text for pydantic to validate (an output that looks like JSON stays text).
+    ``extra`` fields (e.g. the job id, which is in the key, not the hash) override the hash's.
+    """
+    json_fields = hash_json_fields(cls)
     data: dict[str, Any] = {}
     for name, info in cls.model_fields.items():
         if name not in fields:
             continue
         raw = fields[name]
-        annotation = str(info.annotation)
-        if "list" in annotation or "dict" in annotation:  # stored as JSON by to_hash
+        if name in json_fields:
             data[name] = json.loads(raw)
-        elif info.annotation is bool or info.annotation == "bool":
+        elif info.annotation is bool:
             data[name] = raw in ("1", "true", "True")
         else:
             data[name] = raw

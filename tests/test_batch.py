@@ -24,6 +24,7 @@ from dio.client.batch import (
     run_batch,
 )
 from dio.client.testing import EchoBackend, echo_decide
+from dio.protocol.keys import STATUS_FIELD
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +113,7 @@ def test_interrupted_batch_cancels_in_flight_jobs_and_resumes(client_settings, c
         with pytest.raises(KeyboardInterrupt):
             run_batch(input_file, output, client, concurrency=16, progress_cb=stop_after_ten, batch_id="b2")
     assert get_progress(client, "b2")["status"] == "interrupted"
-    statuses = Counter(client.redis.hget(k, "status") for k in client.redis.scan_iter(client.keys.job("*")))
+    statuses = Counter(client.redis.hget(k, STATUS_FIELD) for k in client.redis.scan_iter(client.keys.job("*")))
     assert statuses["cancelled"] == 2  # the hung jobs were cancelled, not left to run
     assert sum(1 for _ in read_output(output)) >= 10
     with EchoBackend(client_settings):
@@ -133,7 +134,7 @@ def test_cancel_stops_the_batch_and_a_rerun_finishes_it(client_settings, client,
         request_cancel(client, "b3")
         runner.join(10)
     assert outcome[0].status == "cancelled" and outcome[0].done == 0
-    statuses = Counter(client.redis.hget(k, "status") for k in client.redis.scan_iter(client.keys.job("*")))
+    statuses = Counter(client.redis.hget(k, STATUS_FIELD) for k in client.redis.scan_iter(client.keys.job("*")))
     assert statuses == {"cancelled": 10}
     assert get_progress(client, "b3").get("cancel_requested") is None  # consumed: a rerun resumes
     with EchoBackend(client_settings):

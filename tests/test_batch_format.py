@@ -10,11 +10,11 @@ from dio.client.openai_batch import (
     BatchLine,
     BatchLineError,
     iter_raw_lines,
-    messages_to_prompt,
     parse_line,
     result_record,
 )
 from dio.protocol.models import JobResult, JobStatus, Request
+from dio.protocol.openai import messages_to_prompt
 
 
 def line(obj) -> bytes:
@@ -94,7 +94,7 @@ def make_result(status: JobStatus, **fields) -> JobResult:
 
 
 def test_completed_chat_record_has_the_openai_shape():
-    parsed = BatchLine(1, "c1", "/v1/chat/completions", {"prompt": "user: hi"})
+    parsed = BatchLine("c1", "/v1/chat/completions", {"prompt": "user: hi"})
     request = Request(id="j1", prompt="user: hi", model="m", max_tokens=2)
     record = result_record(parsed, request, make_result(JobStatus.completed, output="Hello", prompt_tokens=3,
                                                         output_tokens=2))
@@ -109,7 +109,7 @@ def test_completed_chat_record_has_the_openai_shape():
 
 
 def test_completed_text_record_and_failures():
-    parsed = BatchLine(1, "c1", "/v1/completions", {"prompt": "hi"})
+    parsed = BatchLine("c1", "/v1/completions", {"prompt": "hi"})
     request = Request(id="j1", prompt="hi", max_tokens=16)
     body = result_record(parsed, request, make_result(JobStatus.completed, output="yo", output_tokens=1))[
         "response"]["body"]

@@ -20,6 +20,8 @@ from dio.client import (
     Tier,
 )
 from dio.client.testing import EchoBackend
+from dio.protocol.defaults import DEFAULT_MODEL
+from dio.protocol.keys import REQUEST_FIELD, STATUS_FIELD
 from dio.protocol.models import JobResult
 from dio.protocol.scripts import Scripts
 
@@ -32,17 +34,17 @@ def test_submit_returns_the_completed_result(backend, client):
     assert result.output == "echo: hello"
     assert result.worker == "echo-worker"
     sent = backend.seen[0]
-    assert (sent.max_tokens, sent.model, sent.tier, sent.reply_to) == (8, "llama-3.2-3b", Tier.interactive,
+    assert (sent.max_tokens, sent.model, sent.tier, sent.reply_to) == (8, DEFAULT_MODEL, Tier.interactive,
                                                                        client.client_id)
 
 
 def test_submit_writes_the_job_hash_and_the_intake_entry(client):
     handle = client.submit(prompt_token_ids=[5, 6], tier="batch", metadata={"user": "u1"}, id="job-1")
     fields = client.redis.hgetall(client.keys.job("job-1"))
-    assert fields["status"] == "queued"
+    assert fields[STATUS_FIELD] == JobStatus.queued
     assert (fields["tier"], fields["reply_to"]) == ("batch", client.client_id)
     [(_id, entry)] = client.redis.xrange(client.keys.intake)
-    assert Request.model_validate_json(entry["req"]) == handle.request
+    assert Request.model_validate_json(entry[REQUEST_FIELD]) == handle.request
     assert handle.status() is JobStatus.queued and not handle.done()
 
 

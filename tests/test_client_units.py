@@ -10,6 +10,7 @@ from dio.client import JobCancelled, JobFailed, JobRejected, JobStatus, Request,
 from dio.client.jobs import build_request, is_terminal, outcome, parse_job
 from dio.client.mailbox import Mailbox
 from dio.client.settings import ClientSettings
+from dio.protocol.keys import ATTEMPTS_FIELD, STATUS_FIELD
 from dio.protocol.models import JobResult
 
 
@@ -61,7 +62,7 @@ def test_build_request_fills_defaults_and_keeps_explicit_values():
 
 
 def test_parse_job_reads_numbers_lists_and_text_verbatim():
-    fields = {"status": "completed", "output": "[not json", "output_token_ids": "[1, 2]", "attempts": "2",
+    fields = {STATUS_FIELD: "completed", "output": "[not json", "output_token_ids": "[1, 2]", ATTEMPTS_FIELD: "2",
               "finished_at": "1700000000.5", "reply_to": "c1", "tier": "batch"}
     result = parse_job("j1", fields)
     assert (result.output, result.output_token_ids, result.attempts) == ("[not json", [1, 2], 2)

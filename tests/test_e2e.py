@@ -18,7 +18,7 @@ import redis
 
 from dio.client import Client, JobRejected
 from dio.ops.local_cluster import LocalCluster, WorkerSpec
-from dio.protocol.keys import Keys
+from dio.protocol.keys import REQUEST_FIELD, Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,10 +61,10 @@ def test_too_large_for_every_worker_is_rejected_with_a_reason(cluster, redis_url
 def test_malformed_intake_entries_do_not_stop_the_dispatcher(cluster, redis_url, redis_prefix):
     keys = Keys(redis_prefix)
     raw = redis.Redis.from_url(redis_url, decode_responses=True)
-    raw.xadd(keys.intake, {"req": "not json"})
+    raw.xadd(keys.intake, {REQUEST_FIELD: "not json"})
     raw.xadd(keys.intake, {"nothing": "here"})
-    raw.xadd(keys.intake, {"req": json.dumps({"id": "bad-1", "prompt": "x", "max_tokens": -5})})
-    raw.xadd(keys.intake, {"req": json.dumps({"id": "bad-2", "prompt": "x", "evil": "__import__('os')"})})
+    raw.xadd(keys.intake, {REQUEST_FIELD: json.dumps({"id": "bad-1", "prompt": "x", "max_tokens": -5})})
+    raw.xadd(keys.intake, {REQUEST_FIELD: json.dumps({"id": "bad-2", "prompt": "x", "evil": "__import__('os')"})})
     with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
         assert dio.submit("still alive", max_tokens=4).result(timeout=30).status.value == "completed"
         assert dio.get("bad-1").status.value == "rejected"

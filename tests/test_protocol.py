@@ -3,16 +3,18 @@
 import pytest
 from pydantic import ValidationError
 
-from dio.dispatcher.intake import Refusal, parse_entry
+from dio.dispatcher.intake import InvalidEntry, parse_entry
 from dio.protocol import defaults as d
-from dio.protocol.keys import Keys
+from dio.protocol.keys import REQUEST_FIELD, Keys
 from dio.protocol.models import (
+    JobResult,
     JobStatus,
     Request,
     WorkerInfo,
     WorkerTelemetry,
     describe_validation_error,
     from_hash,
+    hash_json_fields,
     to_hash,
 )
 
@@ -59,13 +61,24 @@ def test_worker_models_round_trip_through_a_hash():
     assert from_hash(WorkerTelemetry, fields).draining is True
 
 
+def test_job_results_round_trip_through_the_one_codec():
+    result = JobResult(id="j1", status=JobStatus.completed, output='["looks", "like", "json"]', output_token_ids=[1, 2],
+                       attempts=2, finished_at=1700000000.5)
+    fields = to_hash(result)
+    assert fields["output_token_ids"] == "[1,2]" and fields["attempts"] == "2"
+    back = from_hash(JobResult, {k: v for k, v in fields.items() if k != "id"}, id="j1")  # the id is in the key
+    assert isinstance(back, JobResult) and back == result  # text stays text, even when it looks like JSON
+    assert hash_json_fields(JobResult) == {"output_token_ids"}
+    assert hash_json_fields(Request) == {"prompt_token_ids", "prefix_hashes", "metadata"}
+
+
 def test_intake_entries_without_an_id_are_dead_lettered_others_rejected():
-    refusal = parse_entry("1-0", {"req": '{"id": "ok-id", "prompt": "x", "max_tokens": -1, "reply_to": "c"}'})
-    assert isinstance(refusal, Refusal) and refusal.result.status == JobStatus.rejected
-    assert refusal.reply_to == "c" and "max_tokens" in refusal.result.reason
+    invalid = parse_entry("1-0", {REQUEST_FIELD: '{"id": "ok-id", "prompt": "x", "max_tokens": -1, "reply_to": "c"}'})
+    assert isinstance(invalid, InvalidEntry) and invalid.result.status == JobStatus.rejected
+    assert invalid.reply_to == "c" and "max_tokens" in invalid.result.reason
     for raw in ("not json", "[]", '{"id": "bad id", "prompt": "x"}', ""):
-        refusal = parse_entry("1-0", {"req": raw})
-        assert isinstance(refusal, Refusal) and refusal.result is None
+        invalid = parse_entry("1-0", {REQUEST_FIELD: raw})
+        assert isinstance(invalid, InvalidEntry) and invalid.result is None
 
 
 def test_keys_share_one_cluster_hash_tag():

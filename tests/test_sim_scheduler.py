@@ -7,14 +7,15 @@ import pytest
 from dio.gpu_worker.engine import RequestRejected
 from dio.gpu_worker.sim import roofline
 from dio.gpu_worker.sim.profiles import get_model, get_profile
-from dio.gpu_worker.sim.scheduler import EventKind, Scheduler, SchedulerEvent, SimRequest
+from dio.gpu_worker.sim.scheduler import BatchScheduler, EventKind, SchedulerEvent, SimRequest
 
 H100 = get_profile("H100")
 T4 = get_profile("T4")
 LLAMA_3B = get_model("llama-3.2-3b")
 
 
-def drive(sched: Scheduler, arrivals: list[tuple[float, SimRequest]]) -> dict[str, dict[EventKind, SchedulerEvent]]:
+def drive(sched: BatchScheduler,
+          arrivals: list[tuple[float, SimRequest]]) -> dict[str, dict[EventKind, SchedulerEvent]]:
     """Add each request at its arrival time, run to idle; return each request's events by kind."""
     events: list[SchedulerEvent] = []
     for t, request in sorted(arrivals, key=lambda a: a[0]):
@@ -33,7 +34,7 @@ def req(rid: str, prompt: int = 1000, output: int = 200, **kw) -> SimRequest:
 
 
 def test_single_request_matches_the_unloaded_service_time() -> None:
-    events = drive(Scheduler(H100, LLAMA_3B), [(0.0, req("a"))])["a"]
+    events = drive(BatchScheduler(H100, LLAMA_3B), [(0.0, req("a"))])["a"]
     assert events[EventKind.first_token].time == pytest.approx(roofline.prefill_time_s(H100, LLAMA_3B, 1000))
     finished = events[EventKind.finished]
     assert finished.time == pytest.approx(roofline.unloaded_service_time_s(H100, LLAMA_3B, 1000, 200))
@@ -42,7 +43,7 @@ def test_single_request_matches_the_unloaded_service_time() -> None:
 
 def test_continuous_batching_serves_32_requests_in_far_less_than_32_times_one() -> None:
     one = roofline.unloaded_service_time_s(H100, LLAMA_3B, 1000, 200)
-    events = drive(Scheduler(H100, LLAMA_3B), [(0.0, req(str(i))) for i in range(32)])
+    events = drive(BatchScheduler(H100, LLAMA_3B), [(0.0, req(str(i))) for i in range(32)])
     last = max(e[EventKind.finished].time for e in events.values())
     assert len(events) == 32
     assert last < 3 * one  # sequential service would take 32x
@@ -52,7 +53,7 @@ def test_continuous_batching_serves_32_requests_in_far_less_than_32_times_one() 
 
 def test_requests_that_fit_together_are_never_preempted() -> None:
     # 8 x (2000 + 4000) = 48,000 tokens <= the T4's 59,344.
-    sched = Scheduler(T4, LLAMA_3B)
+    sched = BatchScheduler(T4, LLAMA_3B)
     events = drive(sched, [(0.0, req(str(i), 2000, 4000)) for i in range(8)])
     assert all(EventKind.finished in e for e in events.values())
     assert sched.stats().preemptions == 0
@@ -66,7 +67,7 @@ def test_requests_that_fit_together_are_never_preempted() -> None:
     ],
 )
 def test_kv_exhaustion_preempts_then_fails_with_out_of_memory(max_preemptions: int, expect_failures: bool) -> None:
-    sched = Scheduler(T4, LLAMA_3B, max_preemptions=max_preemptions)
+    sched = BatchScheduler(T4, LLAMA_3B, max_preemptions=max_preemptions)
     events = drive(sched, [(0.0, req(str(i), 2000, 4000)) for i in range(64)])
     stats = sched.stats()
     failed = [e[EventKind.failed] for e in events.values() if EventKind.failed in e]
@@ -81,7 +82,7 @@ def test_kv_exhaustion_preempts_then_fails_with_out_of_memory(max_preemptions: i
 
 
 def test_kv_never_exceeds_capacity_while_running() -> None:
-    sched = Scheduler(T4, LLAMA_3B, kv_capacity_tokens=20_000)
+    sched = BatchScheduler(T4, LLAMA_3B, kv_capacity_tokens=20_000)
     for i in range(20):
         sched.add(req(str(i), 1500, 3000), 0.0)
     t, peak = 0.0, 0
@@ -102,14 +103,14 @@ def test_kv_never_exceeds_capacity_while_running() -> None:
     ],
 )
 def test_too_long_request_is_rejected(gpu, model: str, prompt: int, output: int) -> None:
-    sched = Scheduler(gpu, get_model(model))
+    sched = BatchScheduler(gpu, get_model(model))
     with pytest.raises(RequestRejected, match="exceeds max_model_len"):
         sched.add(req("long", prompt, output), 0.0)
     assert sched.stats().waiting == 0
 
 
 def test_prefix_cache_hits_skip_prefill() -> None:
-    sched = Scheduler(H100, LLAMA_3B)
+    sched = BatchScheduler(H100, LLAMA_3B)
     hashes = [11, 12, 13, 14]  # 4 blocks of 512 tokens
     cold = drive(sched, [(0.0, req("cold", 2100, 10, prefix_hashes=hashes))])["cold"]
     start = sched.now + 1.0
@@ -126,7 +127,7 @@ def test_prefix_cache_hits_skip_prefill() -> None:
 
 
 def test_prefix_cache_evicts_least_recently_used_blocks() -> None:
-    sched = Scheduler(H100, LLAMA_3B, prefix_cache_tokens=2 * 512)
+    sched = BatchScheduler(H100, LLAMA_3B, prefix_cache_tokens=2 * 512)
     drive(sched, [(0.0, req("a", 1100, 1, prefix_hashes=[1, 2]))])
     drive(sched, [(1.0, req("b", 1100, 1, prefix_hashes=[3, 4]))])  # evicts 1, 2
     again = drive(sched, [(2.0, req("a2", 1100, 1, prefix_hashes=[1, 2]))])["a2"]
@@ -135,7 +136,7 @@ def test_prefix_cache_evicts_least_recently_used_blocks() -> None:
 
 def test_priority_then_fifo_order() -> None:
     # One seat: "busy" runs, then the waiting queue is served lowest priority value first, FIFO within.
-    sched = Scheduler(H100, LLAMA_3B, max_num_seqs=1)
+    sched = BatchScheduler(H100, LLAMA_3B, max_num_seqs=1)
     arrivals = [
         (0.0, req("busy")),
         (0.001, req("batch-1", priority=1)),
@@ -149,7 +150,7 @@ def test_priority_then_fifo_order() -> None:
 
 
 def test_max_num_seqs_bounds_the_batch() -> None:
-    sched = Scheduler(H100, LLAMA_3B, max_num_seqs=4)
+    sched = BatchScheduler(H100, LLAMA_3B, max_num_seqs=4)
     for i in range(10):
         sched.add(req(str(i)), 0.0)
     sched.advance_to(0.05)
@@ -158,7 +159,7 @@ def test_max_num_seqs_bounds_the_batch() -> None:
 
 
 def test_newcomer_joins_a_running_decode_batch_at_the_next_step() -> None:
-    sched = Scheduler(H100, LLAMA_3B)
+    sched = BatchScheduler(H100, LLAMA_3B)
     events = drive(sched, [(0.0, req("long", 1000, 5000)), (1.0, req("late", 1000, 10))])
     late_ttft = events["late"][EventKind.first_token].time - 1.0
     assert late_ttft < 2 * roofline.prefill_time_s(H100, LLAMA_3B, 1000) + 0.02  # no waiting for "long"
@@ -166,8 +167,8 @@ def test_newcomer_joins_a_running_decode_batch_at_the_next_step() -> None:
 
 
 def test_stepping_in_small_increments_gives_the_same_times_as_jumping() -> None:
-    def build() -> Scheduler:
-        sched = Scheduler(H100, LLAMA_3B)
+    def build() -> BatchScheduler:
+        sched = BatchScheduler(H100, LLAMA_3B)
         for i in range(5):
             sched.add(req(str(i), 500 * (i + 1), 100 * (i + 1)), 0.0)
         return sched
@@ -185,7 +186,7 @@ def test_stepping_in_small_increments_gives_the_same_times_as_jumping() -> None:
 
 
 def test_abort_frees_the_kv_cache() -> None:
-    sched = Scheduler(H100, LLAMA_3B)
+    sched = BatchScheduler(H100, LLAMA_3B)
     sched.add(req("a", 1000, 1000), 0.0)
     sched.add(req("b", 1000, 1000), 0.0)
     sched.advance_to(1.0)
@@ -200,7 +201,7 @@ def test_abort_frees_the_kv_cache() -> None:
 
 
 def test_stats_mid_run() -> None:
-    sched = Scheduler(H100, LLAMA_3B)
+    sched = BatchScheduler(H100, LLAMA_3B)
     for i in range(10):
         sched.add(req(str(i), 1000, 1000), 0.0)
     sched.advance_to(2.0)
@@ -212,7 +213,7 @@ def test_stats_mid_run() -> None:
 
 
 def test_duplicate_request_id_is_refused() -> None:
-    sched = Scheduler(H100, LLAMA_3B)
+    sched = BatchScheduler(H100, LLAMA_3B)
     sched.add(req("a"), 0.0)
     with pytest.raises(ValueError, match="already"):
         sched.add(req("a"), 0.0)

@@ -2,7 +2,7 @@
 
 - ``profiles``: GPU datasheets and model shapes;
 - ``roofline``: pure cost functions (KV capacity, step times, service times, capacity estimates);
-- ``scheduler``: a pure discrete-event model of vLLM's scheduler on one GPU;
+- ``scheduler``: ``BatchScheduler``, a pure discrete-event model of vLLM's scheduler on one GPU;
 - ``engine``: ``SimEngine``, the Engine that runs the scheduler against the wall clock.
 """
 

@@ -30,12 +30,12 @@ from dio.gpu_worker.sim.profiles import get_model, get_profile
 from dio.gpu_worker.sim.scheduler import (
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MAX_PREEMPTIONS,
-    PREFIX_BLOCK_TOKENS,
+    BatchScheduler,
     EventKind,
-    Scheduler,
     SchedulerEvent,
     SimRequest,
 )
+from dio.protocol.defaults import DEFAULT_MODEL, PREFIX_BLOCK_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class SimEngine(Engine):
     def __init__(
         self,
         gpu: str = "H100-80GB",
-        model: str = "llama-3.2-3b",
+        model: str = DEFAULT_MODEL,
         *,
         time_scale: float = 1.0,
         gpu_memory_utilization: float = roofline.DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -80,7 +80,7 @@ class SimEngine(Engine):
         self.profile, self.shape = get_profile(gpu), get_model(model)
         self.time_scale = float(time_scale)
         self.seed = seed
-        self.scheduler = Scheduler(
+        self.scheduler = BatchScheduler(
             self.profile,
             self.shape,
             kv_capacity_tokens=kv_capacity_tokens,

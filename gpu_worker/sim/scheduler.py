@@ -38,10 +38,10 @@ from enum import Enum
 from dio.gpu_worker.engine import RequestRejected
 from dio.gpu_worker.sim import roofline
 from dio.gpu_worker.sim.profiles import GpuProfile, ModelShape
+from dio.protocol.defaults import PREFIX_BLOCK_TOKENS
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_PREEMPTIONS = 1
-PREFIX_BLOCK_TOKENS = 512  # tokens named by one prefix hash (Mooncake traces' hash_ids)
 
 
 class EventKind(str, Enum):
@@ -75,7 +75,7 @@ class SimRequest:
     """A request inside the scheduler, with its progress.
 
     While decoding, ``output_tokens``, ``computed`` and ``kv_tokens`` are as of decode step
-    ``tick0``; each step since then added one to each (see ``Scheduler._sync``).
+    ``tick0``; each step since then added one to each (see ``BatchScheduler._sync``).
     """
 
     id: str
@@ -177,7 +177,7 @@ def _victim_key(r: SimRequest) -> tuple[int, int]:
     return r.priority, r.admit_seq
 
 
-class Scheduler:
+class BatchScheduler:
     """vLLM's scheduler on one simulated GPU; time is simulated seconds passed in by the caller.
 
     Drive it with ``add`` and ``abort`` as requests come and go, ``next_event_time`` to know when

@@ -23,6 +23,7 @@ from dio.ops.local_cluster import LocalCluster, WorkerSpec, worker_ids
 from dio.ops.openloop import Outcome, collect, request_fields, submit_on_schedule, to_outcome
 from dio.ops.traces import Trace, TraceRequest
 from dio.protocol.connection import connect, delete_keys
+from dio.protocol.defaults import DEFAULT_MODEL
 from dio.protocol.settings import CommonSettings
 
 DEFAULT_PREDICTOR = DispatcherSettings.model_fields["predictor"].default  # what `dio dispatcher` uses
@@ -36,7 +37,7 @@ class RunConfig:
     """How one run is set up (durations in simulated seconds unless named wall)."""
 
     workers: list[WorkerSpec]
-    model: str = "llama-3.2-3b"
+    model: str = DEFAULT_MODEL
     policy: str = "dio"
     predictor: str = DEFAULT_PREDICTOR
     time_scale: float = 10.0

@@ -27,10 +27,11 @@ from dio.dispatcher.predictors import PREDICTORS, make_predictor
 from dio.dispatcher.prior import roofline_prior
 from dio.gpu_worker.sim.engine import SimEngine
 from dio.gpu_worker.sim.profiles import get_model, get_profile
-from dio.gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
+from dio.gpu_worker.sim.scheduler import BatchScheduler, EventKind, SimRequest
 from dio.ops.bench import plots, report
 from dio.ops.bench.workload import engine_saturation_rps, load_workload, trace_name
 from dio.ops.traces import Trace, poisson_arrivals, sample
+from dio.protocol.defaults import DEFAULT_MODEL
 
 PHASES = ("cold", "drift")
 PRIMED = "vector+prior"  # the vector predictor started from the roofline prior
@@ -43,7 +44,7 @@ class ConvergenceConfig:
     trace: str = "azure-conv"
     gpus: list[str] = field(default_factory=lambda: ["H100", "A100-40GB", "L4", "T4"])
     predictors: list[str] = field(default_factory=lambda: [*PREDICTORS, PRIMED])
-    model: str = "llama-3.2-3b"
+    model: str = DEFAULT_MODEL
     load: float = 0.5  # arrivals as a fraction of the GPU's saturation throughput
     completions: int = 200  # per phase
     slowdown: float = 2.0
@@ -77,7 +78,7 @@ def workload(trace: Trace, count: int, rate_rps: float, seed: int) -> list[tuple
 def simulate(profile: str, model: str, trace: Trace, config: ConvergenceConfig, seed: int) -> list[tuple[Job, float]]:
     """Run one GPU through both phases; return (job, latency in simulated ms) in completion order."""
     gpu, shape = get_profile(profile), get_model(model)
-    scheduler = Scheduler(gpu, shape)
+    scheduler = BatchScheduler(gpu, shape)
     load_unit = shape.weight_bytes / shape.kv_bytes_per_token  # KV tokens as heavy as the weights
     fits = [r for r in trace if r.prompt_tokens + r.output_tokens <= scheduler.max_model_len]
     rate = config.load * engine_saturation_rps(profile, model, fits)

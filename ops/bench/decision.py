@@ -2,7 +2,7 @@
 
 Two measurements per policy and worker count:
 
-* **pure scoring** — ``Scheduler.decide`` on a synthetic ``dio.dispatcher.cluster.Cluster`` (one row
+* **pure scoring** — ``Policy.decide`` on a synthetic ``dio.dispatcher.cluster.Cluster`` (one row
   per worker, GPU types in turn, predictors warmed with a few completions), µs per request over
   a batch, with each chosen worker's reservation held and released in turn so the cluster stays
   in a steady state;
@@ -38,7 +38,8 @@ from dio.ops.bench.cpu import process_cpu_s
 from dio.ops.bench.workload import load_workload
 from dio.ops.redis_server import ensure_redis
 from dio.protocol.connection import connect
-from dio.protocol.keys import DISPATCHER_GROUP, Keys
+from dio.protocol.defaults import DEFAULT_MODEL
+from dio.protocol.keys import DISPATCHER_GROUP, REQUEST_FIELD, Keys
 from dio.protocol.models import Request, WorkerInfo, WorkerTelemetry, to_hash
 from dio.protocol.settings import CommonSettings
 
@@ -59,7 +60,7 @@ class DecisionConfig:
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     e2e_policies: list[str] | None = None  # None: the same as policies
     trace: str = "azure-conv"
-    model: str = "llama-3.2-3b"
+    model: str = DEFAULT_MODEL
     predictor: str = DEFAULT_PREDICTOR
     batch: int = 2000  # decisions timed per policy and worker count (pure)
     e2e_requests: int = 10000  # requests drained by the dispatcher per e2e run
@@ -173,7 +174,7 @@ def fill_intake(client: redis.Redis, keys: Keys, batch: list[Request], chunk: in
     for start in range(0, len(batch), chunk):
         pipe = client.pipeline(transaction=False)
         for request in batch[start:start + chunk]:
-            pipe.xadd(keys.intake, {"req": request.to_json()})
+            pipe.xadd(keys.intake, {REQUEST_FIELD: request.to_json()})
         pipe.execute()
 
 

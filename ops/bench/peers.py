@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from dio.gpu_worker.instant import SYNTHETIC_VOCAB
-from dio.ops.bench.sim_server import PREFIX_BLOCK_TOKENS, token_text
+from dio.ops.bench.sim_server import token_text
 from dio.ops.local_cluster import parse_workers
 from dio.ops.traces import TraceRequest
+from dio.protocol.defaults import PREFIX_BLOCK_TOKENS
 
 PEER_POLICIES: dict[str, tuple[str, ...]] = {
     "vllm-router": ("random", "round_robin", "power_of_two", "cache_aware", "kv_aware", "consistent_hash",

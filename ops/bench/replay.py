@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dio.dispatcher.config import DispatcherSettings
 from dio.dispatcher.policies import POLICIES
 from dio.ops.bench import plots, report
 from dio.ops.bench.calibrate import measure_capacity
@@ -36,6 +37,7 @@ from dio.ops.local_cluster import parse_workers
 from dio.ops.redis_server import ensure_redis
 from dio.ops.traces import Trace, trace_stats
 from dio.protocol.connection import connect
+from dio.protocol.defaults import DEFAULT_MODEL
 from dio.protocol.settings import CommonSettings
 
 DEFAULT_CLUSTER = "H100:1,A100-40GB:2,L4:2,T4:3"
@@ -56,7 +58,7 @@ class ReplayConfig:
 
     trace: str
     cluster: str = DEFAULT_CLUSTER
-    model: str = "llama-3.2-3b"
+    model: str = DEFAULT_MODEL
     loads: list[float] = field(default_factory=lambda: [0.7, 0.9])
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     peers: list[str] = field(default_factory=list)  # ROUTER:POLICY, e.g. vllm-router:round_robin (ops.bench.peers)
@@ -145,6 +147,12 @@ def offered(the_plan: Plan, load: float, duration_s: float | None) -> tuple[Trac
     return trace, the_plan.deadlines[:len(trace)]
 
 
+def virtual_settings(config: ReplayConfig, policy: str) -> DispatcherSettings:
+    """The dispatcher settings a full run's dispatcher would have: the replay's options over DIO_* variables."""
+    return DispatcherSettings(policy=policy, predictor=config.predictor or DEFAULT_PREDICTOR, seed=config.seed,
+                              max_wait_s=config.max_wait_s)
+
+
 def _run_config(config: ReplayConfig, policy: str, time_scale: float, drain_wall_s: float) -> RunConfig:
     return RunConfig(workers=parse_workers(config.cluster), model=config.model, policy=policy,
                      predictor=config.predictor, time_scale=time_scale, drain_wall_s=drain_wall_s,
@@ -165,9 +173,8 @@ def run_grid(config: ReplayConfig, the_plan: Plan, redis_url: str) -> tuple[dict
                 bar.update(overall, description=f"{trace_name(config.trace)} {policy} @ {load:g}")
                 sent = deadlines if config.deadlines else None
                 if config.virtual:
-                    outcomes, cluster = replay_virtual(trace, config.cluster, config.model, policy, sent,
-                                                       predictor=config.predictor or DEFAULT_PREDICTOR,
-                                                       seed=config.seed, max_wait_s=config.max_wait_s)
+                    outcomes, cluster = replay_virtual(trace, config.cluster, config.model,
+                                                       virtual_settings(config, policy), sent)
                     record = virtual_record(cluster, outcomes, trace)
                     figures = summarize_run(record, deadlines, 1.0)
                 else:

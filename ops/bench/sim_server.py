@@ -14,7 +14,7 @@ One asyncio process (aiohttp) serves one or several engines, each on its own por
   sees -1 for every worker): answering it gives the routers more information, not less.
 
 Prompt length: token ids count exactly; text counts ``ceil(chars / 4)`` tokens (DIO's estimate, as
-``dio.protocol.models.CHARS_PER_TOKEN``). Prompts that share leading tokens share prefix-cache blocks:
+``dio.protocol.defaults.CHARS_PER_TOKEN``). Prompts that share leading tokens share prefix-cache blocks:
 each 512-token block (2048 characters of text) is named by a hash of the whole prompt up to its end,
 the last partial block included, so the simulated prefix cache works over HTTP.
 
@@ -50,11 +50,11 @@ from dio.gpu_worker.engine import (
     OutOfMemory,
     RequestRejected,
 )
-from dio.protocol.models import CHARS_PER_TOKEN
+from dio.protocol import openai as openai_request
+from dio.protocol.defaults import CHARS_PER_TOKEN, PREFIX_BLOCK_TOKENS
 
 log = logging.getLogger(__name__)
 
-PREFIX_BLOCK_TOKENS = 512  # as the simulated scheduler's prefix cache and Mooncake hash_ids
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # vLLM's default for /v1/completions
 LOAD_FORMATS = ("vllm-router", "sglang")
 TOKEN_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -121,28 +121,20 @@ class Prompt:
     token_ids: list[int] | None = None
 
 
-def _is_token_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
-
-
 def parse_prompts(value: Any) -> list[Prompt]:
     """Parse a completions ``prompt``: text, token ids, or a non-empty list of either.
 
     Raises:
         ApiError: 400 for anything else (empty prompts included).
     """
-    if isinstance(value, str):
-        return [_text_prompt(value)]
-    if _is_token_list(value):
-        return [_ids_prompt(value)]
-    if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_list(p) for p in value):
-        return [_text_prompt(p) if isinstance(p, str) else _ids_prompt(p) for p in value]
-    raise ApiError(400, "prompt must be a string, a list of token ids, or a non-empty list of either", param="prompt")
+    try:
+        prompts = openai_request.parse_prompts(value)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="prompt") from None
+    return [_text_prompt(p) if isinstance(p, str) else _ids_prompt(p) for p in prompts]
 
 
 def _text_prompt(text: str) -> Prompt:
-    if not text:
-        raise ApiError(400, "prompt must not be empty", param="prompt")
     return Prompt(text_tokens(text), prefix_hashes_for_text(text), text=text)
 
 
@@ -151,23 +143,11 @@ def _ids_prompt(ids: list[int]) -> Prompt:
 
 
 def chat_prompt(messages: Any) -> Prompt:
-    """Join chat messages into one text prompt (role and content, one message a line)."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    lines = []
-    for message in messages:
-        if not isinstance(message, dict) or "role" not in message:
-            raise ApiError(400, "each message needs a role", param="messages")
-        lines.append(f"{message['role']}: {_content_text(message.get('content'))}")
-    return _text_prompt("\n".join(lines))
-
-
-def _content_text(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):  # content parts: keep the text ones
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    raise ApiError(400, "message content must be a string or a list of parts", param="messages")
+    """Render chat messages as one text prompt (``dio.protocol.openai``'s template); ApiError 400 if invalid."""
+    try:
+        return _text_prompt(openai_request.messages_to_prompt(messages))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
 
 
 # --- the served engine ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dio.gpu_worker.sim.profiles import get_model, get_profile
-from dio.gpu_worker.sim.scheduler import EventKind, Scheduler, SimRequest
+from dio.gpu_worker.sim.scheduler import BatchScheduler, EventKind, SimRequest
 from dio.ops.capacity import capacity_rps, deadline_ms, deadlines_ms, unloaded_ms
 from dio.ops.local_cluster import WorkerSpec
 from dio.ops.traces import (
@@ -84,7 +84,7 @@ def engine_saturation_rps(profile: str, model_name: str, trace: Trace, sample: i
     percentile of their finish times. Requests longer than the GPU's context are left out: they
     cannot run there.
     """
-    scheduler = Scheduler(get_profile(profile), get_model(model_name))
+    scheduler = BatchScheduler(get_profile(profile), get_model(model_name))
     fits = [r for r in trace[:sample] if r.prompt_tokens + r.output_tokens <= scheduler.max_model_len]
     for i, request in enumerate(fits):
         scheduler.add(SimRequest(str(i), request.prompt_tokens, request.output_tokens,

@@ -474,6 +474,7 @@ WARMUP_PER_WORKER = 8  # short requests that warm every engine up once
 # policies) have seen a completion per worker: its cold-start probe filter would otherwise hold the
 # first run's requests back for one service time.
 POLICY_WARMUP_PER_WORKER = 4
+WORKER_SIZES = {"kv_capacity_tokens", "max_num_seqs", "kv_bytes_per_token", "weight_bytes"}  # recorded per worker
 
 
 def _completion_rate(sent: Sent) -> float:
@@ -580,8 +581,7 @@ def hetero(args: argparse.Namespace) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     with gpu_cluster("hetero", plans, out / "logs" / "hetero", standin_step_s=step) as cluster:
         result["workers"] = {p.id: {"gpu_memory_utilization": p.gpu_memory_utilization,
-                                    **{k: int(float(cluster.worker_hash(p.id).get(k) or 0)) for k in
-                                       ("kv_capacity_tokens", "max_num_seqs", "kv_bytes_per_token", "weight_bytes")}}
+                                    **cluster.worker_info(p.id).model_dump(include=WORKER_SIZES)}
                              for p in plans}
         result["worker_kv_tokens"] = {w: v["kv_capacity_tokens"] for w, v in result["workers"].items()}
         with _client(cluster) as client:

@@ -43,7 +43,7 @@ from dio.ops.stats import percentile
 from dio.ops.traces import Trace, bundled, load_trace, sample
 from dio.protocol.connection import delete_keys
 from dio.protocol.keys import Keys
-from dio.protocol.models import JobResult, JobStatus
+from dio.protocol.models import JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
 from dio.protocol.settings import DEFAULT_REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,9 +215,9 @@ class GpuCluster(LocalCluster):
             start = time.monotonic()
             proc = self._spawn(plan.id, ["worker", *plan.options()])
             self._wait(lambda plan=plan: self.redis.sismember(self.keys.workers, plan.id), proc, f"worker {plan.id}")
-            info = self.worker_hash(plan.id)
+            info = self.worker_info(plan.id)
             log(f"worker {plan.id} up in {time.monotonic() - start:.0f} s: "
-                f"KV {info.get('kv_capacity_tokens')} tokens, {info.get('max_num_seqs')} seqs")
+                f"KV {info.kv_capacity_tokens} tokens, {info.max_num_seqs} seqs")
 
     def start_dispatcher(self, policy: str, predictor: str | None = None) -> None:
         """Stop the current dispatcher, forget what it learned and reserved, start a fresh one."""
@@ -250,12 +250,16 @@ class GpuCluster(LocalCluster):
         """Delete the predictors' state and the KV reservations (no job is in flight between runs)."""
         self.redis.delete(self.keys.predictor, *(self.keys.reserved(p.id) for p in self.plans))
 
-    def worker_hash(self, worker_id: str) -> dict[str, str]:
-        return self.redis.hgetall(self.keys.worker(worker_id))
+    def worker_info(self, worker_id: str) -> WorkerInfo:
+        """Read a registered worker's capabilities from its hash."""
+        return from_hash(WorkerInfo, self.redis.hgetall(self.keys.worker(worker_id)))
 
     def worker_counter(self, name: str) -> dict[str, int]:
-        """Return one integer field of every worker's hash (e.g. ``preemptions``, ``in_flight``)."""
-        return {p.id: int(float(self.worker_hash(p.id).get(name) or 0)) for p in self.plans}
+        """Return one integer telemetry field of every worker (e.g. ``preemptions``, ``in_flight``; 0 unregistered)."""
+        return {p.id: int(getattr(self._telemetry(p.id), name)) for p in self.plans}
+
+    def _telemetry(self, worker_id: str) -> WorkerTelemetry:
+        return from_hash(WorkerTelemetry, self.redis.hgetall(self.keys.worker(worker_id)))
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
         """Wait until no worker holds a job (by their heartbeats); return whether they got there."""

@@ -1,13 +1,14 @@
 -- finish: write a job's terminal state once, acknowledge its stream entry, notify the client.
 -- A job already terminal is left as it is (a redelivered job cannot produce a second visible
 -- result); its stream entry is still acknowledged so it is not delivered again.
+-- Capitalised names (STATUS_FIELD, TERMINAL, ...) are the prelude's: see dio.protocol.scripts.
 -- KEYS[1] job hash           KEYS[2] reservations hash of the worker (any key when none)
 -- KEYS[3] stream to ack      KEYS[4] completions stream      KEYS[5] client's reply stream
 -- ARGV[1] group of KEYS[3]   ARGV[2] entry id to ack ('' = none)   ARGV[3] job id
 -- ARGV[4] job TTL seconds    ARGV[5] completion JSON ('' = none)
 -- ARGV[6] comma-separated job-hash fields to send as the client's notice ('' = no notice)
 -- ARGV[7] reply stream max length   ARGV[8] reply stream TTL seconds   ARGV[9] completions max length
--- ARGV[10..] field, value pairs for the job hash (must include 'status')
+-- ARGV[10..] field, value pairs for the job hash (must include STATUS_FIELD)
 -- Returns 1 written, 0 already terminal.
 if ARGV[2] ~= '' then
   redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
@@ -17,10 +18,9 @@ end
 -- reservation and report the completion even for a job that a client cancelled meanwhile.
 redis.call('HDEL', KEYS[2], ARGV[3])
 if ARGV[5] ~= '' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'c', ARGV[5])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', COMPLETION_FIELD, ARGV[5])
 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'completed' or status == 'rejected' or status == 'failed' or status == 'cancelled' then
+if TERMINAL[redis.call('HGET', KEYS[1], STATUS_FIELD)] then
   return 0
 end
 local fields = {}
@@ -30,14 +30,14 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 if ARGV[6] ~= '' then
   -- The notice is the whole terminal state as the job hash now holds it (timings written by the
   -- client, dispatcher and worker included), as JSON.
-  local notice = {v = 1, id = ARGV[3]}
+  local notice = {v = SCHEMA_VERSION, id = ARGV[3]}
   for name in string.gmatch(ARGV[6], '[^,]+') do
     local value = redis.call('HGET', KEYS[1], name)
     if value == '[]' then value = nil end  -- cjson would encode an empty table as an object
-    if value and name == 'output_token_ids' then value = cjson.decode(value) end
+    if value and JSON_FIELDS[name] then value = cjson.decode(value) end
     if value then notice[name] = value end
   end
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'r', cjson.encode(notice))
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', RESULT_FIELD, cjson.encode(notice))
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[8]))
 end
 return 1

@@ -1,6 +1,7 @@
 -- handoff: move one request from the intake stream to a worker's queue, exactly once.
 -- The request is forwarded only if this call's XACK of the intake entry returned 1, so two
 -- dispatchers (or a retried call) can never forward it twice, and it is never between streams.
+-- Capitalised names (STATUS_FIELD, TERMINAL, ...) are the prelude's: see dio.protocol.scripts.
 -- KEYS[1] intake stream         KEYS[2] worker queue stream
 -- KEYS[3] job hash              KEYS[4] worker's reservations hash
 -- ARGV[1] intake group  ARGV[2] intake entry id  ARGV[3] job id  ARGV[4] worker id
@@ -10,12 +11,11 @@ if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) ~= 1 then
   return 0
 end
 redis.call('XDEL', KEYS[1], ARGV[2])
-local status = redis.call('HGET', KEYS[3], 'status')
-if status == 'completed' or status == 'rejected' or status == 'failed' or status == 'cancelled' then
+if TERMINAL[redis.call('HGET', KEYS[3], STATUS_FIELD)] then
   return -1
 end
-redis.call('XADD', KEYS[2], '*', 'job', ARGV[3], 'req', ARGV[5])
-redis.call('HSET', KEYS[3], 'status', 'dispatched', 'worker', ARGV[4], 'dispatched_at', ARGV[7])
-redis.call('HINCRBY', KEYS[3], 'attempts', 1)
+redis.call('XADD', KEYS[2], '*', JOB_FIELD, ARGV[3], REQUEST_FIELD, ARGV[5])
+redis.call('HSET', KEYS[3], STATUS_FIELD, STATUS.dispatched, JOB_HASH.worker, ARGV[4], JOB_HASH.dispatched_at, ARGV[7])
+redis.call('HINCRBY', KEYS[3], ATTEMPTS_FIELD, 1)
 redis.call('HSET', KEYS[4], ARGV[3], ARGV[6])
 return 1

@@ -1,10 +1,10 @@
 -- start: mark a job running on a worker, unless it already ended (cancelled while queued).
+-- Capitalised names (STATUS_FIELD, TERMINAL, ...) are the prelude's: see dio.protocol.scripts.
 -- KEYS[1] job hash
 -- ARGV[1] worker id   ARGV[2] now (epoch seconds)
 -- Returns 1 the worker may run it, 0 the job is terminal: the worker acknowledges and drops it.
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'completed' or status == 'rejected' or status == 'failed' or status == 'cancelled' then
+if TERMINAL[redis.call('HGET', KEYS[1], STATUS_FIELD)] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
+redis.call('HSET', KEYS[1], STATUS_FIELD, STATUS.running, JOB_HASH.worker, ARGV[1], JOB_HASH.started_at, ARGV[2])
 return 1

@@ -1,6 +1,6 @@
 """The routing step: filters, then scorers, then a picker (pure: no I/O).
 
-Every policy — DIO's and the baselines — is one ``Scheduler`` built from these pieces, so a
+Every policy — DIO's and the baselines — is one ``Policy`` built from these pieces, so a
 benchmark compares policies, not code paths:
 
 * a **filter** keeps the workers a request may go to. A *permanent* filter removes workers that
@@ -8,7 +8,7 @@ benchmark compares policies, not code paths:
   rejected at once. A *transient* filter removes workers that cannot take it now (dead, full):
   if none is left the request waits in the backlog.
 * a **scorer** returns a cost per remaining worker, in milliseconds of expected latency (lower is
-  better); the scheduler adds the scorers' costs times their weights.
+  better); the policy adds the scorers' costs times their weights.
 * a **picker** chooses one worker from the candidates and their total cost.
 """
 
@@ -94,10 +94,10 @@ class Filter:
     name = "filter"
     permanent = False
 
-    def mask(self, request: Ask, cluster: Cluster, now: float) -> np.ndarray:
+    def mask(self, ask: Ask, cluster: Cluster, now: float) -> np.ndarray:
         raise NotImplementedError
 
-    def explain(self, request: Ask, cluster: Cluster) -> str:
+    def explain(self, ask: Ask, cluster: Cluster) -> str:
         return f"no worker passes {self.name}"
 
 
@@ -106,7 +106,7 @@ class Scorer:
 
     name = "scorer"
 
-    def cost(self, request: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -120,7 +120,7 @@ class Picker:
 
 
 @dataclass
-class Scheduler:
+class Policy:
     """One routing policy: filters → weighted scorers → picker."""
 
     name: str

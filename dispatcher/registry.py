@@ -1,0 +1,127 @@
+"""The worker registry: who serves, with what capacity, and taking work back from the dead.
+
+Workers register themselves (``{dio}:workers``, ``{dio}:worker:<id>``) and heartbeat
+(``{dio}:alive:<id>``). The active dispatcher reloads their capabilities and telemetry into the
+routing core's ``Cluster``, reloads the KV reservations that the Lua scripts keep in Redis (the
+truth), and, when a heartbeat expires, requeues the worker's unstarted and unfinished jobs onto the
+intake (``requeue.lua``) so another worker runs them. A job whose workers died ``MAX_ATTEMPTS``
+times is failed instead: it is probably what kills them (the poison rule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+from pydantic import ValidationError
+
+from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.predictor_store import PredictorStore
+from dio.protocol import defaults as d
+from dio.protocol.keys import ATTEMPTS_FIELD, JOB_FIELD, REQUEST_FIELD, Keys
+from dio.protocol.models import JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
+from dio.protocol.scripts import Scripts
+
+log = logging.getLogger("dio.dispatcher")
+
+TAKE_BACK_BATCH = 10_000  # queue entries requeued per refresh; the rest on the next one
+
+
+class WorkerRegistry:
+    """Keep ``cluster``'s rows in step with the workers registered in Redis."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, scripts: Scripts, cluster: Cluster,
+                 predictors: PredictorStore, job_ttl_s: float = d.JOB_TTL_S) -> None:
+        self.redis = client
+        self.keys = keys
+        self.scripts = scripts
+        self.cluster = cluster
+        self.predictors = predictors
+        self.job_ttl_s = job_ttl_s
+        self.requeued = 0  # jobs taken back from dead workers, since start
+
+    def refresh(self) -> None:
+        """Reload capabilities and telemetry; take back the queues of dead workers."""
+        ids = sorted(self.redis.smembers(self.keys.workers))
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hgetall(self.keys.worker(worker_id))
+            pipe.exists(self.keys.alive(worker_id))
+        replies = pipe.execute()
+        for i, worker_id in enumerate(ids):
+            fields, alive = replies[2 * i], bool(replies[2 * i + 1])
+            if alive:
+                self._update(worker_id, fields)
+            else:
+                self.take_back(worker_id)
+
+    def _update(self, worker_id: str, fields: dict[str, str]) -> None:
+        try:
+            info = from_hash(WorkerInfo, fields)
+            telemetry = from_hash(WorkerTelemetry, fields)
+        except (ValidationError, ValueError):
+            log.warning("worker %s has an unreadable hash; ignored", worker_id)
+            return
+        cluster = self.cluster
+        row = cluster.index.get(worker_id)
+        if row is None:
+            row = cluster.upsert(info)
+            self.predictors.restore(cluster, row)
+            self.sync_one(row)
+            log.info("worker %s joined: %s %s, %d KV tokens", worker_id, info.gpu, info.model, info.kv_capacity_tokens)
+        elif cluster.infos[row] != info:
+            cluster.upsert(info)
+        cluster.set_telemetry(row, telemetry, alive=True)
+
+    def take_back(self, worker_id: str) -> None:
+        """A worker's heartbeat expired: requeue everything left in its queue, then forget it."""
+        entries = self.redis.xrange(self.keys.queue(worker_id), count=TAKE_BACK_BATCH)
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, fields in entries:
+            self.scripts.requeue(pipe, worker_id, entry_id, fields.get(JOB_FIELD, ""), fields.get(REQUEST_FIELD, ""))
+        results = pipe.execute() if entries else []
+        requeued = sum(1 for r in results if r == 1)
+        self.requeued += requeued
+        if len(entries) == TAKE_BACK_BATCH:
+            return  # more to take back on the next refresh
+        if requeued:
+            log.warning("worker %s died; %d jobs requeued", worker_id, requeued)
+        self._fail_exhausted(entries)
+        self.redis.srem(self.keys.workers, worker_id)
+        if worker_id in self.cluster.index:
+            self.cluster.remove(worker_id)
+
+    def _fail_exhausted(self, entries: list) -> None:
+        """Jobs requeued MAX_ATTEMPTS times are not retried again: their workers keep dying."""
+        if not entries:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        job_ids = [f.get(JOB_FIELD, "") for _, f in entries]
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), ATTEMPTS_FIELD)
+        attempts = pipe.execute()
+        for job_id, (_, fields), count in zip(job_ids, entries, attempts, strict=True):
+            if count is not None and int(count) >= d.MAX_ATTEMPTS:
+                self._fail_poison(job_id, fields, int(count))
+
+    def _fail_poison(self, job_id: str, fields: dict[str, str], attempts: int) -> None:
+        # The requeued intake entry is still there; it is ended when routed, since the job is now
+        # terminal and handoff.lua drops terminal jobs.
+        try:
+            reply_to = json.loads(fields.get(REQUEST_FIELD, "{}")).get("reply_to")
+        except json.JSONDecodeError:
+            reply_to = None
+        result = JobResult(id=job_id, status=JobStatus.failed, attempts=attempts, finished_at=time.time(),
+                           error=f"its worker died {attempts} times while running it; not retried")
+        self.scripts.finish(self.redis, result, reply_to, job_ttl_s=self.job_ttl_s)
+
+    def sync_reservations(self) -> None:
+        """Reload every worker's reservations from Redis (the truth, kept by the Lua scripts)."""
+        for row in range(len(self.cluster)):
+            self.sync_one(row)
+
+    def sync_one(self, row: int) -> None:
+        held = self.redis.hgetall(self.keys.reserved(self.cluster.ids[row]))
+        self.cluster.sync_reservations(row, {job: int(tokens) for job, tokens in held.items()})
