@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -29,13 +30,23 @@ from dio.client.settings import POLLED_HASHES_PER_S, READER_BATCH, READER_BLOCK_
 from dio.protocol.connection import connect_async
 from dio.protocol.keys import STATUS_FIELD, WAKE_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, Tier
-from dio.protocol.scripts import Scripts
+from dio.protocol.scripts import AsyncScripts
 
 log = logging.getLogger(__name__)
 
 
 def _new_future() -> asyncio.Future:
     return asyncio.get_running_loop().create_future()
+
+
+def _wake_when_done(handle: AsyncJobHandle, ready: deque[AsyncJobHandle], wakeup: asyncio.Event) -> None:
+    """Append ``handle`` to ``ready`` and set ``wakeup`` once its job ends."""
+
+    def on_done(_future: asyncio.Future) -> None:
+        ready.append(handle)
+        wakeup.set()
+
+    handle.future.add_done_callback(on_done)
 
 
 class AsyncJobHandle:
@@ -86,7 +97,7 @@ class AsyncClient:
         self.reply_stream = self.keys.reply(self.client_id)
         self.redis = connect_async(self.settings)
         self.redis.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME_PREFIX + self.client_id
-        self._scripts = Scripts(self.redis, self.keys)  # type: ignore[arg-type]  # async scripts work alike
+        self._scripts = AsyncScripts(self.redis, self.keys)
         self._mailbox: Mailbox[asyncio.Future] = Mailbox(_new_future)
         self._reader: asyncio.Task | None = None
         self._stopping = False
@@ -235,7 +246,7 @@ class AsyncClient:
     async def _wait(self, handle: AsyncJobHandle, timeout: float | None) -> JobResult:
         """Wait for one handle: its notice, or the job hash polled every ``poll_interval_s``."""
         timeout = self.settings.result_timeout_s if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = math.inf if timeout is None else time.monotonic() + timeout  # inf: no timeout, never due
         while not handle.future.done():
             try:
                 await asyncio.wait_for(asyncio.shield(handle.future), self._next_wait(deadline))
@@ -243,13 +254,11 @@ class AsyncClient:
             except TimeoutError:
                 pass
             status = (await self.poll([handle]))[0]
-            if not handle.future.done() and deadline is not None and time.monotonic() >= deadline:
+            if not handle.future.done() and timeout is not None and time.monotonic() >= deadline:
                 raise ResultTimeout(handle.id, timeout, status)
         return handle.future.result()
 
-    def _next_wait(self, deadline: float | None) -> float:
-        if deadline is None:
-            return self.settings.poll_interval_s
+    def _next_wait(self, deadline: float) -> float:
         return max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))
 
     async def poll(self, handles: list[AsyncJobHandle]) -> list[str | None]:
@@ -277,11 +286,11 @@ class AsyncClient:
         """Yield handles as their jobs end; same contract as ``Client.as_completed``."""
         pending = {h.id: h for h in handles}
         timeout = self.settings.result_timeout_s if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = math.inf if timeout is None else time.monotonic() + timeout  # inf: no timeout, never due
         ready: deque[AsyncJobHandle] = deque()
         wakeup = asyncio.Event()
         for handle in pending.values():
-            handle.future.add_done_callback(lambda _f, h=handle: (ready.append(h), wakeup.set()))
+            _wake_when_done(handle, ready, wakeup)
         next_poll = time.monotonic() + self._bulk_poll_interval(len(pending))
         while pending:
             if ready:
@@ -290,11 +299,11 @@ class AsyncClient:
                     yield handle
                 continue
             wakeup.clear()
-            wait = min(next_poll, deadline or next_poll) - time.monotonic()
+            wait = min(next_poll, deadline) - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), max(0.0, wait))
                 continue
-            if deadline is not None and time.monotonic() >= deadline:
+            if timeout is not None and time.monotonic() >= deadline:
                 first = next(iter(pending.values()))
                 raise ResultTimeout(first.id, timeout, (await self.poll([first]))[0])
             await self.poll(list(pending.values()))

@@ -34,7 +34,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from dio.client.batch_output import OutputFile
-from dio.client.client import Client, resolve_settings
+from dio.client.client import Client, put_when_done, resolve_settings
 from dio.client.exceptions import DIOError, JobNotFound
 from dio.client.handle import JobHandle
 from dio.client.jobs import build_request
@@ -215,7 +215,7 @@ class BatchRunner:
         handles = self.client.submit_many([req for _line, req in self._group])
         for (line, req), handle in zip(self._group, handles, strict=True):
             self._in_flight[handle.id] = (line, req, handle)
-            handle.future.add_done_callback(lambda _f, h=handle: self._finished.put(h))
+            put_when_done(handle, self._finished)
         self._group.clear()
         self.progress.in_flight = len(self._in_flight)
 

@@ -8,6 +8,7 @@ lost notice (an expired reply stream, a reader that was down) never loses a resu
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -43,8 +44,8 @@ CLIENT_NAME_PREFIX = "dio-client:"  # CLIENT LIST shows every connection of a cl
 def resolve_settings(settings: ClientSettings | None, redis_url: str | None,
                      key_prefix: str | None) -> ClientSettings:
     """Apply the keyword overrides of a client constructor to its settings."""
-    overrides = {name: value for name, value in (("redis_url", redis_url), ("key_prefix", key_prefix))
-                 if value is not None}
+    overrides: dict[str, Any] = {name: value for name, value in (("redis_url", redis_url), ("key_prefix", key_prefix))
+                                 if value is not None}
     if settings is None:
         return ClientSettings(**overrides)
     return settings.model_copy(update=overrides)
@@ -56,6 +57,11 @@ def submit_fields(prompt: str | None, **fields: Any) -> dict[str, Any]:
     if prompt is not None:
         data["prompt"] = prompt
     return data
+
+
+def put_when_done(handle: JobHandle, finished: queue.SimpleQueue[JobHandle]) -> None:
+    """Put ``handle`` on ``finished`` once its job ends (at once if it already has)."""
+    handle.future.add_done_callback(lambda _future: finished.put(handle))
 
 
 class Client:
@@ -199,7 +205,7 @@ class Client:
     def _wait(self, handle: JobHandle, timeout: float | None) -> JobResult:
         """Wait for one handle: its notice, or the job hash polled every ``poll_interval_s``."""
         timeout = self.settings.result_timeout_s if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = math.inf if timeout is None else time.monotonic() + timeout  # inf: no timeout, never due
         while True:
             try:
                 return handle.future.result(self._next_wait(deadline))
@@ -208,12 +214,10 @@ class Client:
             status = self.poll([handle])[0]
             if handle.future.done():
                 continue
-            if deadline is not None and time.monotonic() >= deadline:
+            if timeout is not None and time.monotonic() >= deadline:
                 raise ResultTimeout(handle.id, timeout, status)
 
-    def _next_wait(self, deadline: float | None) -> float:
-        if deadline is None:
-            return self.settings.poll_interval_s
+    def _next_wait(self, deadline: float) -> float:
         return max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))
 
     def poll(self, handles: list[JobHandle]) -> list[str | None]:
@@ -245,13 +249,13 @@ class Client:
         """
         pending = {h.id: h for h in handles}
         timeout = self.settings.result_timeout_s if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = math.inf if timeout is None else time.monotonic() + timeout  # inf: no timeout, never due
         finished: queue.SimpleQueue[JobHandle] = queue.SimpleQueue()
         for handle in pending.values():
-            handle.future.add_done_callback(lambda _f, h=handle: finished.put(h))
+            put_when_done(handle, finished)
         next_poll = time.monotonic() + self._bulk_poll_interval(len(pending))
         while pending:
-            wait = min(next_poll, deadline or next_poll) - time.monotonic()
+            wait = min(next_poll, deadline) - time.monotonic()
             try:
                 handle = finished.get(timeout=max(0.0, wait))
                 if pending.pop(handle.id, None) is not None:
@@ -259,7 +263,7 @@ class Client:
                 continue
             except queue.Empty:
                 pass
-            if deadline is not None and time.monotonic() >= deadline:
+            if timeout is not None and time.monotonic() >= deadline:
                 first = next(iter(pending.values()))
                 raise ResultTimeout(first.id, timeout, self.poll([first])[0])
             self.poll(list(pending.values()))

@@ -46,7 +46,6 @@ class Cluster:
         self.kv_capacity = np.zeros(0, dtype=np.int64)  # KV tokens the engine can hold
         self.max_model_len = np.zeros(0, dtype=np.int64)
         self.slots = np.zeros(0, dtype=np.int64)  # sequences the engine runs at once
-        self.time_scale = np.zeros(0)
         self.reserved_kv = np.zeros(0, dtype=np.int64)  # KV tokens of jobs sent, not yet ended
         self.outstanding = np.zeros(0, dtype=np.int64)  # jobs sent, not yet ended
         self.alive = np.zeros(0, dtype=bool)
@@ -70,7 +69,7 @@ class Cluster:
     def __len__(self) -> int:
         return len(self.ids)
 
-    _ARRAYS = ("model", "kv_capacity", "max_model_len", "slots", "time_scale", "reserved_kv", "outstanding",
+    _ARRAYS = ("model", "kv_capacity", "max_model_len", "slots", "reserved_kv", "outstanding",
                "alive", "draining", "running", "waiting", "kv_usage", "service_ms", "load_unit", "ceiling",
                "prompt_in_flight")
 
@@ -96,7 +95,6 @@ class Cluster:
         self.kv_capacity[row] = info.kv_capacity_tokens
         self.max_model_len[row] = info.max_model_len
         self.slots[row] = info.max_num_seqs
-        self.time_scale[row] = info.time_scale
         known = info.weight_bytes > 0 and info.kv_bytes_per_token > 0
         self.load_unit[row] = info.weight_bytes / info.kv_bytes_per_token if known else DEFAULT_LOAD_UNIT_TOKENS
         return row

@@ -38,7 +38,7 @@ from dio.protocol.models import (
     describe_validation_error,
     to_hash,
 )
-from dio.protocol.scripts import Scripts
+from dio.protocol.scripts import AsyncScripts
 
 log = logging.getLogger("dio.worker")
 
@@ -89,7 +89,7 @@ class WorkerDaemon:
         self.engine = engine
         self.keys = settings.keys
         self.redis = client or connect_async(settings)
-        self.scripts = Scripts(self.redis, self.keys)
+        self.scripts = AsyncScripts(self.redis, self.keys)
         self.worker_id = worker_id or settings.worker_id or ""
         self.counters = Counters()
         self.draining = False
@@ -367,9 +367,14 @@ async def serve(settings: WorkerSettings, engines: list[Engine], worker_ids: lis
     """Run one or more workers in this process until SIGTERM/SIGINT, then drain them."""
     client = connect_async(settings)
     daemons = [WorkerDaemon(settings, e, wid, client=client) for e, wid in zip(engines, worker_ids, strict=True)]
+
+    def stop_all() -> None:
+        for daemon in daemons:
+            daemon.stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: [d.stop() for d in daemons])
+        loop.add_signal_handler(sig, stop_all)
     await asyncio.gather(*(d.start() for d in daemons))
     await asyncio.gather(*(d.run() for d in daemons))
     await client.aclose()

@@ -13,16 +13,22 @@ from typing import Any
 _state: dict[str, Any] = {}
 
 
+def _import_pynvml() -> Any:
+    """Import pynvml from nvidia-ml-py, else vLLM's vendored copy; raise ImportError without either."""
+    try:
+        import pynvml  # package nvidia-ml-py
+    except ImportError:
+        from vllm.third_party import pynvml  # vLLM's vendored copy
+    return pynvml
+
+
 def _pynvml() -> Any | None:
     """Import and initialise pynvml once; return the module, or None when NVML is unusable."""
     if "nvml" in _state:
         return _state["nvml"]
-    module = None
+    module: Any | None
     try:
-        try:
-            import pynvml as module  # package nvidia-ml-py
-        except ImportError:
-            from vllm.third_party import pynvml as module  # vLLM's vendored copy
+        module = _import_pynvml()
         module.nvmlInit()
     except Exception:  # no package, no driver, no GPU: report no VRAM figures
         module = None

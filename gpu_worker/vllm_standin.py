@@ -240,13 +240,17 @@ class StandinBackend(VllmBackend):
         self.engine: StandinAsyncLLM | None = None
         self.start_error: Exception | None = None
         self.snapshot_override: list[Any] | Exception | None = None
-        self._engine_options = {"step_s": step_s, "num_gpu_blocks": num_gpu_blocks, "block_size": block_size}
+        self._step_s = step_s
+        self._num_gpu_blocks = num_gpu_blocks
+        self._block_size = block_size
         super().__init__(self._make_engine, SamplingParams, self._snapshot)
 
     def _make_engine(self, args: dict[str, Any]) -> StandinAsyncLLM:
         if self.start_error is not None:
             raise self.start_error
-        self.engine = StandinAsyncLLM(args, **self._engine_options)
+        self.engine = StandinAsyncLLM(
+            args, step_s=self._step_s, num_gpu_blocks=self._num_gpu_blocks, block_size=self._block_size
+        )
         return self.engine
 
     def _snapshot(self) -> list[Any]:

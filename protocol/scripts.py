@@ -2,6 +2,10 @@
 
 Each wrapper takes a client or a pipeline, so callers batch many transitions in one round trip.
 The scripts themselves (``protocol/lua/*.lua``) document every key and argument they touch.
+``Scripts`` runs them on a sync client (redis.Redis) and its pipelines; ``AsyncScripts`` on an
+asyncio client and its pipelines, where every call is a coroutine to await. The two share every
+key and argument list; only their reply types differ, so the type checker catches a sync call
+that is awaited and an async call that is not.
 
 Every script is loaded with a generated prelude in front (``prelude()``), so that each name is
 spelled once, in Python. The prelude's Lua locals:
@@ -21,10 +25,12 @@ instead of writing a wrong name.
 from __future__ import annotations
 
 import time
+from collections.abc import Coroutine
 from importlib import resources
-from typing import Any
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import redis
+import redis.asyncio as aioredis
 
 from dio.protocol import defaults as d
 from dio.protocol.keys import (
@@ -85,43 +91,46 @@ def _load(name: str) -> str:
     return prelude() + resources.files("dio.protocol").joinpath("lua", f"{name}.lua").read_text()
 
 
-class Scripts:
-    """Registered Lua scripts on one Redis connection."""
+SCRIPT_NAMES = ("handoff", "finish", "start", "requeue", "lease")
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+# What a transition is run on: a client, or a pipeline that queues it (the reply is then the pipeline's).
+SyncRunner: TypeAlias = "redis.Redis | redis.client.Pipeline"
+AsyncRunner: TypeAlias = "aioredis.Redis | aioredis.client.Pipeline"
+RunnerT = TypeVar("RunnerT")
+ReplyT = TypeVar("ReplyT")
+
+
+class _Transitions(Generic[RunnerT, ReplyT]):
+    """The state transitions, registered on one connection; ``ReplyT`` is what a call returns."""
+
+    def __init__(self, client: redis.Redis | aioredis.Redis, keys: Keys) -> None:
         self.keys = keys
-        self._handoff = client.register_script(_load("handoff"))
-        self._finish = client.register_script(_load("finish"))
-        self._start = client.register_script(_load("start"))
-        self._requeue = client.register_script(_load("requeue"))
-        self._lease = client.register_script(_load("lease"))
+        self._scripts = {name: client.register_script(_load(name)) for name in SCRIPT_NAMES}
 
-    def lease(self, pipe: Any, name: str, ttl_ms: int) -> Any:
-        return self._lease(keys=[self.keys.lease], args=[name, ttl_ms], client=pipe)
+    def _run(self, runner: RunnerT, name: str, keys: list[str], args: list[Any]) -> ReplyT:
+        reply: ReplyT = self._scripts[name](keys=keys, args=args, client=runner)
+        return reply
 
-    def handoff(self, pipe: Any, entry_id: str, job_id: str, worker_id: str, request_json: str,
-                kv_tokens: int, now: float | None = None) -> Any:
+    def lease(self, runner: RunnerT, name: str, ttl_ms: int) -> ReplyT:
+        return self._run(runner, "lease", [self.keys.lease], [name, ttl_ms])
+
+    def handoff(self, runner: RunnerT, entry_id: str, job_id: str, worker_id: str, request_json: str,
+                kv_tokens: int, now: float | None = None) -> ReplyT:
         k = self.keys
-        return self._handoff(
-            keys=[k.intake, k.queue(worker_id), k.job(job_id), k.reserved(worker_id)],
-            args=[DISPATCHER_GROUP, entry_id, job_id, worker_id, request_json, kv_tokens, _stamp(now)],
-            client=pipe,
-        )
+        return self._run(runner, "handoff", [k.intake, k.queue(worker_id), k.job(job_id), k.reserved(worker_id)],
+                         [DISPATCHER_GROUP, entry_id, job_id, worker_id, request_json, kv_tokens, _stamp(now)])
 
-    def start(self, pipe: Any, job_id: str, worker_id: str, now: float | None = None) -> Any:
-        return self._start(keys=[self.keys.job(job_id)], args=[worker_id, _stamp(now)], client=pipe)
+    def start(self, runner: RunnerT, job_id: str, worker_id: str, now: float | None = None) -> ReplyT:
+        return self._run(runner, "start", [self.keys.job(job_id)], [worker_id, _stamp(now)])
 
-    def requeue(self, pipe: Any, worker_id: str, entry_id: str, job_id: str, request_json: str) -> Any:
+    def requeue(self, runner: RunnerT, worker_id: str, entry_id: str, job_id: str, request_json: str) -> ReplyT:
         k = self.keys
-        return self._requeue(
-            keys=[k.queue(worker_id), k.intake, k.job(job_id), k.reserved(worker_id)],
-            args=[WORKER_GROUP, entry_id, job_id, request_json],
-            client=pipe,
-        )
+        return self._run(runner, "requeue", [k.queue(worker_id), k.intake, k.job(job_id), k.reserved(worker_id)],
+                         [WORKER_GROUP, entry_id, job_id, request_json])
 
     def finish(
         self,
-        pipe: Any,
+        runner: RunnerT,
         result: JobResult,
         reply_to: str | None,
         *,
@@ -130,17 +139,30 @@ class Scripts:
         ack_entry: str = "",
         completion: Completion | None = None,
         job_ttl_s: float = d.JOB_TTL_S,
-    ) -> Any:
+    ) -> ReplyT:
         """Write ``result`` as the job's terminal state (once), ack an entry, notify the client."""
         k = self.keys
         encoded = to_hash(result)
         fields = [item for name in TERMINAL_FIELDS if name in encoded for item in (name, encoded[name])]
         worker = result.worker or "-"
         notice = NOTICE_FIELDS if reply_to else ""
-        return self._finish(
-            keys=[k.job(result.id), k.reserved(worker), ack_stream or k.intake, k.completions,
-                  k.reply(reply_to or "-")],
-            args=[ack_group, ack_entry, result.id, int(job_ttl_s), completion.to_json() if completion else "",
-                  notice, d.REPLY_STREAM_MAXLEN, int(d.REPLY_STREAM_TTL_S), d.COMPLETIONS_MAXLEN, *fields],
-            client=pipe,
+        return self._run(
+            runner, "finish",
+            [k.job(result.id), k.reserved(worker), ack_stream or k.intake, k.completions, k.reply(reply_to or "-")],
+            [ack_group, ack_entry, result.id, int(job_ttl_s), completion.to_json() if completion else "",
+             notice, d.REPLY_STREAM_MAXLEN, int(d.REPLY_STREAM_TTL_S), d.COMPLETIONS_MAXLEN, *fields],
         )
+
+
+class Scripts(_Transitions[SyncRunner, object]):
+    """The transitions on a sync client: a call returns the script's reply (or queues it on a pipeline)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        super().__init__(client, keys)
+
+
+class AsyncScripts(_Transitions[AsyncRunner, Coroutine[Any, Any, object]]):
+    """The transitions on an asyncio client: a call is a coroutine; awaiting it runs (or queues) the script."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        super().__init__(client, keys)

@@ -7,6 +7,7 @@ The efficiency fields are plain numbers on purpose: they are calibrated against 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 MIB = 1024**2
 
@@ -104,8 +105,10 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 
 MODEL_ALIASES = {"tiny-llama": "tiny-llama-1b", "llama-3b": "llama-3.2-3b", "llama-8b": "llama-3.1-8b"}
 
+T = TypeVar("T")
 
-def _lookup(kind: str, name: str, table: dict, aliases: dict[str, str]):
+
+def _lookup(kind: str, name: str, table: dict[str, T], aliases: dict[str, str]) -> T:
     """Find ``name`` in ``table`` case-insensitively, through ``aliases``, or raise ValueError."""
     key = name.strip().lower()
     by_lower = {k.lower(): v for k, v in table.items()}

@@ -387,7 +387,9 @@ class BatchScheduler:
 
     def _step_time(self, plan: _Plan) -> float:
         prefill = sum(tokens for _, _, tokens in plan.prefill)
-        kv_read = pairs = plan.decode_ctx  # a decode query attends to each token of its context
+        # A decode query attends to each token of its context: as many KV reads as attention pairs.
+        kv_read = plan.decode_ctx
+        pairs: float = plan.decode_ctx  # a prefill chunk's causal triangle adds half-pairs
         for _, offset, tokens in plan.prefill:
             kv_read += offset + tokens
             pairs += tokens * offset + tokens * (tokens + 1) / 2

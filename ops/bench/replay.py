@@ -47,8 +47,8 @@ TABLE_KEYS = ("p50_ms", "p90_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "slo_a
 MIN_DRAIN_WALL_S = 10.0
 CAPACITY_SOURCES = {
     "engine": "each GPU's saturation throughput on the trace, its scheduler run alone, summed (ideal routing)",
-    "roofline": "gpu_worker.sim.roofline.estimate_capacity_rps per GPU, summed",
-    "calibrate": "a saturation run through the whole system with the dio policy (ops.bench.calibrate)",
+    "roofline": "dio.gpu_worker.sim.roofline.estimate_capacity_rps per GPU, summed",
+    "calibrate": "a saturation run through the whole system with the dio policy (dio.ops.bench.calibrate)",
 }
 
 
@@ -61,7 +61,7 @@ class ReplayConfig:
     model: str = DEFAULT_MODEL
     loads: list[float] = field(default_factory=lambda: [0.7, 0.9])
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
-    peers: list[str] = field(default_factory=list)  # ROUTER:POLICY, e.g. vllm-router:round_robin (ops.bench.peers)
+    peers: list[str] = field(default_factory=list)  # ROUTER:POLICY, e.g. vllm-router:round_robin (dio.ops.bench.peers)
     slo_k: float = 5.0
     time_scale: float | None = None  # None: chosen so the arrivals at the lowest load take target_wall_s
     target_wall_s: float = 12.0
@@ -77,7 +77,7 @@ class ReplayConfig:
     out_dir: Path | None = None
     name: str | None = None  # result file stem; default replay-<trace>
     benchmark: str = "replay"
-    virtual: bool = False  # simulated time in one process (ops.bench.virtual), no Redis, no processes
+    virtual: bool = False  # simulated time in one process (dio.ops.bench.virtual), no Redis, no processes
 
 
 @dataclass

@@ -853,7 +853,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the named measurements in order; exit 1 when any of them failed."""
     args = parse_args(argv)
-    if args.cuda_graphs:  # read by the worker processes (WorkerSettings) and ops.gpu.direct
+    if args.cuda_graphs:  # read by the worker processes (WorkerSettings) and dio.ops.gpu.direct
         os.environ["DIO_ENFORCE_EAGER"] = "false"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
