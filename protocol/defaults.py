@@ -19,6 +19,7 @@ MAX_ID_CHARS = 128
 MAX_MODEL_CHARS = 256
 MAX_METADATA_ITEMS = 16
 MAX_METADATA_CHARS = 512
+MAX_SLO_MS = 7 * 24 * 3600 * 1000  # deadlines and per-token SLOs: a week at most
 
 # Model and prompt conventions every component shares.
 DEFAULT_MODEL = "llama-3.2-3b"  # the model shape a simulated worker serves unless told otherwise

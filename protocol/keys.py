@@ -21,6 +21,11 @@ COMPLETION_FIELD = "c"  # completions entries: the Completion JSON
 RESULT_FIELD = "r"  # reply entries: the JobResult JSON (the job's terminal state)
 WAKE_FIELD = "wake"  # reply entries with only this field wake a blocked reader up (on close)
 
+# Request metadata read by the simulated engine only (never by the dispatcher): where the simulated
+# model emits EOS, in output tokens, so a benchmark can replay a trace's true output lengths while
+# max_tokens stays a cap the router sees, as with a real model.
+SIM_EOS_METADATA = "sim_eos_tokens"
+
 # Job-hash fields that scripts and processes read by name (the rest are JobResult's fields).
 STATUS_FIELD = "status"
 ATTEMPTS_FIELD = "attempts"

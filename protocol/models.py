@@ -73,7 +73,13 @@ class Request(Strict):
     ignore_eos: bool = False
     tier: Tier = Tier.interactive
     # Relative deadline (SLO) in milliseconds from submitted_at; None means no deadline.
-    deadline_ms: float | None = Field(default=None, gt=0, le=7 * 24 * 3600 * 1000)
+    deadline_ms: float | None = Field(default=None, gt=0, le=d.MAX_SLO_MS)
+    # Per-token SLO, in milliseconds: time to first token, and mean time per output token after it.
+    ttft_slo_ms: float | None = Field(default=None, gt=0, le=d.MAX_SLO_MS)
+    tpot_slo_ms: float | None = Field(default=None, gt=0, le=d.MAX_SLO_MS)
+    # May DIO reject it at once when it predicts its SLO will be missed on every worker? (The
+    # inference gateway's "sheddable" criticality.) Other requests are always served.
+    sheddable: bool = False
     # Client id whose reply stream receives the result notice; None: poll the job hash.
     reply_to: str | None = Field(default=None, max_length=d.MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$")
     submitted_at: float = Field(default_factory=time.time)
@@ -92,8 +98,10 @@ class Request(Strict):
         for key, value in (self.metadata or {}).items():
             if len(key) > d.MAX_METADATA_CHARS or len(value) > d.MAX_METADATA_CHARS:
                 raise ValueError(f"metadata entries are limited to {d.MAX_METADATA_CHARS} characters")
-        if self.deadline_ms is not None and not math.isfinite(self.deadline_ms):
-            raise ValueError("'deadline_ms' must be finite")
+        for name in ("deadline_ms", "ttft_slo_ms", "tpot_slo_ms"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"'{name}' must be finite")
         return self
 
     @property

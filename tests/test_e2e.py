@@ -122,6 +122,11 @@ def test_predictor_state_survives_a_dispatcher_restart(redis_url: str, redis_pre
     try:
         with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
             dio.wait_all(dio.submit_many([{"prompt": "x", "max_tokens": 20} for _ in range(20)]), timeout=30)
+        # The clients have their results; the dispatcher learns from the completions a moment later
+        # (it deletes each one it has learned from): stop it only once it has read them all.
+        deadline = time.monotonic() + 10
+        while raw.xlen(keys.completions) and time.monotonic() < deadline:
+            time.sleep(0.05)
         dispatcher = running.processes[0]
         dispatcher.send_signal(signal.SIGTERM)
         dispatcher.wait(timeout=10)

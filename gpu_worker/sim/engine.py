@@ -64,7 +64,7 @@ class SimEngine(Engine):
         gpu_memory_utilization: float = roofline.DEFAULT_GPU_MEMORY_UTILIZATION,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         max_num_batched_tokens: int = roofline.DEFAULT_MAX_BATCHED_TOKENS,
-        max_preemptions: int = DEFAULT_MAX_PREEMPTIONS,
+        max_preemptions: int | None = DEFAULT_MAX_PREEMPTIONS,
         kv_capacity_tokens: int | None = None,
         prefix_block_tokens: int = PREFIX_BLOCK_TOKENS,
         seed: int = 0,

@@ -6,8 +6,9 @@ the time the previous one ends, as vLLM's V1 scheduler does:
 1. every decoding sequence takes one token of the step's budget (``max_num_batched_tokens``) and
    one new KV slot. When the KV cache has too few free slots, the running request with the lowest
    priority and latest admission is preempted (recompute: its KV is freed and it waits at the front
-   of the queue to prefill its prompt and generated tokens again). A request preempted more than
-   ``max_preemptions`` times fails with OutOfMemory, as a request a naive router overcommitted would;
+   of the queue to prefill its prompt and generated tokens again), as often as it takes, as vLLM
+   does. ``max_preemptions``, when set, fails a request preempted more often than that instead (a
+   what-if; vLLM has no such limit);
 2. requests still prefilling take chunks of the remaining budget, in admission order;
 3. if nothing was preempted, waiting requests (lowest ``priority`` value first, then FIFO) join
    while fewer than ``max_num_seqs`` run, budget is left and all their tokens' KV fits; the head of
@@ -41,7 +42,7 @@ from dio.gpu_worker.sim.profiles import GpuProfile, ModelShape
 from dio.protocol.defaults import PREFIX_BLOCK_TOKENS
 
 DEFAULT_MAX_NUM_SEQS = 256
-DEFAULT_MAX_PREEMPTIONS = 1
+DEFAULT_MAX_PREEMPTIONS: int | None = None  # None: recompute as often as it takes, as vLLM does
 
 
 class EventKind(str, Enum):
@@ -81,6 +82,9 @@ class SimRequest:
     id: str
     prompt_tokens: int
     max_tokens: int
+    # Where the model stops (emits EOS), in output tokens: the engine's secret, never the router's.
+    # None: it runs to max_tokens. Either way max_tokens caps it.
+    eos_tokens: int | None = None
     priority: int = 0
     prefix_hashes: Sequence[int] | None = None
     output_tokens: int = 0
@@ -93,6 +97,11 @@ class SimRequest:
     order: int = 0  # place in the waiting queue among equal priorities (negative: preempted)
     admit_seq: int = 0  # admission order: the latest admitted is preempted first
     tick0: int = 0
+
+    @property
+    def stop_tokens(self) -> int:
+        """Return the output tokens it will have when it finishes: at EOS, or at max_tokens."""
+        return self.max_tokens if self.eos_tokens is None else max(1, min(self.eos_tokens, self.max_tokens))
 
     @property
     def num_tokens(self) -> int:
@@ -193,7 +202,7 @@ class BatchScheduler:
         gpu_memory_utilization: float = roofline.DEFAULT_GPU_MEMORY_UTILIZATION,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         max_num_batched_tokens: int = roofline.DEFAULT_MAX_BATCHED_TOKENS,
-        max_preemptions: int = DEFAULT_MAX_PREEMPTIONS,
+        max_preemptions: int | None = DEFAULT_MAX_PREEMPTIONS,
         prefix_block_tokens: int = PREFIX_BLOCK_TOKENS,
         prefix_cache_tokens: int | None = None,
     ) -> None:
@@ -346,7 +355,7 @@ class BatchScheduler:
                 plan.decode_batch -= 1
                 plan.decode_ctx -= victim.computed + (self._tick - victim.tick0) + 1
             free += kv
-            over = victim.preemptions + 1 > self.max_preemptions
+            over = self.max_preemptions is not None and victim.preemptions + 1 > self.max_preemptions
             (plan.failed if over else plan.preempted).append(victim)
         return free
 
@@ -447,14 +456,14 @@ class BatchScheduler:
         r.output_tokens += 1
         if r.output_tokens == 1:
             self._emit(EventKind.first_token, r, t)
-        if r.output_tokens >= r.max_tokens:
+        if r.output_tokens >= r.stop_tokens:
             self._finish(r, t)
             return
         self._prefilling.remove(r)
         r.phase, r.tick0 = Phase.decode, self._tick
         self._decoding[r.id] = r
         self._decode_ctx += r.computed + 1
-        heapq.heappush(self._finish_heap, (self._tick + r.max_tokens - r.output_tokens, r.admit_seq, r))
+        heapq.heappush(self._finish_heap, (self._tick + r.stop_tokens - r.output_tokens, r.admit_seq, r))
 
     def _finish_due(self, t: float) -> None:
         heap = self._finish_heap
