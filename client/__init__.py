@@ -10,6 +10,7 @@ from dio.client.aio import AsyncClient, AsyncJobHandle
 from dio.client.client import Client
 from dio.client.exceptions import (
     DIOError,
+    DuplicateJobId,
     JobCancelled,
     JobError,
     JobFailed,
@@ -27,6 +28,7 @@ __all__ = [
     "Client",
     "ClientSettings",
     "DIOError",
+    "DuplicateJobId",
     "JobCancelled",
     "JobError",
     "JobFailed",

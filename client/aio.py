@@ -22,14 +22,24 @@ from typing import Any
 import redis
 
 from dio.client.client import CLIENT_NAME_PREFIX, resolve_settings, submit_fields
-from dio.client.exceptions import JobNotFound, ResultTimeout
-from dio.client.jobs import build_request, cancelled_result, check_unique, is_terminal, outcome, parse_job, queue_submit
+from dio.client.exceptions import DuplicateJobId, JobNotFound, ResultTimeout
+from dio.client.jobs import (
+    build_request,
+    cancelled_result,
+    check_unique,
+    is_terminal,
+    new_job_fields,
+    outcome,
+    parse_job,
+    refused_ids,
+)
 from dio.client.mailbox import Mailbox
-from dio.client.reader import RETRY_DELAY_S, parse_notice
+from dio.client.reader import parse_notice
 from dio.client.settings import POLLED_HASHES_PER_S, READER_BATCH, READER_BLOCK_MS, ClientSettings
 from dio.protocol.connection import connect_async
 from dio.protocol.keys import STATUS_FIELD, WAKE_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, Tier
+from dio.protocol.retry import Outage
 from dio.protocol.scripts import AsyncScripts
 
 log = logging.getLogger(__name__)
@@ -98,6 +108,7 @@ class AsyncClient:
         self.redis = connect_async(self.settings)
         self.redis.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME_PREFIX + self.client_id
         self._scripts = AsyncScripts(self.redis, self.keys)
+        self.outage = Outage(log, f"client {self.client_id}")  # shared by the waiters and the reply reader
         self._mailbox: Mailbox[asyncio.Future] = Mailbox(_new_future)
         self._reader: asyncio.Task | None = None
         self._stopping = False
@@ -149,6 +160,9 @@ class AsyncClient:
         ignore_eos: bool | None = None,
         tier: Tier | str | None = None,
         deadline_ms: float | None = None,
+        ttft_slo_ms: float | None = None,
+        tpot_slo_ms: float | None = None,
+        sheddable: bool | None = None,
         num_prompt_tokens: int | None = None,
         prefix_hashes: list[int] | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -158,7 +172,8 @@ class AsyncClient:
         data = submit_fields(
             prompt, prompt_token_ids=prompt_token_ids, model=model, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tier=tier,
-            deadline_ms=deadline_ms, num_prompt_tokens=num_prompt_tokens, prefix_hashes=prefix_hashes,
+            deadline_ms=deadline_ms, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, sheddable=sheddable,
+            num_prompt_tokens=num_prompt_tokens, prefix_hashes=prefix_hashes,
             metadata=dict(metadata) if metadata is not None else None, id=id,
         )
         return (await self.submit_many([data]))[0]
@@ -171,21 +186,21 @@ class AsyncClient:
         handles: list[AsyncJobHandle] = []
         step = self.settings.submit_chunk
         for start in range(0, len(reqs), step):
-            handles += await self._submit_chunk(reqs[start:start + step])
+            submitted, refused = await self._submit_chunk(reqs[start:start + step])
+            handles += submitted
+            if refused:
+                raise DuplicateJobId(refused, handles)
         return handles
 
-    async def _submit_chunk(self, reqs: list[Request]) -> list[AsyncJobHandle]:
-        handles = [AsyncJobHandle(self, req, self._mailbox.expect(req.id)) for req in reqs]
+    async def _submit_chunk(self, reqs: list[Request]) -> tuple[list[AsyncJobHandle], list[str]]:
+        """Submit one chunk in one pipeline; return the handles of those submitted and the ids refused."""
         pipe = self.redis.pipeline(transaction=False)
         for req in reqs:
-            queue_submit(pipe, self.keys, req)
-        try:
-            await pipe.execute()
-        except redis.RedisError as exc:
-            for handle in handles:
-                self._mailbox.settle(handle.id, exc, handle.future)
-            raise
-        return handles
+            await self._scripts.submit(pipe, req.id, req.to_json(), new_job_fields(req))  # queued when awaited
+        refused = refused_ids(reqs, await pipe.execute())
+        # A notice that comes before its handle waits in the mailbox until expect() asks for it.
+        handles = [AsyncJobHandle(self, req, self._mailbox.expect(req.id)) for req in reqs if req.id not in refused]
+        return handles, refused
 
     def _ensure_reader(self) -> None:
         if self._closed:
@@ -203,8 +218,9 @@ class AsyncClient:
                 last_id = await self._consume(replies, last_id)
             except redis.RedisError as exc:
                 # Notices wait in the stream; waiters poll job hashes meanwhile, so nothing is lost.
-                log.warning("reply reader on %s: %s; retrying in %.0f s", self.reply_stream, exc, RETRY_DELAY_S)
-                await asyncio.sleep(RETRY_DELAY_S)
+                await asyncio.sleep(self.outage.failed(exc))
+                continue
+            self.outage.ok()
 
     async def _consume(self, replies: list | None, last_id: str) -> str:
         for _stream, entries in replies or []:
@@ -244,22 +260,35 @@ class AsyncClient:
     # --- waiting ----------------------------------------------------------------------------------
 
     async def _wait(self, handle: AsyncJobHandle, timeout: float | None) -> JobResult:
-        """Wait for one handle: its notice, or the job hash polled every ``poll_interval_s``."""
+        """Wait for one handle; same contract as ``Client._wait`` (a Redis outage is ridden out)."""
         timeout = self.settings.result_timeout_s if timeout is None else timeout
         deadline = math.inf if timeout is None else time.monotonic() + timeout  # inf: no timeout, never due
+        status: str | None = None
+        pause = self.settings.poll_interval_s
         while not handle.future.done():
             try:
-                await asyncio.wait_for(asyncio.shield(handle.future), self._next_wait(deadline))
+                await asyncio.wait_for(asyncio.shield(handle.future), self._next_wait(deadline, pause))
                 break
             except TimeoutError:
                 pass
-            status = (await self.poll([handle]))[0]
+            statuses, pause = await self._poll_through_outage([handle], self.settings.poll_interval_s)
+            status = statuses[0] if statuses is not None else status
             if not handle.future.done() and timeout is not None and time.monotonic() >= deadline:
                 raise ResultTimeout(handle.id, timeout, status)
         return handle.future.result()
 
-    def _next_wait(self, deadline: float) -> float:
-        return max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))
+    def _next_wait(self, deadline: float, pause: float) -> float:
+        return max(0.0, min(pause, deadline - time.monotonic()))
+
+    async def _poll_through_outage(self, handles: list[AsyncJobHandle],
+                                   pause: float) -> tuple[list[str | None] | None, float]:
+        """Poll the handles; same contract as ``Client._poll_through_outage`` (None while Redis is away)."""
+        try:
+            statuses = await self.poll(handles)
+        except redis.RedisError as exc:
+            return None, self.outage.failed(exc)
+        self.outage.ok()
+        return statuses, pause
 
     async def poll(self, handles: list[AsyncJobHandle]) -> list[str | None]:
         """Re-read the handles' job hashes and resolve those that ended (or vanished).
@@ -305,9 +334,10 @@ class AsyncClient:
                 continue
             if timeout is not None and time.monotonic() >= deadline:
                 first = next(iter(pending.values()))
-                raise ResultTimeout(first.id, timeout, (await self.poll([first]))[0])
-            await self.poll(list(pending.values()))
-            next_poll = time.monotonic() + self._bulk_poll_interval(len(pending))
+                statuses, _ = await self._poll_through_outage([first], 0.0)
+                raise ResultTimeout(first.id, timeout, statuses[0] if statuses is not None else None)
+            _, pause = await self._poll_through_outage(list(pending.values()), self._bulk_poll_interval(len(pending)))
+            next_poll = time.monotonic() + pause
 
     def _bulk_poll_interval(self, count: int) -> float:
         return self.settings.poll_interval_s * max(1.0, count / POLLED_HASHES_PER_S)

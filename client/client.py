@@ -1,13 +1,16 @@
 """Client: the synchronous SDK to submit jobs to DIO and wait for their results.
 
-A submission is one round trip: the job hash (status ``queued``) and the intake entry go out in
-one pipeline. Each Client has one id and one private reply stream; a single reader thread turns
-the notices on it into results, and waiters poll the job hash about once a second so that a
-lost notice (an expired reply stream, a reader that was down) never loses a result.
+A submission is one pipeline: ``submit.lua`` creates the job hash (status ``queued``) and the
+intake entry, unless a job with that id exists (DuplicateJobId: a job is never overwritten).
+Each Client has one id and one private reply stream; a single reader thread turns the notices on
+it into results, and waiters poll the job hash about once a second so that a lost notice (an
+expired reply stream, a reader that was down) never loses a result. Waiters ride out a Redis
+outage (``dio.protocol.retry``) until their timeout, and raise only DIO's exceptions.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -20,15 +23,16 @@ from typing import Any
 
 import redis
 
-from dio.client.exceptions import JobNotFound, ResultTimeout
+from dio.client.exceptions import DuplicateJobId, JobNotFound, ResultTimeout
 from dio.client.handle import JobHandle
 from dio.client.jobs import (
     build_request,
     cancelled_result,
     check_unique,
     is_terminal,
+    new_job_fields,
     parse_job,
-    queue_submit,
+    refused_ids,
 )
 from dio.client.mailbox import Mailbox
 from dio.client.reader import ReplyReader
@@ -36,7 +40,10 @@ from dio.client.settings import POLLED_HASHES_PER_S, ClientSettings
 from dio.protocol.connection import connect
 from dio.protocol.keys import STATUS_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, Tier
+from dio.protocol.retry import Outage
 from dio.protocol.scripts import Scripts
+
+log = logging.getLogger("dio.client")
 
 CLIENT_NAME_PREFIX = "dio-client:"  # CLIENT LIST shows every connection of a client under this name
 
@@ -76,6 +83,7 @@ class Client:
         self.redis = connect(self.settings)
         self.redis.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME_PREFIX + self.client_id
         self._scripts = Scripts(self.redis, self.keys)
+        self.outage = Outage(log, f"client {self.client_id}")  # shared by the waiters and the reply reader
         self._mailbox: Mailbox[Future] = Mailbox(Future)
         self._reader: ReplyReader | None = None
         self._reader_lock = threading.Lock()
@@ -118,6 +126,9 @@ class Client:
         ignore_eos: bool | None = None,
         tier: Tier | str | None = None,
         deadline_ms: float | None = None,
+        ttft_slo_ms: float | None = None,
+        tpot_slo_ms: float | None = None,
+        sheddable: bool | None = None,
         num_prompt_tokens: int | None = None,
         prefix_hashes: list[int] | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -126,12 +137,16 @@ class Client:
         """Submit one request (a text ``prompt`` or ``prompt_token_ids``) and return its handle.
 
         Omitted arguments take the client's settings (model, max_tokens, temperature, tier).
-        Raises ValueError (pydantic's ValidationError) for an invalid request, before any I/O.
+        ``deadline_ms``, ``ttft_slo_ms`` and ``tpot_slo_ms`` are the request's SLO; with
+        ``sheddable=True`` DIO may reject it at once (with a retry-after) when it predicts a miss on
+        every worker, instead of running it late. Raises ValueError (pydantic's ValidationError)
+        for an invalid request, before any I/O.
         """
         data = submit_fields(
             prompt, prompt_token_ids=prompt_token_ids, model=model, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tier=tier,
-            deadline_ms=deadline_ms, num_prompt_tokens=num_prompt_tokens, prefix_hashes=prefix_hashes,
+            deadline_ms=deadline_ms, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, sheddable=sheddable,
+            num_prompt_tokens=num_prompt_tokens, prefix_hashes=prefix_hashes,
             metadata=dict(metadata) if metadata is not None else None, id=id,
         )
         return self.submit_many([data])[0]
@@ -140,7 +155,9 @@ class Client:
         """Submit many requests, ``submit_chunk`` per round trip; return their handles in order.
 
         Every request is validated first, so an invalid one raises before anything is sent. If
-        Redis fails midway, the chunks already sent stay submitted and the error propagates.
+        Redis fails midway, the chunks already sent stay submitted and the error propagates. An id
+        that an existing job holds is refused, never overwritten: DuplicateJobId is raised after
+        the chunk it is in, whose other requests are submitted (their handles ride on the error).
         """
         reqs = [build_request(self.settings, self.client_id, item) for item in requests]
         check_unique(reqs)
@@ -148,28 +165,28 @@ class Client:
         handles: list[JobHandle] = []
         step = self.settings.submit_chunk
         for start in range(0, len(reqs), step):
-            handles += self._submit_chunk(reqs[start:start + step])
+            submitted, refused = self._submit_chunk(reqs[start:start + step])
+            handles += submitted
+            if refused:
+                raise DuplicateJobId(refused, handles)
         return handles
 
-    def _submit_chunk(self, reqs: list[Request]) -> list[JobHandle]:
-        handles = [JobHandle(self, req, self._mailbox.expect(req.id)) for req in reqs]
+    def _submit_chunk(self, reqs: list[Request]) -> tuple[list[JobHandle], list[str]]:
+        """Submit one chunk in one pipeline; return the handles of those submitted and the ids refused."""
         pipe = self.redis.pipeline(transaction=False)
         for req in reqs:
-            queue_submit(pipe, self.keys, req)
-        try:
-            pipe.execute()
-        except redis.RedisError as exc:
-            for handle in handles:
-                self._mailbox.settle(handle.id, exc, handle.future)
-            raise
-        return handles
+            self._scripts.submit(pipe, req.id, req.to_json(), new_job_fields(req))
+        refused = refused_ids(reqs, pipe.execute())
+        # A notice that comes before its handle waits in the mailbox until expect() asks for it.
+        handles = [JobHandle(self, req, self._mailbox.expect(req.id)) for req in reqs if req.id not in refused]
+        return handles, refused
 
     def _ensure_reader(self) -> None:
         if self._closed:
             raise RuntimeError("this Client is closed")
         with self._reader_lock:
             if self._reader is None:
-                self._reader = ReplyReader(self.redis, self.reply_stream, self._mailbox)
+                self._reader = ReplyReader(self.redis, self.reply_stream, self._mailbox, outage=self.outage)
                 self._reader.start()
 
     # --- reading and cancelling jobs -------------------------------------------------------------
@@ -203,22 +220,42 @@ class Client:
     # --- waiting ----------------------------------------------------------------------------------
 
     def _wait(self, handle: JobHandle, timeout: float | None) -> JobResult:
-        """Wait for one handle: its notice, or the job hash polled every ``poll_interval_s``."""
+        """Wait for one handle: its notice, or the job hash polled every ``poll_interval_s``.
+
+        Through a Redis outage the polls back off and retry until ``timeout``; then ResultTimeout
+        carries the last status read (None if none was).
+        """
         timeout = self.settings.result_timeout_s if timeout is None else timeout
         deadline = math.inf if timeout is None else time.monotonic() + timeout  # inf: no timeout, never due
+        status: str | None = None
+        pause = self.settings.poll_interval_s
         while True:
             try:
-                return handle.future.result(self._next_wait(deadline))
+                return handle.future.result(self._next_wait(deadline, pause))
             except FutureTimeout:
                 pass
-            status = self.poll([handle])[0]
+            statuses, pause = self._poll_through_outage([handle], self.settings.poll_interval_s)
+            status = statuses[0] if statuses is not None else status
             if handle.future.done():
                 continue
             if timeout is not None and time.monotonic() >= deadline:
                 raise ResultTimeout(handle.id, timeout, status)
 
-    def _next_wait(self, deadline: float) -> float:
-        return max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))
+    def _next_wait(self, deadline: float, pause: float) -> float:
+        return max(0.0, min(pause, deadline - time.monotonic()))
+
+    def _poll_through_outage(self, handles: list[JobHandle], pause: float) -> tuple[list[str | None] | None, float]:
+        """Poll the handles; return their statuses and the pause before the next poll.
+
+        While Redis is unreachable, return None and a backoff pause instead of raising: the jobs
+        live on in Redis (a notice sent meanwhile waits in the reply stream), so the wait goes on.
+        """
+        try:
+            statuses = self.poll(handles)
+        except redis.RedisError as exc:
+            return None, self.outage.failed(exc)
+        self.outage.ok()
+        return statuses, pause
 
     def poll(self, handles: list[JobHandle]) -> list[str | None]:
         """Re-read the handles' job hashes and resolve those that ended (or vanished).
@@ -244,8 +281,8 @@ class Client:
         """Yield handles as their jobs end (in any order), all within ``timeout`` seconds.
 
         Raises ResultTimeout, naming one unfinished job, when time runs out (None: the client's
-        ``result_timeout_s``). Pending jobs are polled in bulk, at about POLLED_HASHES_PER_S
-        hashes a second, in case some notices were lost.
+        ``result_timeout_s``), a Redis outage included. Pending jobs are polled in bulk, at about
+        POLLED_HASHES_PER_S hashes a second, in case some notices were lost.
         """
         pending = {h.id: h for h in handles}
         timeout = self.settings.result_timeout_s if timeout is None else timeout
@@ -265,9 +302,10 @@ class Client:
                 pass
             if timeout is not None and time.monotonic() >= deadline:
                 first = next(iter(pending.values()))
-                raise ResultTimeout(first.id, timeout, self.poll([first])[0])
-            self.poll(list(pending.values()))
-            next_poll = time.monotonic() + self._bulk_poll_interval(len(pending))
+                statuses, _ = self._poll_through_outage([first], 0.0)
+                raise ResultTimeout(first.id, timeout, statuses[0] if statuses is not None else None)
+            _, pause = self._poll_through_outage(list(pending.values()), self._bulk_poll_interval(len(pending)))
+            next_poll = time.monotonic() + pause
 
     def _bulk_poll_interval(self, count: int) -> float:
         return self.settings.poll_interval_s * max(1.0, count / POLLED_HASHES_PER_S)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dio.protocol.models import JobResult
 
 
@@ -64,3 +66,18 @@ class JobNotFound(DIOError, LookupError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"job {job_id} not found (unknown id, or its result expired)")
+
+
+class DuplicateJobId(DIOError, ValueError):
+    """A job with this id exists already: nothing was submitted under it (it would overwrite that job).
+
+    ``job_ids`` are the refused ids; ``submitted`` holds the handles of the requests of the same
+    call that were submitted (the ones before the refused chunk, and the others in it).
+    """
+
+    def __init__(self, job_ids: list[str], submitted: list[Any]) -> None:
+        self.job_ids = job_ids
+        self.submitted = submitted
+        more = f" (and {len(job_ids) - 1} more)" if len(job_ids) > 1 else ""
+        super().__init__(f"job id {job_ids[0]!r}{more} is already taken by an existing job; nothing was submitted "
+                         "under it: choose a new id, or read the existing job with get()")

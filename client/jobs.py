@@ -13,7 +13,7 @@ from typing import Any
 
 from dio.client.exceptions import JobCancelled, JobFailed, JobRejected
 from dio.client.settings import ClientSettings
-from dio.protocol.keys import REQUEST_FIELD, STATUS_FIELD, Keys
+from dio.protocol.keys import STATUS_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, from_hash
 
 CANCEL_REASON = "cancelled by the client"
@@ -48,7 +48,7 @@ def build_request(settings: ClientSettings, reply_to: str, data: Request | Mappi
 
 
 def check_unique(requests: list[Request]) -> None:
-    """Refuse two requests with one id: the second would overwrite the first's job hash."""
+    """Refuse two requests with one id in one submission (``submit.lua`` would refuse the second)."""
     seen: set[str] = set()
     for req in requests:
         if req.id in seen:
@@ -56,16 +56,17 @@ def check_unique(requests: list[Request]) -> None:
         seen.add(req.id)
 
 
-def queue_submit(pipe: Any, keys: Keys, req: Request) -> None:
-    """Add the two commands of one submission to ``pipe``: create the job hash, then XADD it.
-
-    The intake is never trimmed: a trimmed entry would be a request silently lost.
-    """
+def new_job_fields(req: Request) -> dict[str, str]:
+    """Return the fields a submission writes in a new job hash (``Scripts.submit`` writes them once)."""
     fields = {STATUS_FIELD: JobStatus.queued.value, "submitted_at": repr(req.submitted_at), "tier": req.tier.value}
     if req.reply_to:
         fields["reply_to"] = req.reply_to
-    pipe.hset(keys.job(req.id), mapping=fields)
-    pipe.xadd(keys.intake, {REQUEST_FIELD: req.to_json()})
+    return fields
+
+
+def refused_ids(reqs: list[Request], replies: list[Any]) -> list[str]:
+    """Return the ids whose ``submit.lua`` reply says the job exists (0), in order."""
+    return [req.id for req, reply in zip(reqs, replies, strict=True) if reply == 0]
 
 
 def parse_job(job_id: str, fields: Mapping[str, str]) -> JobResult | None:

@@ -17,10 +17,9 @@ from dio.client.mailbox import Mailbox
 from dio.client.settings import READER_BATCH, READER_BLOCK_MS
 from dio.protocol.keys import RESULT_FIELD, WAKE_FIELD
 from dio.protocol.models import JobResult
+from dio.protocol.retry import Outage
 
 log = logging.getLogger(__name__)
-
-RETRY_DELAY_S = 1.0
 
 
 def parse_notice(entry_id: str, fields: dict[str, str]) -> JobResult | None:
@@ -40,7 +39,7 @@ class ReplyReader(threading.Thread):
     """Read notices from ``stream`` and deliver them to ``mailbox`` until stopped."""
 
     def __init__(self, conn: redis.Redis, stream: str, mailbox: Mailbox, *, block_ms: int = READER_BLOCK_MS,
-                 batch: int = READER_BATCH) -> None:
+                 batch: int = READER_BATCH, outage: Outage | None = None) -> None:
         super().__init__(name=f"dio-reply-reader:{stream}", daemon=True)
         self._conn = conn
         self._stream = stream
@@ -48,6 +47,7 @@ class ReplyReader(threading.Thread):
         self._block_ms = block_ms
         self._batch = batch
         self._stopping = threading.Event()
+        self._outage = outage or Outage(log, f"reply reader on {stream}")
         # The stream is private to this client, so everything on it since the start is ours.
         self.last_id = "0-0"
 
@@ -58,8 +58,9 @@ class ReplyReader(threading.Thread):
                 self._consume(replies)
             except redis.RedisError as exc:
                 # Notices wait in the stream; waiters poll job hashes meanwhile, so nothing is lost.
-                log.warning("reply reader on %s: %s; retrying in %.0f s", self._stream, exc, RETRY_DELAY_S)
-                self._stopping.wait(RETRY_DELAY_S)
+                self._stopping.wait(self._outage.failed(exc))
+                continue
+            self._outage.ok()
 
     def _consume(self, replies: list | None) -> None:
         for _stream, entries in replies or []:

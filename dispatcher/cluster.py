@@ -15,11 +15,14 @@ import numpy as np
 
 from dio.dispatcher.predictors import Predictor, make_predictor
 from dio.dispatcher.prefix import PrefixIndex
-from dio.dispatcher.prior import roofline_prior
+from dio.dispatcher.prior import roofline_prior, token_priors
+from dio.dispatcher.token_latency import OutputLengths, TokenLatency
 from dio.protocol.models import Request, WorkerInfo, WorkerTelemetry
 
 DEFAULT_LOAD_UNIT_TOKENS = 50_000.0  # when a worker does not report its weights (≈ a 3B model's)
 BACKLOG_UNIT_TOKENS = 10_000.0  # the prefill backlog feature counts prompt tokens in these units
+PROMPT_RATE_WINDOW_S = 5.0  # the recent prompt-token rate sent to a worker averages over about this long
+DEFAULT_PREFILL_TOKENS_S = 10_000.0  # a worker's prefill rate while its TTFT predictor knows nothing
 
 
 class Held(NamedTuple):
@@ -30,6 +33,9 @@ class Held(NamedTuple):
     load: float  # the worker's KV load with the job (the predictor's load feature)
     backlog: float  # the worker's prefill backlog before the job (the predictor's backlog feature)
     ceiling: float  # the load past which the job misses its deadline (inf: none)
+    max_tokens: int = 0  # its cap, to learn what fraction of it the job produced
+    queue: float = 0.0  # prompt tokens waiting to be prefilled there before it (in BACKLOG_UNIT_TOKENS)
+    prefill_share: float = 0.0  # the share of the worker's time going to prefill when it was sent
 
 
 @dataclass
@@ -41,6 +47,8 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.predictor: Predictor = make_predictor(self.predictor_kind)
+        self.tokens = TokenLatency()  # per-worker TTFT and TPOT
+        self.outputs: dict[str, OutputLengths] = {}  # per model: output tokens / max_tokens seen
         self.prefix = PrefixIndex()  # which workers probably cache which prompt-prefix blocks
         self.model = np.zeros(0, dtype=object)
         self.kv_capacity = np.zeros(0, dtype=np.int64)  # KV tokens the engine can hold
@@ -65,13 +73,20 @@ class Cluster:
         # The lowest load ceiling of the jobs on each worker: the load (in weight units) past which
         # one of them is predicted to miss its deadline (see dispatcher.deadlines). inf: none at risk.
         self.ceiling = np.zeros(0)
+        # A fluid model of each worker's prefill queue: uncached prompt tokens sent and probably not
+        # prefilled yet, drained at the worker's prefill rate since ``prefill_stamp`` (s).
+        self.prefill_queue = np.zeros(0)
+        self.prefill_stamp = np.zeros(0)
+        # Uncached prompt tokens sent to each worker per second, recently (an exponential average).
+        self.prompt_rate = np.zeros(0)
+        self.rate_stamp = np.zeros(0)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     _ARRAYS = ("model", "kv_capacity", "max_model_len", "slots", "reserved_kv", "outstanding",
                "alive", "draining", "running", "waiting", "kv_usage", "service_ms", "load_unit", "ceiling",
-               "prompt_in_flight")
+               "prompt_in_flight", "prefill_queue", "prefill_stamp", "prompt_rate", "rate_stamp")
 
     def upsert(self, info: WorkerInfo) -> int:
         """Add a worker or refresh its capabilities; return its row."""
@@ -87,9 +102,13 @@ class Cluster:
                 setattr(self, name, np.append(arr, np.zeros(1, dtype=arr.dtype)))
             self.ceiling[row] = np.inf
             self.predictor.add_row()
+            self.tokens.add_row()
             prior = roofline_prior(info)
             if prior is not None:
                 self.predictor.prime(row, prior)
+            priors = token_priors(info)
+            if priors is not None:
+                self.tokens.prime(row, *priors)
         self.infos[row] = info
         self.model[row] = info.model
         self.kv_capacity[row] = info.kv_capacity_tokens
@@ -108,6 +127,7 @@ class Cluster:
         for name in self._ARRAYS:
             setattr(self, name, np.delete(getattr(self, name), row))
         self.predictor.remove_row(row)
+        self.tokens.remove_row(row)
         self.prefix.forget_worker(worker_id)
         self.index = {wid: i for i, wid in enumerate(self.ids)}
 
@@ -130,17 +150,49 @@ class Cluster:
         """Each worker's prefill backlog, in units of BACKLOG_UNIT_TOKENS prompt tokens."""
         return self.prompt_in_flight / BACKLOG_UNIT_TOKENS
 
-    def reserve(self, row: int, job_id: str, kv_tokens: int, ceiling: float = np.inf, prompt_tokens: int = 0) -> None:
+    def prefill_rates(self) -> np.ndarray:
+        """Prompt tokens per second each worker prefills, from its TTFT predictor (ms per 1,000 tokens)."""
+        per_1k_ms = self.tokens.ttft.weights[:, 0] if len(self.tokens.ttft) else np.zeros(len(self.ids))
+        return np.where(per_1k_ms > 0, 1e6 / np.maximum(per_1k_ms, 1e-9), DEFAULT_PREFILL_TOKENS_S)
+
+    def queued_prefill(self, now: float) -> np.ndarray:
+        """Each worker's prefill queue at ``now``, in BACKLOG_UNIT_TOKENS prompt tokens (fluid model)."""
+        drained = self.prefill_rates() * np.maximum(now - self.prefill_stamp, 0.0)
+        return np.maximum(self.prefill_queue - drained, 0.0) / BACKLOG_UNIT_TOKENS
+
+    def prompt_rates(self, now: float) -> np.ndarray:
+        """Uncached prompt tokens per second each worker was sent recently (decayed to ``now``)."""
+        return self.prompt_rate * np.exp(-np.maximum(now - self.rate_stamp, 0.0) / PROMPT_RATE_WINDOW_S)
+
+    def prefill_shares(self, now: float, extra_tokens: float | np.ndarray = 0.0) -> np.ndarray:
+        """The share of each worker's time its recent prompts take to prefill, with ``extra_tokens`` more."""
+        rates = self.prompt_rates(now) + np.asarray(extra_tokens, dtype=float) / PROMPT_RATE_WINDOW_S
+        return rates / self.prefill_rates()
+
+    def _note_prompt(self, row: int, tokens: int, now: float) -> None:
+        self.prefill_queue[row] = self.queued_prefill(now)[row] * BACKLOG_UNIT_TOKENS + tokens
+        self.prefill_stamp[row] = now
+        self.prompt_rate[row] = self.prompt_rates(now)[row] + tokens / PROMPT_RATE_WINDOW_S
+        self.rate_stamp[row] = now
+
+    def reserve(self, row: int, job_id: str, kv_tokens: int, ceiling: float = np.inf, prompt_tokens: int = 0,
+                max_tokens: int = 0, now: float | None = None) -> None:
         """Count a job sent to a worker until its completion comes back.
 
         ``ceiling`` is the worker load past which this job would miss its deadline (inf: none);
         ``prompt_tokens`` the prompt it must prefill there (net of cache hits).
         """
         backlog = float(self.prompt_in_flight[row] / BACKLOG_UNIT_TOKENS)
+        queue = share = 0.0
+        if now is not None:
+            queue = float(self.queued_prefill(now)[row])
+            share = float(self.prefill_shares(now)[row])
+            self._note_prompt(row, prompt_tokens, now)
         self.reserved_kv[row] += kv_tokens
         self.prompt_in_flight[row] += prompt_tokens
         load = float(self.reserved_kv[row] / self.load_unit[row])
-        self.reservations[row][job_id] = Held(kv_tokens, prompt_tokens, load, backlog, ceiling)
+        self.reservations[row][job_id] = Held(kv_tokens, prompt_tokens, load, backlog, ceiling, max_tokens, queue,
+                                              share)
         self.outstanding[row] += 1
         self.ceiling[row] = min(self.ceiling[row], ceiling)
 
@@ -170,9 +222,10 @@ class Cluster:
         self.outstanding[row] = len(held)
         self._reset_ceiling(row)
 
-    def dispatched(self, row: int, request: Request, ceiling: float = np.inf, prompt_tokens: int = 0) -> None:
-        """Count a request sent to a worker: reserve its KV, remember the prefix blocks it will cache there."""
-        self.reserve(row, request.id, request.kv_tokens, ceiling, prompt_tokens)
+    def dispatched(self, row: int, request: Request, kv_tokens: int, now: float, ceiling: float = np.inf,
+                   prompt_tokens: int = 0) -> None:
+        """Count a request sent to a worker at ``now``: reserve its KV, queue its prefill, remember its prefix."""
+        self.reserve(row, request.id, kv_tokens, ceiling, prompt_tokens, request.max_tokens, now)
         self.prefix.record(request.prefix_hashes, self.ids[row])
 
     def cached_tokens(self, prompt_tokens: int, prefix_hashes: list[int] | None) -> np.ndarray:
@@ -183,14 +236,25 @@ class Cluster:
         return np.minimum(matched * self.prefix.block_tokens, prompt_tokens - 1)
 
     def complete(self, row: int, job_id: str, prompt_tokens: int, cached_tokens: int, output_tokens: int,
-                 service_ms: float) -> float:
+                 service_ms: float, ttft_ms: float | None = None) -> float:
         """Release a completed job and learn from it, at the load it was sent with; return the error (ms).
 
-        The predictor learns the prompt tokens the worker computed: a cached prefix costs no prefill.
+        The predictors learn the prompt tokens the worker computed: a cached prefix costs no prefill.
         """
         held = self.release(row, job_id)
         load, backlog = (held.load, held.backlog) if held else (float(self.load_now()[row]), 0.0)
-        return self.learn(row, max(prompt_tokens - cached_tokens, 1), output_tokens, service_ms, load, backlog)
+        uncached = max(prompt_tokens - cached_tokens, 1)
+        queue, share = (held.queue, held.prefill_share) if held else (0.0, 0.0)
+        self.tokens.learn(row, uncached, output_tokens, ttft_ms, service_ms, load, queue, share)
+        if held is not None and held.max_tokens:
+            self.outputs_of(str(self.model[row])).learn(output_tokens, held.max_tokens)
+        return self.learn(row, uncached, output_tokens, service_ms, load, backlog)
+
+    def outputs_of(self, model: str) -> OutputLengths:
+        """What requests for ``model`` produced so far (output / max_tokens)."""
+        if model not in self.outputs:
+            self.outputs[model] = OutputLengths()
+        return self.outputs[model]
 
     def learn(self, row: int, prompt_tokens: int, output_tokens: int, service_ms: float, load: float,
               backlog: float = 0.0) -> float:

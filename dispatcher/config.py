@@ -5,14 +5,22 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from dio.protocol import defaults as d
 from dio.protocol.settings import CommonSettings
 
 
 class DispatcherSettings(CommonSettings):
-    policy: str = "dio"  # dio | round-robin | random | least-loaded | power-of-two | queue-kv
+    # dio | round-robin | random | least-loaded | power-of-two | queue-kv | weighted-least-connections
+    # | token-load-prefix | kv-cost (see dispatcher/policies.py)
+    policy: str = "dio"
+    # weighted-least-connections: capacity weight by GPU name (WorkerInfo.gpu, e.g. "H100-80GB") or
+    # worker id, as JSON in DIO_POLICY_WEIGHTS; a worker not named gets its datasheet's decode rate.
+    policy_weights: dict[str, PositiveFloat] = Field(default_factory=dict)
+    # token-load-prefix: the largest TTFT penalty (s) a prefix-cache hit may cost before the warm
+    # worker counts as saturated (τ = its peak prefill rate × this).
+    affinity_ttft_penalty_s: PositiveFloat = 1.0
     predictor: str = "vector"  # seed | vector | rls (see dispatcher/predictors.py)
     dispatcher_name: str = Field(default_factory=lambda: f"dispatcher-{socket.gethostname()}-{os.getpid()}")
     read_count: int = 1024  # intake entries read per round trip
@@ -21,8 +29,9 @@ class DispatcherSettings(CommonSettings):
     max_backlog: int = 100_000  # requests held waiting for capacity; beyond it new ones are shed
     max_wait_s: float = 60.0  # an interactive request without a deadline waits at most this long
     batch_age_s: float = 30.0  # a batch request waiting this long is served like an interactive one
-    # dio policy: reject (with retry-after) a request predicted to miss its deadline on every worker,
-    # instead of running it late; false: run it anyway, where it harms no other job's deadline.
+    # dio policy: reject (with retry-after) a sheddable request (Request.sheddable) predicted to miss
+    # its deadline on every worker, instead of running it late; false: run it anyway, where it harms
+    # no other job's deadline. Requests not marked sheddable are always run.
     shed_late: bool = True
     shed_margin: float = Field(default=1.0, ge=1.0)  # shed when predicted > margin x the time left
     worker_refresh_s: float = 0.25

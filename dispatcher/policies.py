@@ -1,15 +1,19 @@
 """Named routing policies, each one composition of filters, scorers and a picker.
 
 ``dio`` is DIO's policy; the others are the baselines the benchmarks compare it with. They share
-the liveness, model and queue-bound filters; only DIO adds KV admission and its scorers.
+the liveness, model and queue-bound filters; only DIO adds KV admission and its scorers. The
+baselines include three production routers' rules: weighted least connections (hand-set capacity
+weights), llm-d's prefix affinity with token load, and NVIDIA Dynamo's KV block cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from dio.dispatcher import filters, pickers, scorers
 from dio.dispatcher.policy import Policy
+
+LIVE_STATE_WEIGHT_MS = 1000.0  # dio: the cost of a full engine queue, or a full KV cache (QueueAndKv's units)
 
 
 def _common(prefetch: int) -> list:
@@ -17,22 +21,32 @@ def _common(prefetch: int) -> list:
 
 
 def dio(prefetch: int = 2, seed: int | None = None, shed_late: bool = True, shed_margin: float = 1.0,
-        **_: object) -> Policy:
-    """NLMS latency (net of prefix-cache hits) + interference + queue wait + KV headroom + deadlines.
+        slo_fit: str = "most-headroom", learn_outputs: bool = True, **_: object) -> Policy:
+    """DIO's routing, under KV admission (reserving for the outputs requests really produce).
 
-    Under KV admission. ``shed_late``: reject a request predicted to miss its deadline on
-    every worker, with a retry-after, instead of running it late.
+    A request with a TTFT/TPOT SLO goes by its predicted TTFT and TPOT on each worker
+    (``SloHeadroom``: most headroom by default — best fit, measured, lost goodput to the bursts
+    that a slow GPU taken to its limit cannot absorb) plus the engines' live queue and KV use
+    (``QueueAndKv``, the gateway's scorer, weighted as ``LIVE_STATE_WEIGHT_MS``: the telemetry
+    corrects what the predictions miss in a burst); one without, by NLMS end-to-end latency (net of
+    prefix-cache hits) + interference + queue wait + KV headroom + its deadline. Either way it is
+    kept off workers where it would push a job already there past its SLO (``ProtectsDeadlines``).
+    ``shed_late``: a sheddable request predicted to miss its SLO on every worker is rejected at once,
+    with a retry-after, instead of running late.
     """
+    end_to_end = [scorers.PredictedLatency(), scorers.Interference(), scorers.QueueWait(), scorers.KvHeadroom(),
+                  scorers.DeadlineFeasibility()]
     return Policy(
         name="dio",
         filters=[filters.ServesModel(), filters.FitsWhenIdle(), filters.Alive(), filters.KvAdmission(),
                  filters.QueueBound(prefetch), filters.ColdStartProbe()],
-        scorers=[(scorers.PredictedLatency(), 1.0), (scorers.Interference(), 1.0), (scorers.QueueWait(), 1.0),
-                 (scorers.KvHeadroom(), 1.0),
-                 (scorers.DeadlineFeasibility(), 1.0), (scorers.ProtectsDeadlines(), 1.0)],
+        scorers=[(scorers.SloHeadroom(fit=slo_fit), 1.0), (scorers.QueueAndKv(), LIVE_STATE_WEIGHT_MS),
+                 *[(scorers.WithoutSlo(s), 1.0) for s in end_to_end],
+                 (scorers.ProtectsDeadlines(), 1.0)],
         picker=pickers.MinCost(seed),
         shed_late=shed_late,
         shed_margin=shed_margin,
+        learn_outputs=learn_outputs,
     )
 
 
@@ -56,6 +70,29 @@ def queue_kv(prefetch: int = 2, seed: int | None = None, **_: object) -> Policy:
     return Policy("queue-kv", _common(prefetch), [(scorers.QueueAndKv(), 1.0)], pickers.MinCost(seed))
 
 
+def weighted_least_connections(prefetch: int = 2, seed: int | None = None,
+                               weights: Mapping[str, float] | None = None, **_: object) -> Policy:
+    """(Outstanding + 1) / capacity weight: ``weights`` by GPU name or worker id, else the datasheet's."""
+    return Policy("weighted-least-connections", _common(prefetch), [(scorers.WeightedConnections(weights), 1.0)],
+                  pickers.MinCost(seed))
+
+
+def token_load_prefix(prefetch: int = 2, seed: int | None = None, ttft_penalty_s: float = 1.0,
+                      **_: object) -> Policy:
+    """llm-d's default: prefix affinity until the holder saturates, then the least token load.
+
+    Saturated: in-flight uncached prefill past τ = the worker's peak prefill rate × ``ttft_penalty_s``.
+    """
+    common = _common(prefetch)
+    return Policy("token-load-prefix", [*common, filters.PrefixAffinity(ttft_penalty_s, among=common)],
+                  [(scorers.TokenLoad(), 1.0)], pickers.MinCost(seed))
+
+
+def kv_cost(prefetch: int = 2, seed: int | None = None, **_: object) -> Policy:
+    """NVIDIA Dynamo's KV router: min of uncached prefill blocks + active decode blocks (temperature 0)."""
+    return Policy("kv-cost", _common(prefetch), [(scorers.KvBlockCost(), 1.0)], pickers.MinCost(seed))
+
+
 POLICIES: dict[str, Callable[..., Policy]] = {
     "dio": dio,
     "round-robin": round_robin,
@@ -63,6 +100,9 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "least-loaded": least_loaded,
     "power-of-two": power_of_two,
     "queue-kv": queue_kv,
+    "weighted-least-connections": weighted_least_connections,
+    "token-load-prefix": token_load_prefix,
+    "kv-cost": kv_cost,
 }
 
 

@@ -39,3 +39,20 @@ def roofline_prior(info: WorkerInfo) -> np.ndarray | None:
     step_ms = info.weight_bytes / (info.mem_bandwidth * BANDWIDTH_EFFICIENCY) * 1000.0 + STEP_OVERHEAD_MS
     # The prefill backlog (in 10k prompt tokens) waits its turn at the same prefill rate.
     return np.array([prefill_1k_ms, 100.0 * step_ms, FIXED_MS, 10.0 * prefill_1k_ms]) / scale
+
+
+def token_priors(info: WorkerInfo) -> tuple[np.ndarray, np.ndarray] | None:
+    """TTFT and TPOT predictor weights (ms, ``dio.dispatcher.token_latency``'s features) from the datasheet.
+
+    TTFT: prefill of 1,000 uncached tokens, the same rate for the queue ahead (in 10k tokens), and
+    a fixed cost. TPOT: one decode step reading the weights, the same again per unit of KV load ℓ
+    (KV bytes in weight units), and, at a prefill share ρ, steps slowed as if by 1 / (1 − ρ)
+    (linearised: one more step per unit of ρ).
+    """
+    weights = roofline_prior(info)
+    if weights is None:
+        return None
+    prefill_1k_ms, decode_100_ms, fixed_ms, backlog_ms = weights
+    step_ms = decode_100_ms / 100.0
+    return (np.array([prefill_1k_ms, backlog_ms, fixed_ms]),
+            np.array([step_ms, step_ms - STEP_OVERHEAD_MS / (info.time_scale or 1.0), step_ms]))

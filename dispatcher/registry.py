@@ -3,7 +3,7 @@
 Workers register themselves (``{dio}:workers``, ``{dio}:worker:<id>``) and heartbeat
 (``{dio}:alive:<id>``). The active dispatcher reloads their capabilities and telemetry into the
 routing core's ``Cluster``, reloads the KV reservations that the Lua scripts keep in Redis (the
-truth), and, when a heartbeat expires, requeues the worker's unstarted and unfinished jobs onto the
+truth; those of jobs that ended are freed on the way), and, when a heartbeat expires, requeues the worker's unstarted and unfinished jobs onto the
 intake (``requeue.lua``) so another worker runs them. A job whose workers died ``MAX_ATTEMPTS``
 times is failed instead: it is probably what kills them (the poison rule).
 """
@@ -20,13 +20,14 @@ from pydantic import ValidationError
 from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.predictor_store import PredictorStore
 from dio.protocol import defaults as d
-from dio.protocol.keys import ATTEMPTS_FIELD, JOB_FIELD, REQUEST_FIELD, Keys
-from dio.protocol.models import JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
+from dio.protocol.keys import ATTEMPTS_FIELD, JOB_FIELD, REQUEST_FIELD, STATUS_FIELD, Keys
+from dio.protocol.models import TERMINAL_STATUSES, JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
 from dio.protocol.scripts import Scripts
 
 log = logging.getLogger("dio.dispatcher")
 
 TAKE_BACK_BATCH = 10_000  # queue entries requeued per refresh; the rest on the next one
+TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)  # as job hashes spell them
 
 
 class WorkerRegistry:
@@ -119,9 +120,39 @@ class WorkerRegistry:
 
     def sync_reservations(self) -> None:
         """Reload every worker's reservations from Redis (the truth, kept by the Lua scripts)."""
-        for row in range(len(self.cluster)):
-            self.sync_one(row)
+        self._sync(list(range(len(self.cluster))))
 
     def sync_one(self, row: int) -> None:
-        held = self.redis.hgetall(self.keys.reserved(self.cluster.ids[row]))
-        self.cluster.sync_reservations(row, {job: int(tokens) for job, tokens in held.items()})
+        self._sync([row])
+
+    def _sync(self, rows: list[int]) -> None:
+        """Free the reservations of jobs that ended, then load the rest into the cluster's rows."""
+        worker_ids = [self.cluster.ids[row] for row in rows]
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in worker_ids:
+            pipe.hgetall(self.keys.reserved(worker_id))
+        held: list[dict[str, str]] = pipe.execute()
+        ended = self._ended_jobs({job for jobs in held for job in jobs})
+        if ended:
+            # A job that ended holds no KV anywhere. The scripts release a reservation when its job
+            # ends or moves; this frees what a path they do not cover left behind, which would
+            # otherwise shrink that worker's usable KV for good.
+            pipe = self.redis.pipeline(transaction=False)
+            for worker_id, jobs in zip(worker_ids, held, strict=True):
+                if stale := [job for job in jobs if job in ended]:
+                    log.warning("freed %d reservations of ended jobs on %s", len(stale), worker_id)
+                    pipe.hdel(self.keys.reserved(worker_id), *stale)
+            pipe.execute()
+        for row, jobs in zip(rows, held, strict=True):
+            self.cluster.sync_reservations(row, {job: int(kv) for job, kv in jobs.items() if job not in ended})
+
+    def _ended_jobs(self, job_ids: set[str]) -> set[str]:
+        """Return the jobs that are terminal, or whose hash is gone (expired after they ended)."""
+        if not job_ids:
+            return set()
+        ordered = sorted(job_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ordered:
+            pipe.hget(self.keys.job(job_id), STATUS_FIELD)
+        statuses = pipe.execute()
+        return {job for job, status in zip(ordered, statuses, strict=True) if status is None or status in TERMINAL}

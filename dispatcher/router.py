@@ -53,7 +53,9 @@ class Router:
         self.settings = settings
         self.cluster = Cluster(predictor_kind=settings.predictor)
         self.policy: Policy = make_policy(settings.policy, prefetch=settings.prefetch, seed=settings.seed,
-                                          shed_late=settings.shed_late, shed_margin=settings.shed_margin)
+                                          shed_late=settings.shed_late, shed_margin=settings.shed_margin,
+                                          weights=settings.policy_weights,
+                                          ttft_penalty_s=settings.affinity_ttft_penalty_s)
         self.backlog = Backlog(settings.batch_age_s)
 
     def accept(self, item: Pending) -> Reject | None:
@@ -87,7 +89,7 @@ class Router:
             decision = self.policy.decide(item.request, self.cluster, now)
             waits_in_a_row = waits_in_a_row + 1 if decision.wait else 0
             if decision.row is not None:
-                actions.append(self._dispatch(item, decision))
+                actions.append(self._dispatch(item, decision, now))
             elif decision.reject:
                 actions.append(Reject(item, decision.reason or "no worker can serve it", decision.retry_after_s))
             elif self._expired(item, now):
@@ -115,7 +117,7 @@ class Router:
             self.cluster.release(row, done.job)
             return None
         return self.cluster.complete(row, done.job, done.prompt_tokens, done.cached_tokens, done.output_tokens,
-                                     done.service_ms)
+                                     done.service_ms, done.ttft_ms)
 
     def retry_after_s(self) -> float:
         """A hint for shed requests: about one mean service time of the cluster."""
@@ -123,10 +125,10 @@ class Router:
         alive = cluster.service_ms[cluster.alive & (cluster.service_ms > 0)]
         return round(float(alive.mean()) / 1000.0, 3) if len(alive) else d.REJECT_RETRY_AFTER_S
 
-    def _dispatch(self, item: Pending, decision: Decision) -> Dispatch:
+    def _dispatch(self, item: Pending, decision: Decision, now: float) -> Dispatch:
         row = decision.row
         assert row is not None
-        self.cluster.dispatched(row, item.request, decision.ceiling, decision.prompt_tokens)
+        self.cluster.dispatched(row, item.request, decision.kv_tokens, now, decision.ceiling, decision.prompt_tokens)
         return Dispatch(item, row, self.cluster.ids[row], decision)
 
     def _expired(self, item: Pending, now: float) -> bool:

@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 
 from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.deadlines import would_breach
 from dio.dispatcher.policy import Ask, Scorer
+from dio.dispatcher.prior import BANDWIDTH_EFFICIENCY
+from dio.protocol.models import WorkerInfo
 
 INFEASIBLE_MS = 1e5  # added to a worker that would miss the request's own deadline
 BREACH_MS = 1e6  # added to a worker where the request would make a job already there miss its deadline
 
 
-def predicted_ms(ask: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
-    """The NLMS latency of the request on each row; cold rows get the warm rows' mean.
+def _cold_as_mean(values: np.ndarray, warm: np.ndarray) -> np.ndarray:
+    """Price a cold worker (nothing learned, no prior) like the average warm one.
 
-    A cold worker (no completion yet) is neither shunned nor flooded: it is priced like an
-    average worker, so it receives traffic and its predictor warms up.
+    A cold worker is then neither shunned nor flooded: it receives traffic and its predictor warms up.
     """
-    pred = ask.predicted[rows]
-    warm = cluster.predictor.warm[rows]
-    if not warm.all():
-        pred[~warm] = pred[warm].mean() if warm.any() else 0.0
-    return np.maximum(pred, 0.0)
+    if warm.all():
+        return values
+    out = values.copy()
+    out[~warm] = values[warm].mean() if warm.any() else 0.0
+    return out
+
+
+def predicted_ms(ask: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
+    """The NLMS latency of the request on each row; cold rows get the warm rows' mean."""
+    return np.maximum(_cold_as_mean(ask.predicted[rows], cluster.predictor.warm[rows]), 0.0)
 
 
 class PredictedLatency(Scorer):
@@ -121,6 +129,69 @@ class ProtectsDeadlines(Scorer):
         return np.where(would_breach(ask.loads[rows], cluster.ceiling[rows]), BREACH_MS, 0.0)
 
 
+class SloHeadroom(Scorer):
+    """Route by the request's SLO: predicted TTFT and TPOT on each worker against its limits.
+
+    A worker predicted to miss a limit (beyond ``safety`` of it) costs ``INFEASIBLE_MS`` per limit
+    missed, so it is chosen only when every worker misses. Among the rest the cost is the SLO
+    headroom the request would use there, u = max(TTFT / TTFT left, TPOT / TPOT limit):
+    ``fit="best"`` prefers the highest u (the slowest GPU that still serves it in time, which keeps
+    the fast GPUs free for the requests only they can serve), ``fit="most-headroom"`` the lowest.
+    Requests without an SLO cost nothing here (the end-to-end scorers price them).
+    """
+
+    name = "slo-headroom"
+    SCALE_MS = 1000.0  # one unit of headroom, in the scorers' common currency
+
+    def __init__(self, fit: str = "best", safety: float = 1.0) -> None:
+        if fit not in ("best", "most-headroom"):
+            raise ValueError(f"fit must be 'best' or 'most-headroom', not {fit!r}")
+        self.fit = fit
+        self.safety = safety
+
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        if not ask.has_slo:
+            return np.zeros(len(rows))
+        use = np.zeros(len(rows))
+        warm = cluster.tokens.warm[rows]
+        # Cautious predictions: each worker's own spread of measured / predicted widens its estimate.
+        if ask.ttft_budget_ms is not None:
+            ttft = _cold_as_mean(ask.ttft[rows], warm) * cluster.tokens.ttft.caution()[rows]
+            use = np.maximum(use, ttft / max(ask.ttft_budget_ms, 1.0))
+        if ask.tpot_slo_ms is not None:
+            tpot = _cold_as_mean(ask.tpot[rows], warm) * cluster.tokens.tpot.caution()[rows]
+            use = np.maximum(use, tpot / ask.tpot_slo_ms)
+            use = np.maximum(use, self._stall_use(ask, cluster, rows, tpot))
+        misses = use > self.safety
+        fit = (1.0 - use) if self.fit == "best" else use
+        return np.where(misses, INFEASIBLE_MS + use * self.SCALE_MS, fit * self.SCALE_MS)
+
+
+    @staticmethod
+    def _stall_use(ask: Ask, cluster: Cluster, rows: np.ndarray, tpot: np.ndarray) -> np.ndarray:
+        """How much of its jobs' TPOT slack the request's prefill would use on each busy worker.
+
+        Chunked prefill computes the prompt inside the decode steps of every job already there:
+        each waits the prompt's prefill time, spread over its output — a short answer (a low
+        quantile of the outputs seen) beside a long prompt misses its TPOT on a slow GPU.
+        """
+        slack_ms = (ask.tpot_slo_ms or 0.0) - tpot
+        budget_ms = np.maximum(slack_ms, 1e-3) * max(ask.short_output_tokens - 1, 1)
+        stall = ask.prefill_ms[rows] / budget_ms
+        return np.where(cluster.outstanding[rows] > 0, stall, 0.0)
+
+
+class WithoutSlo(Scorer):
+    """Apply ``inner`` only to requests without an SLO (``SloHeadroom`` prices the others)."""
+
+    def __init__(self, inner: Scorer) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        return np.zeros(len(rows)) if ask.has_slo else self.inner.cost(ask, cluster, rows, now)
+
+
 class Outstanding(Scorer):
     """Least-loaded: the number of jobs sent to the worker and not yet ended."""
 
@@ -143,3 +214,97 @@ class QueueAndKv(Scorer):
         queue = np.maximum(cluster.outstanding[rows] - cluster.running[rows], cluster.waiting[rows])
         queue_norm = queue / max(queue.max(), 1)
         return queue_norm + cluster.kv_usage[rows]
+
+
+class PerWorker:
+    """A number per worker row computed from its registration, recomputed only when one changes."""
+
+    def __init__(self, compute: Callable[[WorkerInfo], float]) -> None:
+        self.compute = compute
+        self._infos: list[WorkerInfo] = []
+        self._values = np.zeros(0)
+
+    def of(self, cluster: Cluster) -> np.ndarray:
+        infos = cluster.infos
+        if len(infos) != len(self._infos) or any(a is not b for a, b in zip(infos, self._infos, strict=True)):
+            self._infos = list(infos)
+            self._values = np.array([self.compute(info) for info in infos], dtype=float)
+        return self._values
+
+
+def capacity_weight(info: WorkerInfo, weights: Mapping[str, float]) -> float:
+    """A worker's capacity weight: configured by its id or GPU name, else estimated from its datasheet.
+
+    The estimate is a roofline decode rate: tokens/s of one sequence whose every decode step reads
+    the weights at ``BANDWIDTH_EFFICIENCY`` of the GPU's peak memory bandwidth (× a simulated
+    engine's time scale, so it is per wall second) — how fast the GPU gets through decode work, the
+    figure an operator reads off a datasheet. A worker with no datasheet weighs 1.0. Estimates are
+    in tokens/s, hand-set weights in whatever unit the operator chose: configure every GPU type or none.
+    """
+    for key in (info.id, info.gpu):
+        if key in weights:
+            return float(weights[key])
+    if info.mem_bandwidth > 0 and info.weight_bytes > 0:
+        scale = info.time_scale if info.time_scale > 0 else 1.0
+        return BANDWIDTH_EFFICIENCY * info.mem_bandwidth / info.weight_bytes * scale
+    return 1.0
+
+
+class WeightedConnections(Scorer):
+    """Weighted least connections: (jobs outstanding + 1) / the worker's capacity weight.
+
+    The classic load balancer's rule with capacity weights, what an expert operator configures by
+    hand (``DIO_POLICY_WEIGHTS``, keyed by GPU name or worker id; see ``capacity_weight``). The
+    ``+ 1`` counts the request itself, so an idle fast worker beats an idle slow one.
+    """
+
+    name = "weighted-connections"
+
+    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
+        self.weights = dict(weights or {})
+        self._weight = PerWorker(lambda info: capacity_weight(info, self.weights))
+
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        return (cluster.outstanding[rows] + 1.0) / self._weight.of(cluster)[rows]
+
+
+def uncached_prompt(ask: Ask, rows: np.ndarray) -> np.ndarray:
+    """Prompt tokens each row must prefill: the prompt net of what its prefix cache probably holds."""
+    if not ask.prefix_hashes:
+        return np.full(len(rows), float(ask.prompt_tokens))
+    return (ask.prompt_tokens - ask.cached[rows]).astype(float)
+
+
+class TokenLoad(Scorer):
+    """Token load: the worker's KV tokens in flight (``Cluster.reserved_kv``) plus the request's uncached prompt.
+
+    llm-d's load-aware half of "sticky until saturated" (after ``filters.PrefixAffinity``); in tokens.
+    """
+
+    name = "token-load"
+
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        return cluster.reserved_kv[rows] + uncached_prompt(ask, rows)
+
+
+class KvBlockCost(Scorer):
+    """NVIDIA Dynamo's KV router cost: overlap weight × prefill blocks + active decode blocks.
+
+    In Dynamo's blocks of ``block_tokens`` (16), not DIO's prefix-hash blocks: prefill blocks are
+    the prompt tokens the worker does not hold (the prefix index's overlap, in whole blocks) / 16;
+    active decode blocks ≈ the worker's KV tokens in flight (``Cluster.reserved_kv``) / 16. With
+    Dynamo's default router temperature 0, the lowest cost wins (``pickers.MinCost``).
+    """
+
+    name = "kv-block-cost"
+
+    def __init__(self, block_tokens: int = 16, overlap_weight: float = 1.0) -> None:
+        self.block_tokens = block_tokens
+        self.overlap_weight = overlap_weight
+
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        block = self.block_tokens
+        overlap = np.zeros(len(rows)) if not ask.prefix_hashes else ask.cached[rows] // block
+        prefill_blocks = (ask.prompt_tokens - overlap * block) / block
+        decode_blocks = cluster.reserved_kv[rows] / block
+        return self.overlap_weight * prefill_blocks + decode_blocks

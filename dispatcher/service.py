@@ -11,6 +11,10 @@ One loop, each turn:
 Only the dispatcher holding the lease is active; others wait as standbys. A request is
 acknowledged on the intake only by the script that forwards or ends it, so a crash anywhere
 leaves it pending in Redis, and the next active dispatcher routes it.
+
+A Redis error anywhere in the loop never stops the dispatcher (``dio.protocol.retry``): it is
+logged once, retried with backoff, and once Redis answers the dispatcher starts over from what
+Redis holds (consumer groups recreated, lease taken again, its pending entries read back).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dio.dispatcher.router import Dispatch, Reject, Router
 from dio.protocol.connection import connect, ensure_group
 from dio.protocol.keys import COMPLETION_FIELD, DISPATCHER_GROUP
 from dio.protocol.models import Completion, JobResult, JobStatus
+from dio.protocol.retry import Outage
 from dio.protocol.scripts import Scripts
 
 log = logging.getLogger("dio.dispatcher")
@@ -55,6 +60,7 @@ class Dispatcher:
         self.registry = WorkerRegistry(self.redis, self.keys, self.scripts, self.router.cluster, self.predictors,
                                        job_ttl_s=settings.job_ttl_s)
         self.stats = {"dispatched": 0, "rejected": 0, "deadlettered": 0, "completions": 0}
+        self.outage = Outage(log, f"dispatcher {self.name}")
         self._stop = threading.Event()
         self._dirty = True  # something changed since the backlog was last routed
         self._next = {"refresh": 0.0, "persist": 0.0, "sync": 0.0, "lease": 0.0, "expire": 0.0}
@@ -77,23 +83,45 @@ class Dispatcher:
         self._stop.set()
 
     def run(self) -> None:
-        """Serve until ``stop()``: wait for the lease, then route."""
+        """Serve until ``stop()``: wait for the lease, then route; ride out any Redis outage."""
+        while not self._stop.is_set():
+            try:
+                self._serve()
+            except redis.RedisError as exc:
+                # What this dispatcher held is in Redis (its unfinished intake entries stay pending,
+                # reservations are in hashes), or went with it: it forgets its own copy and, once
+                # Redis answers, starts over from what Redis holds.
+                self.router.forget_backlog()
+                self._stop.wait(self.outage.failed(exc))
+
+    def _serve(self) -> None:
+        """Take the lease (or stand by a while), then route until stopped or the lease is lost."""
+        # Recreated each time: a Redis that came back empty has no consumer groups.
         ensure_group(self.redis, self.keys.intake, DISPATCHER_GROUP)
         ensure_group(self.redis, self.keys.completions, DISPATCHER_GROUP)
-        while not self._stop.is_set():
-            if not self._acquire_lease():
-                self._stop.wait(self.settings.lease_ttl_ms / 3000)
-                continue
-            log.info("%s is the active dispatcher (policy %s, predictor %s)", self.name, self.policy.name,
-                     self.settings.predictor)
-            self._take_over()
-            try:
-                while not self._stop.is_set() and self._renew_lease():
-                    self.step()
-            finally:
-                self.persist_predictors()
-                if self._stop.is_set() and self.redis.get(self.keys.lease) == self.name:
-                    self.redis.delete(self.keys.lease)  # a standby takes over at once, not after the TTL
+        active = self._acquire_lease()
+        self.outage.ok()
+        if not active:
+            self._stop.wait(self.settings.lease_ttl_ms / 3000)
+            return
+        log.info("%s is the active dispatcher (policy %s, predictor %s)", self.name, self.policy.name,
+                 self.settings.predictor)
+        self._take_over()
+        try:
+            while not self._stop.is_set() and self._renew_lease():
+                self.step()
+        except redis.RedisError:
+            raise  # Redis is away: nothing can be saved to it now (run() retries, then takes over again)
+        except BaseException:
+            self._stand_down()  # a bug: save what was learned before the process exits
+            raise
+        self._stand_down()
+
+    def _stand_down(self) -> None:
+        """Save the predictors; when stopping, hand the lease to a standby at once (not after its TTL)."""
+        self.persist_predictors()
+        if self._stop.is_set():
+            self.scripts.release(self.redis, self.keys.lease, self.name)  # only if it is still ours
 
     def _acquire_lease(self) -> bool:
         return self.scripts.lease(self.redis, self.name, self.settings.lease_ttl_ms) == 1
@@ -120,8 +148,7 @@ class Dispatcher:
         self.predictors.load()
         self.refresh_workers()
         self.sync_reservations()
-        # Our own pending entries (claimed or left from before a restart) come back with id "0".
-        self._read({self.keys.intake: "0", self.keys.completions: "0"}, block=None)
+        self._read_own_pending()
 
     def _autoclaim(self, stream: str, cursor: str) -> str:
         """Claim up to 1,000 entries from ``cursor``; return the next cursor ("0-0" when done)."""
@@ -133,9 +160,12 @@ class Dispatcher:
     # --- one turn -------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Read, learn, refresh, route: one turn of the loop."""
+        """Read, learn, refresh, route: one turn of the loop (a Redis error leaves it for run() to handle)."""
         block = self.settings.block_ms if not (self._dirty and len(self.backlog)) else 1
-        self._read({self.keys.intake: ">", self.keys.completions: ">"}, block=block)
+        reply = self.redis.xreadgroup(DISPATCHER_GROUP, self.name, {self.keys.intake: ">", self.keys.completions: ">"},
+                                      count=self.settings.read_count, block=block)
+        for stream, entries in reply or []:
+            self._handle(stream, entries)
         mono = time.monotonic()
         if mono >= self._next["refresh"]:
             self.refresh_workers()
@@ -147,22 +177,30 @@ class Dispatcher:
             self._next["expire"] = mono + EXPIRE_CHECK_S
             self.route(time.time())
 
-    def _read(self, streams: dict[str, str], block: int | None) -> None:
-        try:
-            reply = self.redis.xreadgroup(DISPATCHER_GROUP, self.name, streams, count=self.settings.read_count,
-                                          block=block)
-        except redis.ConnectionError:
-            log.warning("redis unreachable; retrying", exc_info=True)
-            time.sleep(0.5)
-            return
-        for stream, entries in reply or []:
-            entries = [(eid, f) for eid, f in entries if f]
-            if stream == self.keys.intake:
-                self._accept(entries)
-            else:
-                self._learn(entries)
-            if streams[stream] == "0" and len(entries) == self.settings.read_count:
-                self._read({stream: entries[-1][0]}, block=None)  # more of our own pending list
+    def _read_own_pending(self) -> None:
+        """Read back every entry delivered to this dispatcher and not finished (claimed, or left from
+        before a restart or an outage): its pending list, from id "0" on, a page at a time."""
+        for stream in (self.keys.intake, self.keys.completions):
+            cursor = "0"
+            while True:
+                reply = self.redis.xreadgroup(DISPATCHER_GROUP, self.name, {stream: cursor},
+                                              count=self.settings.read_count)
+                entries = reply[0][1] if reply else []
+                if not entries:
+                    break
+                self._handle(stream, entries)
+                cursor = entries[-1][0]
+
+    def _handle(self, stream: str, entries: Entries) -> None:
+        # A pending entry deleted meanwhile comes back without fields: nothing to route or learn.
+        gone = [eid for eid, fields in entries if not fields]
+        if gone:
+            self.redis.xack(stream, DISPATCHER_GROUP, *gone)
+        entries = [(eid, fields) for eid, fields in entries if fields]
+        if stream == self.keys.intake:
+            self._accept(entries)
+        else:
+            self._learn(entries)
 
     # --- intake ---------------------------------------------------------------------------------
 
@@ -224,7 +262,7 @@ class Dispatcher:
     def _handoff(self, pipe: redis.client.Pipeline, dispatch: Dispatch, now: float) -> None:
         item, request = dispatch.item, dispatch.item.request
         self.scripts.handoff(pipe, item.entry_id, request.id, dispatch.worker_id, item.request_json,
-                             request.kv_tokens, now)
+                             dispatch.decision.kv_tokens, now)
         self.stats["dispatched"] += 1
 
     # --- completions ----------------------------------------------------------------------------

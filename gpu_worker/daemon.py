@@ -6,7 +6,15 @@ the others → ``finish.lua`` writes its terminal state once, acknowledges the q
 the completions stream and notifies the client. Writes are batched into one pipeline per tick.
 
 If this process dies, its unacknowledged entries stay in the queue stream; the dispatcher sees
-the heartbeat expire and puts them back on the intake, so they run elsewhere.
+the heartbeat expire and puts them back on the intake, so they run elsewhere. A process restarted
+under the same id first runs what is left in its pending list, then reads new entries.
+
+A worker id is owned by one process at a time: the one whose random token its alive key holds
+(``heartbeat.lua``). A second process started with a live worker's id is refused
+(``WorkerIdInUse``); one whose heartbeat lapsed (a stall) registers again as soon as a heartbeat
+gets through. A Redis error never stops the daemon (``dio.protocol.retry``): every loop logs
+it once, backs off and retries; finished jobs wait in memory until they can be written, and the
+background loops (heartbeat, result writes, cancel checks) are restarted if they crash.
 """
 
 from __future__ import annotations
@@ -18,15 +26,19 @@ import signal
 import socket
 import time
 import traceback
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 
+import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from dio.gpu_worker.config import WorkerSettings
 from dio.gpu_worker.engine import Engine, EngineError, EngineOutput, EngineRequest, EngineStats, RequestRejected
 from dio.protocol.connection import connect_async
-from dio.protocol.keys import JOB_FIELD, REQUEST_FIELD, STATUS_FIELD, WORKER_GROUP
+from dio.protocol.keys import JOB_FIELD, REQUEST_FIELD, SIM_EOS_METADATA, STATUS_FIELD, WORKER_GROUP
 from dio.protocol.models import (
     Completion,
     JobResult,
@@ -38,12 +50,27 @@ from dio.protocol.models import (
     describe_validation_error,
     to_hash,
 )
+from dio.protocol.retry import Outage
 from dio.protocol.scripts import AsyncScripts
 
 log = logging.getLogger("dio.worker")
 
 FLUSH_INTERVAL_S = 0.002  # finished jobs are written in one pipeline at most this often
 CANCEL_CHECK_INTERVAL_S = 0.5
+PENDING_PAGE = 1000  # own pending entries read back per XREADGROUP at start and after an outage
+RESTART_LOOP_S = 0.5  # a crashed background loop is started again after this long
+
+
+class WorkerIdInUse(RuntimeError):
+    """Another live process owns this worker id: serving its queue too would run its jobs twice."""
+
+
+class Beat(IntEnum):
+    """What a heartbeat found (``heartbeat.lua``'s reply)."""
+
+    not_ours = 0  # another process owns the worker id
+    renewed = 1
+    registered = 2  # the alive key or the worker-set membership was gone: registered anew
 
 
 @dataclass
@@ -63,8 +90,25 @@ class Counters:
     in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
 
 
+def sim_eos_tokens(request: Request) -> int | None:
+    """Where a simulated model stops, from ``metadata[SIM_EOS_METADATA]``; None when not given.
+
+    Raises ``RequestRejected`` (the job ends rejected, not retried) unless it is a positive integer.
+    """
+    value = (request.metadata or {}).get(SIM_EOS_METADATA)
+    if value is None:
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise RequestRejected(f"metadata {SIM_EOS_METADATA!r} must be a positive integer, not {value!r}")
+    return tokens
+
+
 def to_engine_request(request: Request) -> EngineRequest:
-    """Translate a wire request into what engines take."""
+    """Translate a wire request into what engines take (``RequestRejected`` for invalid engine metadata)."""
     return EngineRequest(
         id=request.id,
         prompt_tokens=request.prompt_tokens,
@@ -77,6 +121,7 @@ def to_engine_request(request: Request) -> EngineRequest:
         ignore_eos=request.ignore_eos,
         prefix_hashes=request.prefix_hashes,
         priority=1 if request.tier == Tier.batch else 0,
+        eos_tokens=sim_eos_tokens(request),
     )
 
 
@@ -98,44 +143,102 @@ class WorkerDaemon:
         self._stats = EngineStats()  # the engine's telemetry as of the last heartbeat
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._held: set[str] = set()  # queue entries started or finished here and not yet written
         self.info: WorkerInfo | None = None
+        self.token = uuid.uuid4().hex  # this process's claim on the worker id (the alive key's value)
+        self.displaced = False  # another process took the worker id over while this one stalled
+        self.outage = Outage(log, f"worker {self.worker_id}")
 
     # --- start and stop -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the engine and register this worker's capabilities."""
+        """Start the engine, take ownership of the worker id, and register this worker's capabilities.
+
+        Raises WorkerIdInUse when another live process owns the id (nothing of that one is touched).
+        """
         await self.engine.start()
         cap = self.engine.capacity()
         if not self.worker_id:
             self.worker_id = f"{self.engine.name}-{cap.gpu}-{socket.gethostname()}-{os.getpid()}".replace(" ", "_")
         self.info = cap.worker_info(self.worker_id, self.engine.name, host=socket.gethostname(), pid=os.getpid())
+        self.outage.who = f"worker {self.worker_id}"
+        await self._claim()
+        await self._ensure_group()
+        log.info("worker %s registered: %s", self.worker_id, self.info.model_dump_json())
+
+    async def _claim(self) -> None:
+        """Take the worker id: its alive key, with this process's token, and register (``heartbeat.lua``).
+
+        A process with this id that died leaves its key to expire within ``heartbeat_ttl_s``; a live
+        one keeps renewing it. So the claim is retried for that long, then refused.
+        """
+        deadline = time.monotonic() + self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
+        while await self.heartbeat() is Beat.not_ours:
+            if time.monotonic() >= deadline:
+                host, pid = await self.redis.hmget(self.keys.worker(self.worker_id), ["host", "pid"])
+                where = f" (pid {pid} on {host})" if host and pid else ""
+                raise WorkerIdInUse(f"worker id {self.worker_id} is in use by another process{where}, whose heartbeat "
+                                    "is alive: stop it, or start this one with another --id")
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _ensure_group(self) -> None:
+        """Create the queue's consumer group if it is missing (first start, or a Redis that came back empty)."""
         try:
             await self.redis.xgroup_create(self.keys.queue(self.worker_id), WORKER_GROUP, id="0", mkstream=True)
         except aioredis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await self.redis.delete(self.keys.worker(self.worker_id))
-        await self.heartbeat()
-        await self.redis.sadd(self.keys.workers, self.worker_id)
-        log.info("worker %s registered: %s", self.worker_id, self.info.model_dump_json())
 
     async def run(self) -> None:
-        """Serve until ``stop()``; then drain in-flight jobs and deregister."""
+        """Serve until ``stop()``; then drain in-flight jobs and leave.
+
+        Raises WorkerIdInUse at the end when another process took the worker id over meanwhile.
+        """
         if self.info is None:
             await self.start()
-        tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._flush_loop()),
-                 asyncio.create_task(self._cancel_loop())]
+        loops = {"heartbeat": self._heartbeat_loop, "flush": self._flush_loop, "cancel": self._cancel_loop}
+        tasks = [asyncio.create_task(self._supervise(name, loop)) for name, loop in loops.items()]
         try:
             await self._read_loop()
             await self._drain()
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # a flush cut short puts its batch back
+            await self.leave()
+        if self.displaced:
+            raise WorkerIdInUse(f"worker id {self.worker_id} was taken over by another process while this one "
+                                "stalled; it stopped")
+
+    async def leave(self) -> None:
+        """Write what finished, give the worker id up (only if still this process's), stop the engine."""
+        try:
             await self._flush()
-            await self.heartbeat()
+            if self.info is not None:
+                await self.heartbeat()  # the last telemetry, with draining set
             # Removing the alive key lets the dispatcher take back anything still queued here at once.
-            await self.redis.delete(self.keys.alive(self.worker_id))
+            await self.scripts.release(self.redis, self.keys.alive(self.worker_id), self.token)
+        except redis.RedisError as exc:
+            # Unwritten results leave their entries pending: once the heartbeat expires, the
+            # dispatcher requeues those jobs and they run again elsewhere.
+            log.warning("worker %s left without deregistering (%s); %d results not written", self.worker_id, exc,
+                        len(self._pending))
+        finally:
             await self.engine.shutdown()
+
+    async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Keep a background loop running for the daemon's life: start it again whenever it crashes.
+
+        A dead heartbeat would let the dispatcher take this worker's jobs back while it runs them;
+        a dead flush would leave every job it finishes unanswered. Neither may stay dead.
+        """
+        while True:
+            try:
+                await loop()
+                return  # ended on purpose (the heartbeat found the worker id taken over)
+            except Exception:
+                log.exception("worker %s: the %s loop crashed; starting it again", self.worker_id, name)
+                await asyncio.sleep(RESTART_LOOP_S)
 
     def stop(self) -> None:
         """Stop reading new jobs (SIGTERM): in-flight ones finish first."""
@@ -162,22 +265,33 @@ class WorkerDaemon:
             draining=self.draining,
         )
 
-    async def heartbeat(self) -> None:
-        """Refresh telemetry and the alive key."""
+    async def heartbeat(self) -> Beat:
+        """Refresh telemetry and the alive key, if this process owns the worker id (``heartbeat.lua``)."""
         assert self.info is not None
         fields = {**to_hash(self.info), **to_hash(self.telemetry())}
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.worker(self.worker_id), mapping=fields)
-        pipe.set(self.keys.alive(self.worker_id), "1", px=int(self.settings.heartbeat_ttl_s * 1000))
-        await pipe.execute()
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        return Beat(await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms, fields))
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
-                await self.heartbeat()
-            except Exception:  # Redis hiccup: the next beat retries; the TTL covers a few misses.
-                log.warning("heartbeat failed", exc_info=True)
+                beat = await self.heartbeat()
+            except redis.RedisError as exc:
+                # The TTL covers a few missed beats; past it the dispatcher requeues this worker's
+                # jobs, and the first beat that gets through registers it again.
+                self.outage.failed(exc)
+                continue
+            self.outage.ok()
+            if beat is Beat.registered:
+                log.warning("worker %s registered again: its heartbeat had lapsed (a stall, or a Redis that came back "
+                            "empty), so the dispatcher may have requeued its jobs", self.worker_id)
+            elif beat is Beat.not_ours:
+                log.error("worker id %s was taken over by another process while this one stalled: stopping (the "
+                          "jobs in flight finish first)", self.worker_id)
+                self.displaced = True
+                self.stop()
+                return
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -187,8 +301,7 @@ class WorkerDaemon:
 
     async def _read_loop(self) -> None:
         queue = self.keys.queue(self.worker_id)
-        # Entries this worker read before a restart come first (id "0" = own pending list).
-        cursor = "0"
+        resume = True  # first the pending list: what a previous process with this id left unfinished
         while not self._stop.is_set():
             free = self.free_slots()
             if free <= 0:
@@ -196,28 +309,52 @@ class WorkerDaemon:
                 await self._slot_freed.wait()
                 continue
             try:
-                reply = await self.redis.xreadgroup(WORKER_GROUP, self.worker_id, {queue: cursor}, count=free,
-                                                    block=None if cursor == "0" else self.settings.read_block_ms)
-            except (aioredis.ConnectionError, aioredis.TimeoutError):
-                log.warning("queue read failed; retrying", exc_info=True)
-                await asyncio.sleep(0.5)
+                if resume:
+                    await self._resume()
+                    resume = False
+                else:
+                    reply = await self.redis.xreadgroup(WORKER_GROUP, self.worker_id, {queue: ">"}, count=free,
+                                                        block=self.settings.read_block_ms)
+                    await self._start_jobs(reply[0][1] if reply else [])
+            except redis.RedisError as exc:
+                # Entries delivered meanwhile stay in this worker's pending list: they are read
+                # back once Redis answers (the group recreated, if Redis came back empty).
+                resume = True
+                await asyncio.sleep(self.outage.failed(exc))
                 continue
-            entries = reply[0][1] if reply else []
-            if cursor == "0" and not entries:
-                cursor = ">"
-                continue
-            if cursor == "0":
-                entries = [(eid, f) for eid, f in entries if f]  # deleted entries come back empty
-                cursor = entries[-1][0] if entries else ">"
-            if entries:
-                await self._start_jobs(entries)
+            self.outage.ok()
 
-    async def _start_jobs(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    async def _resume(self) -> None:
+        """Start the entries delivered to this worker id and not finished: its pending list, from id "0".
+
+        After a restart they are the previous process's unfinished jobs; after a Redis outage,
+        deliveries whose reply was lost. Read once, a page at a time; then only new entries (">").
+        """
+        await self._ensure_group()
+        queue = self.keys.queue(self.worker_id)
+        cursor = "0"
+        while True:
+            reply = await self.redis.xreadgroup(WORKER_GROUP, self.worker_id, {queue: cursor}, count=PENDING_PAGE)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return
+            await self._start_jobs(entries)
+            cursor = entries[-1][0]
+
+    async def _start_jobs(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
         parsed: list[tuple[str, Request]] = []
+        gone: list[str] = []
         for entry_id, fields in entries:
+            if entry_id in self._held:
+                continue  # running here, or finished and waiting to be written (a pending list read again)
+            if not fields:
+                gone.append(entry_id)  # deleted: the dispatcher took the job back; nothing to run
+                continue
             request = self._parse(entry_id, fields)
             if request is not None:
                 parsed.append((entry_id, request))
+        if gone:
+            await self._ack_only(*gone)
         if not parsed:
             return
         pipe = self.redis.pipeline(transaction=False)
@@ -227,9 +364,10 @@ class WorkerDaemon:
         allowed = await pipe.execute()
         for (entry_id, request), ok in zip(parsed, allowed, strict=True):
             if ok == 1:
+                self._held.add(entry_id)
                 task = asyncio.create_task(self._run_job(entry_id, request, now))
                 self.counters.in_flight[request.id] = task
-            else:  # cancelled while queued: acknowledge without running.
+            else:  # cancelled while queued, or finished elsewhere: start.lua freed its KV; drop it.
                 await self._ack_only(entry_id)
 
     def _parse(self, entry_id: str, fields: dict[str, str]) -> Request | None:
@@ -247,11 +385,11 @@ class WorkerDaemon:
                 asyncio.get_running_loop().create_task(self._ack_only(entry_id))
             return None
 
-    async def _ack_only(self, entry_id: str) -> None:
+    async def _ack_only(self, *entry_ids: str) -> None:
         queue = self.keys.queue(self.worker_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(queue, WORKER_GROUP, entry_id)
-        pipe.xdel(queue, entry_id)
+        pipe.xack(queue, WORKER_GROUP, *entry_ids)
+        pipe.xdel(queue, *entry_ids)
         await pipe.execute()
 
     # --- running --------------------------------------------------------------------------------
@@ -305,26 +443,41 @@ class WorkerDaemon:
     # --- writing --------------------------------------------------------------------------------
 
     def _finish(self, entry_id: str, result: JobResult, reply_to: str | None, completion: Completion | None) -> None:
+        self._held.add(entry_id)
         self._pending.append(Finished(entry_id, result, reply_to, completion))
         self._has_pending.set()
 
     async def _flush(self) -> None:
-        """Write every finished job in one pipeline (terminal state, ack, completion, notice)."""
+        """Write every finished job in one pipeline (terminal state, ack, completion, notice).
+
+        What is not written (Redis unreachable, a script refused) is kept for the next flush and
+        the error raised; its queue entry stays pending meanwhile, so the job is answered late,
+        never lost.
+        """
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        queue = self.keys.queue(self.worker_id)
-        pipe = self.redis.pipeline(transaction=False)
-        for f in batch:
-            await self.scripts.finish(pipe, f.result, f.reply_to, ack_stream=queue, ack_group=WORKER_GROUP,
-                                      ack_entry=f.entry_id, completion=f.completion, job_ttl_s=self.settings.job_ttl_s)
         try:
-            await pipe.execute()
-        except (aioredis.ConnectionError, aioredis.TimeoutError):
-            # Not written: keep them for the next flush; the entries stay pending meanwhile.
-            log.warning("result write failed; retrying", exc_info=True)
+            queue = self.keys.queue(self.worker_id)
+            pipe = self.redis.pipeline(transaction=False)
+            for f in batch:
+                await self.scripts.finish(pipe, f.result, f.reply_to, ack_stream=queue, ack_group=WORKER_GROUP,
+                                          ack_entry=f.entry_id, completion=f.completion,
+                                          job_ttl_s=self.settings.job_ttl_s)
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException:
             self._pending = batch + self._pending
-            await asyncio.sleep(0.2)
+            self._has_pending.set()
+            raise
+        failed = [(f, reply) for f, reply in zip(batch, replies, strict=True) if isinstance(reply, Exception)]
+        for f, reply in zip(batch, replies, strict=True):
+            if not isinstance(reply, Exception):
+                self._held.discard(f.entry_id)
+        if failed:
+            self._pending = [f for f, _ in failed] + self._pending
+            self._has_pending.set()
+            raise failed[0][1]
+        self.outage.ok()
 
     async def _flush_loop(self) -> None:
         """Write finished jobs as they come, coalescing those that end within FLUSH_INTERVAL_S.
@@ -340,9 +493,10 @@ class WorkerDaemon:
                 await asyncio.sleep(wait)
             self._has_pending.clear()
             last_flush = time.monotonic()
-            await self._flush()
-            if self._pending:  # a failed write put them back
-                self._has_pending.set()
+            try:
+                await self._flush()
+            except redis.RedisError as exc:
+                await asyncio.sleep(self.outage.failed(exc))  # they were put back: the next turn retries
 
     async def _cancel_loop(self) -> None:
         """Abort running jobs whose client cancelled them (their hash says ``cancelled``)."""
@@ -356,15 +510,20 @@ class WorkerDaemon:
                 for job_id in job_ids:
                     pipe.hget(self.keys.job(job_id), STATUS_FIELD)
                 statuses = await pipe.execute()
-            except (aioredis.ConnectionError, aioredis.TimeoutError):
+            except redis.RedisError as exc:
+                await asyncio.sleep(self.outage.failed(exc))  # a cancel is noticed after the outage
                 continue
+            self.outage.ok()
             for job_id, status in zip(job_ids, statuses, strict=True):
                 if status == JobStatus.cancelled.value and job_id in self.counters.in_flight:
                     await self.engine.abort(job_id)
 
 
 async def serve(settings: WorkerSettings, engines: list[Engine], worker_ids: list[str | None]) -> None:
-    """Run one or more workers in this process until SIGTERM/SIGINT, then drain them."""
+    """Run one or more workers in this process until SIGTERM/SIGINT, then drain them.
+
+    Raises WorkerIdInUse when another live process owns one of the ids; the others leave first.
+    """
     client = connect_async(settings)
     daemons = [WorkerDaemon(settings, e, wid, client=client) for e, wid in zip(engines, worker_ids, strict=True)]
 
@@ -375,6 +534,12 @@ async def serve(settings: WorkerSettings, engines: list[Engine], worker_ids: lis
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_all)
-    await asyncio.gather(*(d.start() for d in daemons))
-    await asyncio.gather(*(d.run() for d in daemons))
-    await client.aclose()
+    try:
+        started = await asyncio.gather(*(d.start() for d in daemons), return_exceptions=True)
+        refused = [error for error in started if isinstance(error, BaseException)]
+        if refused:
+            await asyncio.gather(*(d.leave() for d in daemons))  # each releases only a claim of its own
+            raise refused[0]
+        await asyncio.gather(*(d.run() for d in daemons))
+    finally:
+        await client.aclose()

@@ -48,6 +48,9 @@ class EngineRequest:
     ignore_eos: bool = False
     prefix_hashes: list[int] | None = None  # leading prompt blocks, for the prefix cache
     priority: int = 0  # lower runs first (vLLM's convention); batch tier uses 1
+    # Simulated engines only: where the simulated model emits EOS, in output tokens (max_tokens still
+    # caps it; ignore_eos overrides it). From Request.metadata[SIM_EOS_METADATA]; real engines ignore it.
+    eos_tokens: int | None = None
 
 
 @dataclass

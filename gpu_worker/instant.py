@@ -67,14 +67,17 @@ class InstantEngine(Engine):
             )
         self._running += 1
         self.completed += 1
+        tokens = request.max_tokens
+        if request.eos_tokens is not None and not request.ignore_eos:  # a simulated EOS, as the sim engine's
+            tokens = min(request.eos_tokens, request.max_tokens)
         try:
             seed = self.seed if request.seed is None else request.seed
             yield EngineOutput(
-                output_tokens=request.max_tokens,
-                text=f"[instant: {request.max_tokens} tokens]",
-                token_ids=synthetic_token_ids(request.id, seed, request.max_tokens),
+                output_tokens=tokens,
+                text=f"[instant: {tokens} tokens]",
+                token_ids=synthetic_token_ids(request.id, seed, tokens),
                 finished=True,
-                finish_reason="length",
+                finish_reason="stop" if tokens < request.max_tokens else "length",
                 prompt_tokens=request.prompt_tokens,
                 first_token_at=time.time(),
             )

@@ -16,6 +16,8 @@ from dio.protocol.defaults import DEFAULT_MODEL
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DIO: a Distributed Inference Orchestrator for LLM serving on Redis.")
 
+POLICY_HELP = ("dio | round-robin | random | least-loaded | power-of-two | queue-kv | weighted-least-connections"
+               " | token-load-prefix | kv-cost")
 BENCH_MISSING = ("the benchmarks run from a DIO checkout (they are not part of the installed package): "
                  "git clone the repository and pip install -e '.[bench]'")
 
@@ -32,7 +34,7 @@ def _fail(message: str) -> None:
 
 @app.command()
 def dispatcher(
-    policy: str = typer.Option(None, help="dio | round-robin | random | least-loaded | power-of-two | queue-kv"),
+    policy: str = typer.Option(None, help=POLICY_HELP),
     predictor: str = typer.Option(None, help="seed | vector | rls"),
     name: str = typer.Option(None, help="consumer name (default: dispatcher-<host>-<pid>)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -78,7 +80,7 @@ def worker(
 ) -> None:
     """Run a GPU worker daemon (or several simulated ones in one process)."""
     from dio.gpu_worker.config import WorkerSettings
-    from dio.gpu_worker.daemon import serve
+    from dio.gpu_worker.daemon import WorkerIdInUse, serve
     from dio.gpu_worker.engine_factory import make_engine
 
     _logging(verbose)
@@ -95,7 +97,10 @@ def worker(
             ids = [base] if count == 1 else [f"{base or settings.profile}-{i + 1}" for i in range(count)]
     except ValueError as exc:
         _fail(str(exc))
-    asyncio.run(serve(settings, engines, ids))
+    try:
+        asyncio.run(serve(settings, engines, ids))
+    except WorkerIdInUse as exc:  # nothing of the live owner's was touched
+        _fail(str(exc))
 
 
 def _cluster_engines(settings, spec: str) -> tuple[list, list[str]]:
@@ -155,6 +160,10 @@ def submit(
     max_tokens: int = typer.Option(64),
     model: str = typer.Option(DEFAULT_MODEL),
     tier: str = typer.Option("interactive", help="interactive | batch"),
+    deadline_ms: float = typer.Option(None, help="deadline (ms from submission)"),
+    ttft_slo_ms: float = typer.Option(None, help="time-to-first-token SLO (ms)"),
+    tpot_slo_ms: float = typer.Option(None, help="time-per-output-token SLO (ms)"),
+    sheddable: bool = typer.Option(False, "--sheddable", help="may be rejected at once when predicted to miss its SLO"),
     timeout: float = typer.Option(120.0, help="seconds to wait for the result"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
 ) -> None:
@@ -163,7 +172,9 @@ def submit(
 
     with Client() as dio:
         try:
-            result = dio.submit(prompt, max_tokens=max_tokens, model=model, tier=tier).result(timeout=timeout)
+            handle = dio.submit(prompt, max_tokens=max_tokens, model=model, tier=tier, deadline_ms=deadline_ms,
+                                ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, sheddable=sheddable or None)
+            result = handle.result(timeout=timeout)
         except DIOError as exc:
             _fail(str(exc))
     if as_json:
@@ -193,7 +204,7 @@ def inspect(as_json: bool = typer.Option(False, "--json", help="print one JSON o
 @app.command()
 def demo(
     requests: int = typer.Option(500, help="requests to submit"),
-    policy: str = typer.Option("dio", help="dio | round-robin | random | least-loaded | power-of-two | queue-kv"),
+    policy: str = typer.Option("dio", help=POLICY_HELP),
     workers: str = typer.Option("H100:1,A100-40GB:1,L4:1,T4:1", help="simulated GPUs"),
     trace: str = typer.Option("azure-conv", help="bundled trace (azure-conv, azure-code, arxiv, mooncake) or a path"),
     load: float = typer.Option(0.6, help="offered load as a fraction of the cluster's estimated capacity"),

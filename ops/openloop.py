@@ -15,6 +15,7 @@ from typing import Any
 from dio.client import Client, ResultTimeout
 from dio.client.handle import JobHandle
 from dio.ops.traces import Trace, TraceRequest
+from dio.protocol.keys import SIM_EOS_METADATA
 from dio.protocol.models import JobResult, JobStatus
 
 SUBMIT_TICK_S = 0.005  # the submitter sleeps at most this long between checks for due requests
@@ -34,10 +35,21 @@ class Outcome:
     retry_after_s: float | None = None
 
 
-def request_fields(request: TraceRequest, index: int, model: str, deadline_wall_ms: float | None = None) -> dict:
-    """Return the submit fields of one trace request (the prompt is a stand-in of declared length)."""
+def request_fields(request: TraceRequest, index: int, model: str, deadline_wall_ms: float | None = None,
+                   max_tokens: int | None = None) -> dict:
+    """Return the submit fields of one trace request (the prompt is a stand-in of declared length).
+
+    Without ``max_tokens`` the request asks for exactly its true output length (``max_tokens`` =
+    the trace's output tokens, ``ignore_eos``): the router knows where it ends. With it, that is
+    the cap the router sees, as a real client sends, and the true length travels only to the
+    simulated engine, in ``metadata[SIM_EOS_METADATA]`` (where its model emits EOS).
+    """
     fields: dict[str, Any] = {"prompt": f"request {index}", "num_prompt_tokens": request.prompt_tokens,
-                              "max_tokens": request.output_tokens, "ignore_eos": True, "model": model}
+                              "model": model}
+    if max_tokens is None:
+        fields.update(max_tokens=request.output_tokens, ignore_eos=True)
+    else:
+        fields.update(max_tokens=max_tokens, metadata={SIM_EOS_METADATA: str(request.output_tokens)})
     if request.prefix_hashes:
         fields["prefix_hashes"] = request.prefix_hashes
     if deadline_wall_ms is not None:

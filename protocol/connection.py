@@ -12,7 +12,12 @@ from dio.protocol.settings import CommonSettings
 
 
 def _options(settings: CommonSettings) -> dict[str, Any]:
-    options: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
+    # Replies are decoded to str; bytes that are not UTF-8 (anyone can XADD to the intake) become
+    # lone surrogates instead of a UnicodeDecodeError that would fail the whole read. Whoever parses
+    # the value refuses them (``dio.dispatcher.intake``), and writing such a string back stores the
+    # original bytes (a dead-lettered entry is kept byte for byte).
+    options: dict[str, Any] = {"decode_responses": True, "encoding_errors": "surrogateescape",
+                               "health_check_interval": 30}
     if settings.redis_username:
         options["username"] = settings.redis_username
     if settings.redis_password:
@@ -28,12 +33,12 @@ def _options(settings: CommonSettings) -> dict[str, Any]:
 
 
 def connect(settings: CommonSettings) -> redis.Redis:
-    """Open a client that decodes replies to str."""
+    """Open a client that decodes replies to str (bytes that are not UTF-8 as lone surrogates)."""
     return redis.Redis.from_url(settings.redis_url, **_options(settings))
 
 
 def connect_async(settings: CommonSettings) -> aioredis.Redis:
-    """Open an asyncio client that decodes replies to str."""
+    """Open an asyncio client that decodes replies to str (bytes that are not UTF-8 as lone surrogates)."""
     return aioredis.Redis.from_url(settings.redis_url, **_options(settings))
 
 

@@ -9,6 +9,8 @@ COMPLETIONS_MAXLEN = 1_000_000  # safety cap when no dispatcher consumes complet
 LEASE_TTL_MS = 3000  # a dispatcher that stops renewing its lease loses it after this long
 MAX_ATTEMPTS = 3  # a job whose worker died this many times ends failed
 REJECT_RETRY_AFTER_S = 1.0  # retry-after hint for requests shed under overload
+REDIS_RETRY_MIN_S = 0.05  # after a failed Redis call a process waits this long, doubling per failure...
+REDIS_RETRY_MAX_S = 2.0  # ...up to this (each wait jittered down by up to half), until Redis answers
 
 # Size limits on what a client controls.
 MAX_PROMPT_CHARS = 2_000_000

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Annotated, Any, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dio.protocol import defaults as d
 
@@ -86,6 +86,15 @@ class Request(Strict):
     # Hashes of the prompt's leading blocks (equal hashes = reusable KV prefix), for prefix affinity.
     prefix_hashes: list[int] | None = Field(default=None, max_length=d.MAX_PREFIX_HASHES)
     metadata: dict[str, str] | None = Field(default=None, max_length=d.MAX_METADATA_ITEMS)
+
+    @field_validator("v")
+    @classmethod
+    def _this_schema_version(cls, v: int) -> int:
+        # A request written for another version may mean something else by the same fields: the
+        # dispatcher rejects it with this message rather than guess.
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"schema version {v} is not supported (this DIO reads version {SCHEMA_VERSION})")
+        return v
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Request:

@@ -91,7 +91,7 @@ def _load(name: str) -> str:
     return prelude() + resources.files("dio.protocol").joinpath("lua", f"{name}.lua").read_text()
 
 
-SCRIPT_NAMES = ("handoff", "finish", "start", "requeue", "lease")
+SCRIPT_NAMES = ("submit", "handoff", "finish", "start", "requeue", "lease", "heartbeat", "release")
 
 # What a transition is run on: a client, or a pipeline that queues it (the reply is then the pipeline's).
 SyncRunner: TypeAlias = "redis.Redis | redis.client.Pipeline"
@@ -114,6 +114,24 @@ class _Transitions(Generic[RunnerT, ReplyT]):
     def lease(self, runner: RunnerT, name: str, ttl_ms: int) -> ReplyT:
         return self._run(runner, "lease", [self.keys.lease], [name, ttl_ms])
 
+    def release(self, runner: RunnerT, key: str, holder: str) -> ReplyT:
+        """Delete ``key`` only while it holds ``holder`` (1 deleted, 0 not ours)."""
+        return self._run(runner, "release", [key], [holder])
+
+    def submit(self, runner: RunnerT, job_id: str, request_json: str, job_fields: dict[str, str]) -> ReplyT:
+        """Create the job hash and queue the request, unless the job exists (1 submitted, 0 refused)."""
+        k = self.keys
+        pairs = [item for pair in job_fields.items() for item in pair]
+        return self._run(runner, "submit", [k.job(job_id), k.intake], [request_json, *pairs])
+
+    def heartbeat(self, runner: RunnerT, worker_id: str, token: str, ttl_ms: int,
+                  worker_fields: dict[str, str]) -> ReplyT:
+        """Renew (or take) a worker's alive key and write its hash (1 renewed, 2 registered anew, 0 not ours)."""
+        k = self.keys
+        pairs = [item for pair in worker_fields.items() for item in pair]
+        return self._run(runner, "heartbeat", [k.alive(worker_id), k.workers, k.worker(worker_id)],
+                         [token, ttl_ms, worker_id, *pairs])
+
     def handoff(self, runner: RunnerT, entry_id: str, job_id: str, worker_id: str, request_json: str,
                 kv_tokens: int, now: float | None = None) -> ReplyT:
         k = self.keys
@@ -121,7 +139,8 @@ class _Transitions(Generic[RunnerT, ReplyT]):
                          [DISPATCHER_GROUP, entry_id, job_id, worker_id, request_json, kv_tokens, _stamp(now)])
 
     def start(self, runner: RunnerT, job_id: str, worker_id: str, now: float | None = None) -> ReplyT:
-        return self._run(runner, "start", [self.keys.job(job_id)], [worker_id, _stamp(now)])
+        k = self.keys
+        return self._run(runner, "start", [k.job(job_id), k.reserved(worker_id)], [worker_id, _stamp(now), job_id])
 
     def requeue(self, runner: RunnerT, worker_id: str, entry_id: str, job_id: str, request_json: str) -> ReplyT:
         k = self.keys

@@ -4,18 +4,24 @@ Integration tests use the server at ``DIO_TEST_REDIS_URL`` (default ``redis://12
 when none answers there, a private ``redis-server`` is started for the session (``dio.ops.redis_server``),
 so a fresh machine runs every test instead of skipping them. Every test gets its own prefix, a Cluster hash tag such as
 ``{t1a2b3c4d}:``, so tests never see each other's keys and can run against a shared server.
+A test that stops Redis (an outage) uses ``restartable_redis``, a private server of its own.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from dio.ops.redis_server import ensure_redis
+from dio.ops.redis_server import ensure_redis, find_redis_server
 from dio.protocol.connection import delete_keys
 from dio.protocol.keys import Keys
 from dio.protocol.settings import CommonSettings
@@ -72,3 +78,67 @@ def client(client_settings):
 
     with Client(client_settings) as dio:
         yield dio
+
+
+class RestartableRedis:
+    """A private redis-server on a fixed port that a test stops and starts again: a Redis outage.
+
+    ``stop(save=True)`` writes its data to disk first, so the next ``start()`` comes back with it (a
+    restart); ``save=False`` comes back empty (a failover to a fresh server: groups and keys gone).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = find_redis_server()
+        self.workdir = workdir
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.workdir), "--daemonize", "no"]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.02)
+        raise RuntimeError("the private redis-server did not start")
+
+    def stop(self, save: bool = False) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            redis.Redis.from_url(self.url).shutdown(save=save, nosave=not save)
+        except redis.ConnectionError:
+            pass  # it closes the connection as it exits
+        self.process.wait(10)
+
+    def outage(self, seconds: float, then: Callable[[], None] = lambda: None) -> threading.Thread:
+        """In a thread: stop (its data kept), stay down ``seconds``, start again, then call ``then``."""
+
+        def run() -> None:
+            self.stop(save=True)
+            time.sleep(seconds)
+            self.start()
+            then()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    """A private Redis the test may stop and restart (never the shared one)."""
+    server = RestartableRedis(tmp_path)
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.process.kill()
+        server.process.wait()

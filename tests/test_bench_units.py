@@ -27,6 +27,7 @@ from dio.ops.bench.workload import (
 from dio.ops.local_cluster import WorkerSpec, parse_workers
 from dio.ops.openloop import LOST, Outcome, request_fields
 from dio.ops.traces import TraceRequest, mean_rate
+from dio.protocol.keys import SIM_EOS_METADATA
 
 MODEL = "llama-3.2-3b"
 
@@ -100,6 +101,16 @@ def test_request_fields_carry_lengths_prefix_and_deadline() -> None:
     assert fields["num_prompt_tokens"] == 700 and fields["max_tokens"] == 30
     assert fields["prefix_hashes"] == [1, 2] and fields["deadline_ms"] == 250.0
     assert "deadline_ms" not in request_fields(TraceRequest(0.0, 700, 30), 3, MODEL)
+
+
+@pytest.mark.parametrize(("cap", "max_tokens", "ignore_eos", "eos"), [
+    (None, 30, True, None),  # no cap given: it asks for exactly its true length (the router knows it)
+    (256, 256, None, "30"),  # a cap: the router sees the cap, the simulated engine the true length
+])
+def test_request_fields_keep_the_true_length_inside_the_engine(cap, max_tokens, ignore_eos, eos) -> None:
+    fields = request_fields(TraceRequest(0.0, 700, 30), 3, MODEL, max_tokens=cap)
+    assert fields["max_tokens"] == max_tokens and fields.get("ignore_eos") == ignore_eos
+    assert (fields.get("metadata") or {}).get(SIM_EOS_METADATA) == eos
 
 
 def _outcomes() -> list[Outcome]:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
+import redis
 from pydantic import ValidationError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from dio.client import (
     Client,
     ClientSettings,
+    DIOError,
+    DuplicateJobId,
     JobCancelled,
     JobFailed,
     JobRejected,
@@ -46,6 +52,15 @@ def test_submit_writes_the_job_hash_and_the_intake_entry(client):
     [(_id, entry)] = client.redis.xrange(client.keys.intake)
     assert Request.model_validate_json(entry[REQUEST_FIELD]) == handle.request
     assert handle.status() is JobStatus.queued and not handle.done()
+
+
+def test_submit_carries_the_slo_and_the_shedding_opt_in(client):
+    handle = client.submit("x", deadline_ms=2000.0, ttft_slo_ms=500.0, tpot_slo_ms=30.0, sheddable=True)
+    [(_id, entry)] = client.redis.xrange(client.keys.intake)
+    sent = Request.model_validate_json(entry[REQUEST_FIELD])
+    assert (sent.deadline_ms, sent.ttft_slo_ms, sent.tpot_slo_ms, sent.sheddable) == (2000.0, 500.0, 30.0, True)
+    assert sent == handle.request
+    assert client.submit("y").request.sheddable is False  # shedding is opt-in
 
 
 def test_token_id_prompts_round_trip(backend, client):
@@ -196,3 +211,61 @@ def test_constructor_overrides_and_environment(monkeypatch, redis_url):
     with Client(redis_url=redis_url, key_prefix="{x}:") as client:
         assert (client.settings.model, client.settings.max_tokens) == ("llama-3.1-8b", 64)
         assert client.keys.intake == "{x}:intake"
+
+
+def test_reusing_a_job_id_is_refused_and_never_overwrites_the_job(backend, client):
+    first = client.submit("hello", id="job-1").result(timeout=5)
+    with pytest.raises(DuplicateJobId) as caught:
+        client.submit("other", id="job-1")
+    assert isinstance(caught.value, DIOError) and caught.value.job_ids == ["job-1"]
+    assert "job id 'job-1' is already taken" in str(caught.value)
+    assert client.get("job-1") == client.get(first.id)
+    assert client.get("job-1").output == "echo: hello"
+    assert client.redis.xlen(client.keys.intake) == 1  # nothing was queued for the refused one
+    # In a batch, the other requests are submitted; their handles ride on the error.
+    with pytest.raises(DuplicateJobId) as caught:
+        client.submit_many([{"prompt": "a", "id": "job-2"}, {"prompt": "b", "id": "job-1"}])
+    assert caught.value.job_ids == ["job-1"]
+    assert [h.id for h in caught.value.submitted] == ["job-2"]
+    assert caught.value.submitted[0].result(timeout=5).output == "echo: a"
+    assert client.get("job-1").output == "echo: hello"
+
+
+def complete(settings: ClientSettings, job_ids: list[str], reply_to: str) -> Callable[[], None]:
+    """Return a function that completes the jobs, as a worker would."""
+
+    def run() -> None:
+        conn = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        scripts = Scripts(conn, settings.keys)
+        for job_id in job_ids:
+            scripts.finish(conn, JobResult(id=job_id, status=JobStatus.completed, output="after"), reply_to)
+        conn.close()
+
+    return run
+
+
+def test_result_and_wait_all_ride_out_a_redis_restart(restartable_redis):
+    settings = ClientSettings(redis_url=restartable_redis.url, key_prefix="{c}:", poll_interval_s=0.2)
+    with Client(settings) as client:
+        client.redis.set_retry(Retry(NoBackoff(), 0))  # fail fast: no retries hidden inside redis-py
+        one, two, three = client.submit_many([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}])
+        restart = restartable_redis.outage(2.0, then=complete(settings, [one.id, two.id, three.id],
+                                                              client.client_id))
+        assert one.result(timeout=15).output == "after"
+        assert [r.output for r in client.wait_all([two, three], timeout=15)] == ["after", "after"]
+        restart.join(10)
+
+
+def test_a_wait_that_outlasts_its_timeout_in_an_outage_raises_result_timeout(restartable_redis):
+    settings = ClientSettings(redis_url=restartable_redis.url, key_prefix="{c}:", poll_interval_s=0.1)
+    with Client(settings) as client:
+        client.redis.set_retry(Retry(NoBackoff(), 0))
+        handle = client.submit("hang")
+        restartable_redis.stop(save=True)
+        start = time.monotonic()
+        with pytest.raises(ResultTimeout) as caught:
+            handle.result(timeout=1.0)
+        assert 1.0 <= time.monotonic() - start < 3.0
+        assert caught.value.status is None  # no status could be read
+        with pytest.raises(ResultTimeout):
+            client.wait_all([handle], timeout=0.5)

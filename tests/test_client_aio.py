@@ -6,9 +6,23 @@ import asyncio
 import time
 
 import pytest
+import redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from dio.client import AsyncClient, JobCancelled, JobFailed, JobRejected, JobStatus, ResultTimeout
+from dio.client import (
+    AsyncClient,
+    ClientSettings,
+    DuplicateJobId,
+    JobCancelled,
+    JobFailed,
+    JobRejected,
+    JobStatus,
+    ResultTimeout,
+)
 from dio.client.testing import EchoBackend
+from dio.protocol.models import JobResult
+from dio.protocol.scripts import Scripts
 
 pytestmark = pytest.mark.integration
 
@@ -20,6 +34,13 @@ async def test_submit_returns_the_completed_result(backend, client_settings):
         assert (result.status, result.output) == (JobStatus.completed, "echo: hello")
         assert await handle.status() is JobStatus.completed and await handle.done()
         assert (await client.get(handle.id)).output == "echo: hello"
+
+
+async def test_submit_carries_the_slo_and_the_shedding_opt_in(client_settings):
+    async with AsyncClient(client_settings) as client:
+        handle = await client.submit("x", ttft_slo_ms=500.0, tpot_slo_ms=30.0, sheddable=True)
+        assert (handle.request.ttft_slo_ms, handle.request.tpot_slo_ms, handle.request.sheddable) == (500.0, 30.0, True)
+        assert (await client.submit("y")).request.sheddable is False
 
 
 async def test_submit_many_resolves_all_through_one_reader(backend, client_settings):
@@ -73,3 +94,30 @@ async def test_invalid_request_raises_before_touching_redis():
     async with AsyncClient(redis_url="redis://127.0.0.1:1/0") as client:
         with pytest.raises(ValueError, match="exactly one"):
             await client.submit("x", prompt_token_ids=[1])
+
+
+async def test_reusing_a_job_id_is_refused(backend, client_settings):
+    async with AsyncClient(client_settings) as client:
+        first = await (await client.submit("hello", id="a-job")).result(timeout=5)
+        with pytest.raises(DuplicateJobId, match="'a-job' is already taken"):
+            await client.submit("other", id="a-job")
+        assert (await client.get("a-job")).output == first.output == "echo: hello"
+
+
+async def test_result_rides_out_a_redis_restart(restartable_redis):
+    settings = ClientSettings(redis_url=restartable_redis.url, key_prefix="{c}:", poll_interval_s=0.2)
+    async with AsyncClient(settings) as client:
+        client.redis.set_retry(Retry(NoBackoff(), 0))  # fail fast: no retries hidden inside redis-py
+        one, two = await client.submit_many([{"prompt": "a"}, {"prompt": "b"}])
+
+        def complete() -> None:
+            conn = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+            for job in (one, two):
+                Scripts(conn, settings.keys).finish(conn, JobResult(id=job.id, status=JobStatus.completed,
+                                                                    output="after"), client.client_id)
+            conn.close()
+
+        restart = restartable_redis.outage(2.0, then=complete)
+        assert (await one.result(timeout=15)).output == "after"
+        assert [r.output for r in await client.wait_all([two], timeout=15)] == ["after"]
+        restart.join(10)

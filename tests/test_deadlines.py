@@ -30,9 +30,10 @@ def sim_cluster(*profiles: str) -> Cluster:
     return cluster
 
 
-def ask(deadline_ms: float | None = None, prompt: int = 1000, max_tokens: int = 200, rid: str = "r") -> Request:
+def ask(deadline_ms: float | None = None, prompt: int = 1000, max_tokens: int = 200, rid: str = "r",
+        sheddable: bool = True) -> Request:
     return Request(id=rid, model="llama-3.2-3b", prompt="x", num_prompt_tokens=prompt, max_tokens=max_tokens,
-                   submitted_at=1000.0, deadline_ms=deadline_ms)
+                   submitted_at=1000.0, deadline_ms=deadline_ms, sheddable=sheddable)
 
 
 def test_load_ceiling_is_the_load_where_slack_runs_out():
@@ -70,6 +71,14 @@ def test_shed_late_rejects_with_a_retry_after_and_can_be_turned_off():
     decision = make_policy("dio", seed=0).decide(hopeless, cluster, now=1000.0)
     assert decision.reject and "deadline" in decision.reason and decision.retry_after_s > 0
     assert make_policy("dio", seed=0, shed_late=False).decide(hopeless, cluster, now=1000.0).row == 0
+
+
+def test_only_a_sheddable_request_is_shed_on_a_prediction():
+    cluster = sim_cluster("T4")
+    policy = make_policy("dio", seed=0)
+    assert policy.decide(ask(deadline_ms=1.0, prompt=8000, max_tokens=500), cluster, now=1000.0).reject
+    kept = policy.decide(ask(deadline_ms=1.0, prompt=8000, max_tokens=500, sheddable=False), cluster, now=1000.0)
+    assert kept.row == 0  # routed: it runs late rather than being refused on a prediction
 
 
 def test_the_prior_ranks_gpus_by_their_datasheet_before_any_completion():

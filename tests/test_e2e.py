@@ -18,7 +18,7 @@ import redis
 
 from dio.client import Client, JobRejected
 from dio.ops.local_cluster import LocalCluster, WorkerSpec
-from dio.protocol.keys import REQUEST_FIELD, Keys
+from dio.protocol.keys import REQUEST_FIELD, SIM_EOS_METADATA, Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,6 +49,17 @@ def test_many_requests_all_end_exactly_once(cluster: LocalCluster, redis_url: st
         results = dio.wait_all(handles, timeout=60)
     assert [r.status.value for r in results] == ["completed"] * 300
     assert {r.worker for r in results} == {"H100-1", "T4-1"}
+
+
+def test_the_simulated_model_stops_at_its_eos_under_the_cap(cluster, redis_url, redis_prefix):
+    """max_tokens is a cap the router sees; the true output length reaches only the simulated engine."""
+    with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+        result = dio.submit("x", max_tokens=256, metadata={SIM_EOS_METADATA: "7"}).result(timeout=30)
+        assert result.status.value == "completed" and result.output_tokens == 7
+        assert result.worker in {"H100-1", "T4-1"}
+        with pytest.raises(JobRejected) as caught:  # the worker refuses a malformed EOS: not retried
+            dio.submit("x", max_tokens=8, metadata={SIM_EOS_METADATA: "soon"}).result(timeout=30)
+    assert SIM_EOS_METADATA in caught.value.reason
 
 
 def test_too_large_for_every_worker_is_rejected_with_a_reason(cluster, redis_url, redis_prefix):

@@ -152,10 +152,12 @@ def test_unknown_policy():
 
 def test_dio_sheds_a_request_that_would_finish_past_its_deadline():
     cluster = make_cluster(("only", 100_000, 1.0))
-    late = request(deadline_ms=50.0, submitted_at=0.0)  # predicted ≈ 200 ms
+    late = request(deadline_ms=50.0, submitted_at=0.0, sheddable=True)  # predicted ≈ 200 ms
     decision = make_policy("dio", seed=0).decide(late, cluster, now=0.0)
     assert decision.reject and "cannot finish before its deadline" in decision.reason
     assert decision.retry_after_s and decision.retry_after_s > 0
+    not_sheddable = request(deadline_ms=50.0, submitted_at=0.0)  # shedding is opt-in: it runs late
+    assert make_policy("dio", seed=0).decide(not_sheddable, cluster, now=0.0).row == 0
     on_time = request(deadline_ms=5_000.0, submitted_at=0.0)
     assert make_policy("dio", seed=0).decide(on_time, cluster, now=0.0).row == 0
     assert make_policy("least-loaded").decide(late, cluster, now=0.0).row == 0  # baselines run it late
@@ -164,8 +166,10 @@ def test_dio_sheds_a_request_that_would_finish_past_its_deadline():
 def test_dio_sheds_a_waiting_request_that_can_no_longer_make_its_deadline():
     cluster = make_cluster(("only", 10_000, 1.0))
     cluster.reserve(0, "big", 9_500)  # full: the request would have to wait
-    hopeless = request(prompt=1_000, deadline_ms=50.0, submitted_at=0.0)
+    hopeless = request(prompt=1_000, deadline_ms=50.0, submitted_at=0.0, sheddable=True)
     decision = make_policy("dio", seed=0).decide(hopeless, cluster, now=0.0)
     assert decision.reject and "deadline" in decision.reason
+    not_sheddable = request(prompt=1_000, deadline_ms=50.0, submitted_at=0.0)  # waits; the backlog expires it
+    assert make_policy("dio", seed=0).decide(not_sheddable, cluster, now=0.0).wait
     patient = request(prompt=1_000, deadline_ms=60_000.0, submitted_at=0.0)
     assert make_policy("dio", seed=0).decide(patient, cluster, now=0.0).wait

@@ -1,5 +1,7 @@
 """The wire protocol: validation with clear messages, size limits, hash round trips, key names."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -7,6 +9,7 @@ from dio.dispatcher.intake import InvalidEntry, parse_entry
 from dio.protocol import defaults as d
 from dio.protocol.keys import REQUEST_FIELD, Keys
 from dio.protocol.models import (
+    SCHEMA_VERSION,
     JobResult,
     JobStatus,
     Request,
@@ -79,6 +82,40 @@ def test_intake_entries_without_an_id_are_dead_lettered_others_rejected():
     for raw in ("not json", "[]", '{"id": "bad id", "prompt": "x"}', ""):
         invalid = parse_entry("1-0", {REQUEST_FIELD: raw})
         assert isinstance(invalid, InvalidEntry) and invalid.result is None
+
+
+def test_a_request_of_another_schema_version_is_refused_with_a_clear_message():
+    with pytest.raises(ValidationError) as caught:
+        Request(id="a", prompt="x", v=SCHEMA_VERSION + 1)
+    assert f"schema version {SCHEMA_VERSION + 1} is not supported" in describe_validation_error(caught.value)
+    invalid = parse_entry("1-0", {REQUEST_FIELD: json.dumps({"v": 0, "id": "old", "prompt": "x"})})
+    assert isinstance(invalid, InvalidEntry) and invalid.result.status == JobStatus.rejected
+    assert f"this DIO reads version {SCHEMA_VERSION}" in invalid.result.reason
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # What a connection decoding with errors="surrogateescape" gives for bytes that are not UTF-8.
+        {REQUEST_FIELD: b'{"id": "j", "reply_to": "c", "prompt": "caf\xe9"}'.decode("utf-8", "surrogateescape")},
+        # What a connection that does not decode gives.
+        {REQUEST_FIELD: b'{"id": "j", "reply_to": "c", "prompt": "caf\xe9"}'},
+        {REQUEST_FIELD.encode(): b'{"id": "j", "reply_to": "c", "prompt": "caf\xe9"}'},
+    ],
+)
+def test_intake_entries_that_are_not_utf8_are_rejected_with_the_offending_byte(fields):
+    invalid = parse_entry("1-0", fields)
+    assert isinstance(invalid, InvalidEntry) and invalid.result is not None
+    assert invalid.result.id == "j" and invalid.reply_to == "c"
+    assert invalid.result.reason == "invalid request: not UTF-8 (byte 0xe9 at offset 43)"
+
+
+def test_intake_entries_that_are_not_utf8_and_name_no_job_keep_their_bytes():
+    invalid = parse_entry("1-0", {REQUEST_FIELD: b"\xff\xfe"})
+    assert isinstance(invalid, InvalidEntry) and invalid.result is None
+    assert invalid.raw.encode("utf-8", "surrogateescape") == b"\xff\xfe"  # written back byte for byte
+    invalid = parse_entry("1-0", {"r\udcc3q": "x"})  # a field name that was not UTF-8: no request field
+    assert isinstance(invalid, InvalidEntry) and invalid.result is None
 
 
 def test_keys_share_one_cluster_hash_tag():

@@ -28,8 +28,9 @@ from dio.protocol.models import Request, WorkerTelemetry, to_hash
 CLUSTER = "H100:1,A100-40GB:1,L4:1"
 HOPELESS_MS = 1.0  # no GPU prefills thousands of tokens in a millisecond
 RELAXED_MS = 600_000.0
-# (prompt tokens, output tokens, deadline ms): every third request cannot make its deadline anywhere;
-# enough load that the others spread over two GPUs, so placements differ with the setting too.
+# (prompt tokens, output tokens, deadline ms): every third request cannot make its deadline anywhere
+# (and is marked sheddable: only such a request may be shed on a prediction); enough load that the
+# others spread over two GPUs, so placements differ with the setting too.
 REQUESTS = [(2000 + 700 * (i % 5), 200 + 60 * (i % 4), HOPELESS_MS if i % 3 == 1 else RELAXED_MS) for i in range(24)]
 SHED = "cannot finish before its deadline"
 
@@ -41,10 +42,22 @@ def _settings(shed_late: bool, **more: object) -> DispatcherSettings:
 def _virtual_decisions(shed_late: bool) -> list[str]:
     """Where each request went in the virtual replay: a worker id, or 'shed'."""
     virtual = VirtualCluster(CLUSTER, DEFAULT_MODEL, _settings(shed_late))
+    _mark_hopeless_sheddable(virtual.router)
     trace = [TraceRequest(0.0, prompt, output) for prompt, output, _ in REQUESTS]
     outcomes = virtual.run(trace, [deadline for _, _, deadline in REQUESTS])
     assert all(o.status in ("completed", "rejected") for o in outcomes)
     return ["shed" if o.status == "rejected" and SHED in (o.reason or "") else str(o.worker) for o in outcomes]
+
+
+def _mark_hopeless_sheddable(router: Router) -> None:
+    """Mark the virtual replay's hopeless requests sheddable as they arrive, as the client marks them."""
+    accept = router.accept
+
+    def marked(item: Pending) -> Reject | None:
+        item.request.sheddable = item.request.deadline_ms == HOPELESS_MS
+        return accept(item)
+
+    router.accept = marked  # type: ignore[method-assign]
 
 
 def _register(conn: redis.Redis, settings: DispatcherSettings) -> list[str]:
@@ -65,7 +78,8 @@ def _dispatcher_decisions(shed_late: bool, settings, client_settings: ClientSett
     worker_ids = _register(conn, dispatcher_settings)
     with Client(client_settings) as client:
         handles = client.submit_many([{"prompt": f"request {i}", "num_prompt_tokens": prompt, "max_tokens": output,
-                                       "model": DEFAULT_MODEL, "deadline_ms": deadline}
+                                       "model": DEFAULT_MODEL, "deadline_ms": deadline,
+                                       "sheddable": deadline == HOPELESS_MS}
                                       for i, (prompt, output, deadline) in enumerate(REQUESTS)])
         dispatcher = Dispatcher(dispatcher_settings)
         thread = threading.Thread(target=dispatcher.run, daemon=True)

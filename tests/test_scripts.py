@@ -38,7 +38,7 @@ def run_prelude(conn: redis.Redis, body: str):
 
 
 def test_the_scripts_are_the_ones_scripts_py_loads():
-    assert SCRIPTS == ["finish", "handoff", "lease", "requeue", "start"]
+    assert SCRIPTS == ["finish", "handoff", "heartbeat", "lease", "release", "requeue", "start", "submit"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

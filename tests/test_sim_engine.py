@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from dio.gpu_worker.daemon import to_engine_request
 from dio.gpu_worker.engine import EngineError, EngineOutput, EngineRequest, OutOfMemory, RequestRejected
 from dio.gpu_worker.instant import InstantEngine
 from dio.gpu_worker.sim import SimEngine, roofline
 from dio.gpu_worker.sim.profiles import get_model, get_profile
+from dio.protocol.keys import SIM_EOS_METADATA
+from dio.protocol.models import Request
 
 H100 = get_profile("H100")
 LLAMA_3B = get_model("llama-3.2-3b")
@@ -174,3 +177,40 @@ async def test_instant_engine_returns_max_tokens_at_once() -> None:
     assert engine.stats().running == 0
     with pytest.raises(RequestRejected):
         await engine.generate(EngineRequest("big", prompt_tokens=20_000_000, max_tokens=1))
+
+
+@pytest.mark.parametrize(("eos", "ignore_eos", "tokens", "reason"), [
+    (7, False, 7, "stop"),  # the simulated model emits EOS after 7 tokens, well under its cap
+    (500, False, 64, "length"),  # max_tokens caps it
+    (7, True, 64, "length"),  # ignore_eos runs it to max_tokens, as vLLM
+    (None, False, 64, "length"),  # no EOS given: it runs to max_tokens
+])
+async def test_sim_engine_stops_at_the_eos_it_was_given(engine: SimEngine, eos, ignore_eos, tokens, reason) -> None:
+    final = await engine.generate(EngineRequest("e", prompt_tokens=100, max_tokens=64, eos_tokens=eos,
+                                                ignore_eos=ignore_eos))
+    assert (final.output_tokens, len(final.token_ids or []), final.finish_reason) == (tokens, tokens, reason)
+
+
+async def test_instant_engine_honours_the_eos_too() -> None:
+    engine = InstantEngine()
+    assert (await engine.generate(EngineRequest("e", prompt_tokens=10, max_tokens=64, eos_tokens=7))).output_tokens == 7
+    capped = await engine.generate(EngineRequest("c", prompt_tokens=10, max_tokens=64, eos_tokens=700))
+    assert (capped.output_tokens, capped.finish_reason) == (64, "length")
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [
+    (None, None),
+    ({"user": "u1"}, None),  # other metadata is not the engine's
+    ({SIM_EOS_METADATA: "7"}, 7),
+    ({SIM_EOS_METADATA: "0"}, RequestRejected),  # the model must emit at least one token
+    ({SIM_EOS_METADATA: "-3"}, RequestRejected),
+    ({SIM_EOS_METADATA: "soon"}, RequestRejected),
+    ({SIM_EOS_METADATA: "7.5"}, RequestRejected),
+])
+def test_the_worker_reads_the_simulated_eos_from_metadata(metadata, expected) -> None:
+    request = Request(id="r", prompt="x", max_tokens=256, metadata=metadata)
+    if expected is RequestRejected:
+        with pytest.raises(RequestRejected, match=SIM_EOS_METADATA):
+            to_engine_request(request)
+    else:
+        assert to_engine_request(request).eos_tokens == expected

@@ -139,20 +139,30 @@ async def test_errors_like_vllm(client: openai.AsyncOpenAI) -> None:
         await client.completions.create(model="another-model", prompt="hi", max_tokens=1)
 
 
-async def test_kv_out_of_memory_is_a_500() -> None:
+async def test_kv_exhaustion_recomputes_like_vllm_and_a_failure_limit_is_a_500() -> None:
+    # vLLM recomputes preempted requests as often as it takes: every request completes, later.
     engine = SimEngine("L4", MODEL, time_scale=50.0, kv_capacity_tokens=1000)  # 3 requests overflow it
-    url, runners = await _serve(engine)
-    try:
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as oai:
-            calls = [oai.completions.create(model=MODEL, prompt=[1] * 300, max_tokens=600) for _ in range(3)]
-            results = await asyncio.gather(*calls, return_exceptions=True)
-    finally:
-        for runner in runners:
-            await runner.cleanup()
+    results = await _three_overflowing_requests(engine)
+    assert all(not isinstance(r, Exception) and r.usage.completion_tokens == 600 for r in results)
+    assert engine.scheduler.stats().preemptions > 0
+    # With a failure limit (a what-if, not vLLM's behaviour) the ones preempted past it get a 500.
+    limited = SimEngine("L4", MODEL, time_scale=50.0, kv_capacity_tokens=1000, max_preemptions=0)
+    results = await _three_overflowing_requests(limited)
     errors = [r for r in results if isinstance(r, Exception)]
     assert errors and all(isinstance(e, openai.InternalServerError) for e in errors)
     assert "KV cache exhausted" in errors[0].message
     assert any(not isinstance(r, Exception) and r.usage.completion_tokens == 600 for r in results)
+
+
+async def _three_overflowing_requests(engine: SimEngine) -> list:
+    url, runners = await _serve(engine)
+    try:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as oai:
+            calls = [oai.completions.create(model=MODEL, prompt=[1] * 300, max_tokens=600) for _ in range(3)]
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+    finally:
+        for runner in runners:
+            await runner.cleanup()
 
 
 # --- the other endpoints --------------------------------------------------------------------------

@@ -134,6 +134,7 @@ class SimEngine(Engine):
             request.id,
             request.prompt_tokens,
             request.max_tokens,
+            eos_tokens=None if request.ignore_eos else request.eos_tokens,  # the simulated model's EOS
             priority=request.priority,
             prefix_hashes=request.prefix_hashes,
         )
@@ -259,12 +260,14 @@ class SimEngine(Engine):
                 stream.queue.put_nowait(self._event_output(stream, event, finished=True))
 
     def _event_output(self, stream: _Stream, event: SchedulerEvent, finished: bool = False) -> EngineOutput:
+        stopped = event.output_tokens < stream.request.max_tokens  # it reached its EOS before the cap
         return self._output(
             stream,
             event.output_tokens,
             cached=event.cached_tokens,
             preemptions=event.preemptions,
             finished=finished,
+            reason="stop" if stopped else "length",
         )
 
     def _output(

@@ -11,7 +11,8 @@ import typer
 from dio.protocol.defaults import DEFAULT_MODEL
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                        help="Benchmarks: trace replay, overload, predictor convergence, decision cost, pipeline.")
+                        help="Benchmarks: goodput, trace replay, overload, predictor convergence, decision cost, "
+                             "pipeline.")
 
 ALL_POLICIES = "dio,round-robin,random,least-loaded,power-of-two,queue-kv"
 
@@ -99,6 +100,50 @@ def replay(
                           capacity="calibrate" if calibrate else capacity, seed=seed, out_dir=out, name=name,
                           virtual=virtual)
     _run(run_replay, config, as_json)
+
+
+@bench_app.command()
+def goodput(
+    trace: str = typer.Option(..., help="trace file, or a bundled name: azure-code, azure-conv, arxiv, mooncake"),
+    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", help="simulated GPUs: PROFILE:COUNT,..."),
+    model: str = typer.Option(DEFAULT_MODEL, help="model shape the GPUs serve"),
+    slo: str = typer.Option(None, help="chat | summarization | long-context | interactive, or TTFT_MS:TPOT_MS "
+                            "(default: the trace's preset: summarization for arXiv, long-context for Mooncake, "
+                            "else chat)"),
+    max_tokens: str = typer.Option("auto", help="auto (every request's cap: the power of two >= the trace's p99 "
+                                   "output, at least 256) | oracle (each request's true length; comparison only) "
+                                   "| N"),
+    policies: str = typer.Option(None, help="comma-separated policies (default: every registered policy)"),
+    peers: str = typer.Option("", help="peer routers ROUTER:POLICY (not implemented with goodput yet)"),
+    full: bool = typer.Option(False, "--full", help="through the whole system (Redis, dispatcher, worker "
+                              "processes): at --rates, or else to confirm each policy's virtual goodput point"),
+    rates: str = typer.Option(None, help="R1,R2,...: measure attainment at these rates (req/s) instead of searching"),
+    seeds: int = typer.Option(3, help="seeds: trace windows and arrival/policy seeds (median and range reported)"),
+    seed: int = typer.Option(0, help="the first seed"),
+    max_requests: int = typer.Option(2000, help="requests per run (a window of the trace per seed)"),
+    predictor: str = typer.Option(None, help="seed | vector | rls (default: the dispatcher's)"),
+    jobs: int = typer.Option(None, help="processes for virtual runs (default: the CPU count)"),
+    time_scale: float = typer.Option(None, help="--full: simulated s per wall s (default: auto, bounded by the SLO)"),
+    target_wall_s: float = typer.Option(12.0, help="--full: wall seconds a run's arrivals take (auto time scale)"),
+    drain_wall_s: float = typer.Option(25.0, help="--full: after the last arrival, wall seconds to wait for results"),
+    out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
+    name: str = typer.Option(None, help="result file stem (default goodput-<trace>-<slo>)"),
+    as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
+) -> None:
+    """Goodput: the highest request rate at which >= 90% of requests meet a TTFT and TPOT SLO, per policy."""
+    from dio.dispatcher.policies import POLICIES
+    from dio.ops.bench.goodput import GoodputConfig, run_goodput
+
+    try:
+        given = [float(r) for r in _list(rates)] if rates else None
+    except ValueError:
+        _fail(f"--rates takes numbers (requests per s), got {rates!r}")
+    config = GoodputConfig(trace=trace, cluster=cluster, model=model, slo=slo, max_tokens=max_tokens,
+                           policies=_list(policies) if policies else list(POLICIES), peers=_list(peers), full=full,
+                           rates=given, seeds=seeds, seed=seed, max_requests=max_requests,
+                           predictor=_predictor(predictor), jobs=jobs, time_scale=time_scale,
+                           target_wall_s=target_wall_s, drain_wall_s=drain_wall_s, out_dir=out, name=name)
+    _run(run_goodput, config, as_json)
 
 
 @bench_app.command()

@@ -45,6 +45,9 @@ class RunConfig:
     max_wait_s: float = 60.0  # an interactive request without deadline waits at most this long
     one_worker_process: bool = True
     seed: int = 0
+    max_tokens: int | None = None  # every request's cap (true length to the simulated engine); None: the true length
+    ttft_slo_ms: float | None = None  # every request's SLO, simulated ms (sent in wall ms: / time_scale)
+    tpot_slo_ms: float | None = None
 
     def env(self) -> dict[str, str]:
         """Return the environment that scales DIO's wall-clock settings to simulated time."""
@@ -93,7 +96,11 @@ def _replay(redis_url: str, prefix: str, cluster: LocalCluster, config: RunConfi
             deadlines_ms: list[float] | None, progress: Progress | None) -> RunRecord:
     def fields(i: int, request: TraceRequest) -> dict:
         deadline = None if deadlines_ms is None else deadlines_ms[i] / config.time_scale
-        return request_fields(request, i, config.model, deadline)
+        out = request_fields(request, i, config.model, deadline, max_tokens=config.max_tokens)
+        for key in ("ttft_slo_ms", "tpot_slo_ms"):
+            if (slo := getattr(config, key)) is not None:
+                out[key] = slo / config.time_scale
+        return out
 
     task = progress.add_task(f"{config.policy}: submitting", total=len(trace)) if progress else None
     meter = CpuMeter(_pids(cluster), connect(CommonSettings(redis_url=redis_url)))

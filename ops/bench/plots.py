@@ -99,3 +99,35 @@ def panels(grid: list[dict[str, tuple[list[float], list[float]]]], titles: list[
     axes[0].legend(fontsize=7)
     fig.suptitle(suptitle, fontsize=10)
     return _save(fig, path)
+
+
+
+def rate_bands(series: dict[str, dict[str, Any]], title: str, x_label: str, y_label: str, path: Path,
+               hline: float | None = None, vline: float | None = None, vline_label: str = "") -> Path:
+    """Plot per name a median line with its min-max band against rate (log x), extra points and a goodput mark.
+
+    ``series[name]`` has ``rates``, ``median``, ``low``, ``high`` (the line and band), ``points``
+    (more (rate, value) pairs, drawn as dots) and ``mark`` (a rate drawn as a dotted line, or None).
+    """
+    fig, ax = plt.subplots(figsize=(7.6, 4.8))
+    for name, s in series.items():
+        line, = ax.plot(s["rates"], s["median"], marker="o", ms=3, label=name, lw=2.5 if name == "dio" else 1.2)
+        color = line.get_color()
+        ax.fill_between(s["rates"], s["low"], s["high"], color=color, alpha=0.15, lw=0)
+        if s.get("points"):
+            xs, ys = zip(*s["points"], strict=True)
+            ax.scatter(xs, ys, color=color, s=8)
+        if s.get("mark"):
+            ax.axvline(s["mark"], color=color, ls=":", lw=1)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls="--", lw=1)
+    if vline is not None:
+        ax.axvline(vline, color="black", ls="-.", lw=1, label=vline_label or None)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=8)
+    return _save(fig, path)

@@ -20,8 +20,9 @@ the last partial block included, so the simulated prefix cache works over HTTP.
 
 Errors answer as vLLM's server does: HTTP 400 with an OpenAI error body for a request the model
 cannot take (prompt + max_tokens over the context, bad parameters), 404 for another model name.
-When the simulated KV cache cannot hold a request (``OutOfMemory``: preempted more than the
-engine allows), the answer is HTTP 500 ``InternalServerError``, what vLLM's server returns when the
+The simulated engine recomputes preempted requests as vLLM does; only an engine given a
+preemption limit (``max_preemptions``, a what-if) fails a request with ``OutOfMemory``: then the
+answer is HTTP 500 ``InternalServerError``, what vLLM's server returns when the
 engine fails a request; a stream that has begun carries ``data: {"error": {...}}`` then
 ``data: [DONE]``, as vLLM's streaming generators do.
 """

@@ -1,9 +1,12 @@
--- start: mark a job running on a worker, unless it already ended (cancelled while queued).
+-- start: mark a job running on a worker, unless it already ended (cancelled while queued, or
+-- finished by another worker: one it was taken back from after a stall finished it after all).
 -- Capitalised names (STATUS_FIELD, TERMINAL, ...) are the prelude's: see dio.protocol.scripts.
--- KEYS[1] job hash
--- ARGV[1] worker id   ARGV[2] now (epoch seconds)
--- Returns 1 the worker may run it, 0 the job is terminal: the worker acknowledges and drops it.
+-- KEYS[1] job hash   KEYS[2] this worker's reservations hash
+-- ARGV[1] worker id   ARGV[2] now (epoch seconds)   ARGV[3] job id
+-- Returns 1 the worker may run it, 0 the job is terminal: its KV reservation on this worker is
+-- released (it will not run here), and the worker acknowledges and drops the entry.
 if TERMINAL[redis.call('HGET', KEYS[1], STATUS_FIELD)] then
+  redis.call('HDEL', KEYS[2], ARGV[3])
   return 0
 end
 redis.call('HSET', KEYS[1], STATUS_FIELD, STATUS.running, JOB_HASH.worker, ARGV[1], JOB_HASH.started_at, ARGV[2])

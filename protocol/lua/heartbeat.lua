@@ -1,0 +1,27 @@
+-- heartbeat: renew a worker's alive key and its hash, if this process owns the worker id.
+-- A worker id is owned by the process whose random token its alive key holds. The key is taken
+-- when absent (SET NX in effect): at start, or when the worker's heartbeat lapsed (a stall) and
+-- the dispatcher took its jobs back and removed it from the worker set. Then the worker is
+-- registered anew, its hash rewritten from scratch and its id put back in the set, so it gets
+-- work again. A key holding another token is another live process's: nothing is written.
+-- KEYS[1] alive key   KEYS[2] worker set   KEYS[3] worker hash
+-- ARGV[1] this process's token   ARGV[2] alive TTL in milliseconds   ARGV[3] worker id
+-- ARGV[4..] field, value pairs of the worker hash (capabilities and telemetry)
+-- Returns 1 renewed, 2 registered anew (the alive key or the set membership was missing),
+-- 0 another process owns the worker id.
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+if not holder then
+  redis.call('DEL', KEYS[3])  -- fields of a previous life are not this one's
+end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[3], unpack(fields))
+local added = redis.call('SADD', KEYS[2], ARGV[3])
+if holder and added == 0 then
+  return 1
+end
+return 2

@@ -1,0 +1,131 @@
+"""The dispatcher process on a real Redis, in a thread: what it does with bad bytes, outages and stale state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from dio.dispatcher.config import DispatcherSettings
+from dio.dispatcher.service import Dispatcher
+from dio.protocol.defaults import DEFAULT_MODEL
+from dio.protocol.keys import REQUEST_FIELD, STATUS_FIELD, Keys
+from dio.protocol.models import JobStatus, WorkerInfo, WorkerTelemetry, to_hash
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate, timeout_s: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Running:
+    """A dispatcher serving in a background thread; ``error`` is what killed it, if anything did."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.dispatcher.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def stop(self) -> None:
+        self.dispatcher.stop()
+        self.thread.join(10)
+
+
+def dispatcher_settings(redis_url: str, prefix: str) -> DispatcherSettings:
+    return DispatcherSettings(redis_url=redis_url, key_prefix=prefix, block_ms=20, dispatcher_name="d1")
+
+
+@pytest.fixture
+def running(redis_url: str, redis_prefix: str) -> Iterator[Running]:
+    serving = Running(Dispatcher(dispatcher_settings(redis_url, redis_prefix)))
+    yield serving
+    serving.stop()
+
+
+def status(conn: redis.Redis, keys: Keys, job_id: str) -> str | None:
+    raw = conn.hget(keys.job(job_id), STATUS_FIELD)
+    return None if raw is None else raw.decode()
+
+
+def test_bytes_that_are_not_utf8_are_rejected_or_dead_lettered(running, redis_url, redis_prefix):
+    keys = Keys(redis_prefix)
+    raw = redis.Redis.from_url(redis_url)  # bytes in, bytes out
+    raw.xadd(keys.intake, {REQUEST_FIELD.encode(): b'{"id": "bad-utf8", "prompt": "caf\xe9 \xff"}'})
+    raw.xadd(keys.intake, {REQUEST_FIELD.encode(): b"\xff\xfe not even json"})
+    raw.xadd(keys.intake, {b"\xc3(": b"a field name that is not UTF-8"})
+    raw.xadd(keys.intake, {REQUEST_FIELD: json.dumps({"id": "after", "prompt": "x", "max_tokens": -1})})
+    wait_for(lambda: status(raw, keys, "after") == JobStatus.rejected.value, what="the request after them")
+    assert status(raw, keys, "bad-utf8") == JobStatus.rejected.value
+    assert "UTF-8" in raw.hget(keys.job("bad-utf8"), "reason").decode()
+    dead = raw.xrange(keys.deadletter)
+    assert len(dead) == 2
+    assert dead[0][1][b"raw"] == b"\xff\xfe not even json"  # kept byte for byte, for an operator
+    assert raw.xpending(keys.intake, "dispatchers")["pending"] == 0
+    assert running.thread.is_alive() and running.error is None
+
+
+def test_the_dispatcher_rides_out_a_redis_restart(restartable_redis, caplog):
+    caplog.set_level(logging.INFO, logger="dio.dispatcher")
+    keys = Keys("{d}:")
+    dispatcher = Dispatcher(dispatcher_settings(restartable_redis.url, keys.prefix))
+    dispatcher.redis.set_retry(Retry(NoBackoff(), 0))  # fail fast: no retries hidden inside redis-py
+    serving = Running(dispatcher)
+    conn = redis.Redis.from_url(restartable_redis.url, decode_responses=True)
+    try:
+        wait_for(lambda: conn.get(keys.lease) == "d1", what="the lease")
+        restartable_redis.stop(save=False)  # it comes back empty: no consumer groups, no lease
+        time.sleep(2.0)
+        restartable_redis.start()
+        conn.xadd(keys.intake, {REQUEST_FIELD: json.dumps({"id": "after", "prompt": "x", "max_tokens": -1})})
+        wait_for(lambda: conn.hget(keys.job("after"), STATUS_FIELD) == JobStatus.rejected.value, timeout_s=8,
+                 what="the request sent after the restart")
+        assert serving.thread.is_alive() and serving.error is None
+        lost = [r for r in caplog.records if "lost Redis" in r.getMessage()]
+        back = [r for r in caplog.records if "Redis is back" in r.getMessage()]
+        assert len(lost) == 1 and len(back) == 1
+    finally:
+        serving.stop()
+        conn.close()
+    assert serving.error is None
+
+
+def test_the_reservation_sync_frees_the_reservations_of_ended_jobs(redis_url, redis_prefix):
+    keys = Keys(redis_prefix)
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    info = WorkerInfo(id="W", engine="instant", model=DEFAULT_MODEL, gpu="instant", kv_capacity_tokens=100_000,
+                      kv_bytes_per_token=0, max_num_seqs=8, max_model_len=100_000)
+    conn.hset(keys.worker("W"), mapping={**to_hash(info), **to_hash(WorkerTelemetry())})
+    conn.set(keys.alive("W"), "1", ex=60)
+    conn.sadd(keys.workers, "W")
+    # A reservation left behind by a job that ended (finished by another worker after a requeue),
+    # one whose job hash expired, and one of a job still running there.
+    conn.hset(keys.reserved("W"), mapping={"ended": 100, "expired": 200, "running": 300})
+    conn.hset(keys.job("ended"), mapping={STATUS_FIELD: JobStatus.completed.value, "worker": "other"})
+    conn.hset(keys.job("running"), mapping={STATUS_FIELD: JobStatus.running.value, "worker": "W"})
+    dispatcher = Dispatcher(dispatcher_settings(redis_url, redis_prefix))
+    dispatcher.refresh_workers()
+    dispatcher.sync_reservations()
+    assert conn.hgetall(keys.reserved("W")) == {"running": "300"}
+    row = dispatcher.cluster.index["W"]
+    assert int(dispatcher.cluster.reserved_kv[row]) == 300
+    conn.close()
