@@ -218,7 +218,7 @@ class Policy:
         for scorer, weight in self.scorers:
             total += weight * scorer.cost(ask, cluster, rows, now)
         row = self.picker.pick(rows, total, cluster)
-        if self.shed_late and ask.deadline_at is not None:
+        if self.shed_late and (ask.deadline_at is not None or ask.has_slo):
             chosen = np.zeros(len(cluster), dtype=bool)
             chosen[row] = True
             late = self._late(ask, cluster, chosen, now)
@@ -248,12 +248,19 @@ class Policy:
         return load_ceiling(float(ask.loads[row]), slack_ms, sensitivity)
 
     def _late(self, ask: Ask, cluster: Cluster, candidates: np.ndarray, now: float) -> Decision | None:
-        """With ``shed_late``: reject a sheddable request that even the best candidate would finish late.
+        """With ``shed_late``: reject a sheddable request that even the best candidate would serve late.
 
         Only a request marked ``sheddable`` is refused on a prediction; any other is routed and runs
         late if it must (it is still rejected if it cannot start before its deadline, by the backlog).
+        A request with a TTFT/TPOT SLO is late where its predicted TTFT exceeds what is left of its
+        TTFT limit or its predicted TPOT its TPOT limit; one with a deadline, where its predicted
+        finish is past it.
         """
-        if not self.shed_late or ask.deadline_at is None or not ask.request.sheddable:
+        if not self.shed_late or not ask.request.sheddable:
+            return None
+        if ask.has_slo:
+            return self._late_for_slo(ask, cluster, candidates)
+        if ask.deadline_at is None:
             return None
         warm = candidates & cluster.predictor.warm
         if not warm.any():
@@ -264,3 +271,24 @@ class Policy:
             return None
         return Decision(reason=f"cannot finish before its deadline: predicted {best_ms:.0f} ms on the best worker, "
                                f"{max(left_ms, 0):.0f} ms left", retry_after_s=round(best_ms / 1000.0, 3))
+
+    def _late_for_slo(self, ask: Ask, cluster: Cluster, candidates: np.ndarray) -> Decision | None:
+        warm = candidates & cluster.tokens.warm
+        if not warm.any():
+            return None
+        use = np.zeros(int(warm.sum()))
+        if ask.ttft_budget_ms is not None:
+            use = np.maximum(use, ask.ttft[warm] / max(ask.ttft_budget_ms, 1.0))
+        if ask.tpot_slo_ms is not None:
+            use = np.maximum(use, ask.tpot[warm] / ask.tpot_slo_ms)
+        best = int(np.argmin(use))
+        if use[best] <= self.shed_margin:
+            return None
+        ttft_ms, tpot_ms = float(ask.ttft[warm][best]), float(ask.tpot[warm][best])
+        return Decision(reason=f"cannot meet its SLO: predicted TTFT {ttft_ms:.0f} ms and TPOT {tpot_ms:.1f} ms "
+                               f"on the best worker, limits {_ms(ask.ttft_budget_ms)} ms left and "
+                               f"{_ms(ask.tpot_slo_ms)} ms", retry_after_s=round(ttft_ms / 1000.0, 3))
+
+
+def _ms(value: float | None) -> str:
+    return "none" if value is None else f"{max(value, 0.0):.0f}"

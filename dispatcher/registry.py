@@ -3,9 +3,11 @@
 Workers register themselves (``{dio}:workers``, ``{dio}:worker:<id>``) and heartbeat
 (``{dio}:alive:<id>``). The active dispatcher reloads their capabilities and telemetry into the
 routing core's ``Cluster``, reloads the KV reservations that the Lua scripts keep in Redis (the
-truth; those of jobs that ended are freed on the way), and, when a heartbeat expires, requeues the worker's unstarted and unfinished jobs onto the
-intake (``requeue.lua``) so another worker runs them. A job whose workers died ``MAX_ATTEMPTS``
-times is failed instead: it is probably what kills them (the poison rule).
+truth; those of jobs that ended are freed on the way), and, when a heartbeat expires, requeues
+the worker's unstarted and unfinished jobs onto the intake (``requeue.lua``) so another worker
+runs them. A job whose workers died ``MAX_ATTEMPTS`` times is failed instead: it is probably
+what kills them (the poison rule). A worker whose heartbeat lapsed only in a stall registers
+itself again (``heartbeat.lua``) and is picked up on the next refresh.
 """
 
 from __future__ import annotations

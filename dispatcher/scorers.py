@@ -134,16 +134,17 @@ class SloHeadroom(Scorer):
 
     A worker predicted to miss a limit (beyond ``safety`` of it) costs ``INFEASIBLE_MS`` per limit
     missed, so it is chosen only when every worker misses. Among the rest the cost is the SLO
-    headroom the request would use there, u = max(TTFT / TTFT left, TPOT / TPOT limit):
-    ``fit="best"`` prefers the highest u (the slowest GPU that still serves it in time, which keeps
-    the fast GPUs free for the requests only they can serve), ``fit="most-headroom"`` the lowest.
-    Requests without an SLO cost nothing here (the end-to-end scorers price them).
+    headroom the request would use there, u = max(TTFT / TTFT left, TPOT / TPOT limit, prefill
+    stall / its jobs' TPOT slack): ``fit="most-headroom"`` prefers the lowest u, ``fit="best"`` the
+    highest (the slowest GPU that still serves it in time). Predictions are cautious: scaled up by
+    how far each worker's measurements run above them. Requests without an SLO cost nothing here
+    (the end-to-end scorers price them).
     """
 
     name = "slo-headroom"
     SCALE_MS = 1000.0  # one unit of headroom, in the scorers' common currency
 
-    def __init__(self, fit: str = "best", safety: float = 1.0) -> None:
+    def __init__(self, fit: str = "most-headroom", safety: float = 1.0) -> None:
         if fit not in ("best", "most-headroom"):
             raise ValueError(f"fit must be 'best' or 'most-headroom', not {fit!r}")
         self.fit = fit

@@ -178,8 +178,11 @@ class Dispatcher:
             self.route(time.time())
 
     def _read_own_pending(self) -> None:
-        """Read back every entry delivered to this dispatcher and not finished (claimed, or left from
-        before a restart or an outage): its pending list, from id "0" on, a page at a time."""
+        """Read back the entries delivered to this dispatcher and not finished: its pending list.
+
+        They were claimed from another dispatcher, or left by a restart or an outage; read from id
+        "0" on, a page at a time (each read returns the pending entries after the cursor).
+        """
         for stream in (self.keys.intake, self.keys.completions):
             cursor = "0"
             while True:
@@ -257,7 +260,11 @@ class Dispatcher:
                 self._handoff(pipe, action, now)
             else:
                 self._reject(pipe, action)
-        pipe.execute()
+        for action, reply in zip(actions, pipe.execute(), strict=True):  # one script call per action
+            if isinstance(action, Dispatch) and reply != 1:
+                # Not forwarded: the job had ended (cancelled meanwhile) or another dispatcher had
+                # the entry. It holds no KV on that worker, so this dispatcher's count lets it go too.
+                self.cluster.release(action.row, action.item.request.id)
 
     def _handoff(self, pipe: redis.client.Pipeline, dispatch: Dispatch, now: float) -> None:
         item, request = dispatch.item, dispatch.item.request

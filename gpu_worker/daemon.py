@@ -144,6 +144,7 @@ class WorkerDaemon:
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._held: set[str] = set()  # queue entries started or finished here and not yet written
+        self._closing = False  # the background loops end (a cancellation alone can be lost: see run)
         self.info: WorkerInfo | None = None
         self.token = uuid.uuid4().hex  # this process's claim on the worker id (the alive key's value)
         self.displaced = False  # another process took the worker id over while this one stalled
@@ -162,19 +163,30 @@ class WorkerDaemon:
             self.worker_id = f"{self.engine.name}-{cap.gpu}-{socket.gethostname()}-{os.getpid()}".replace(" ", "_")
         self.info = cap.worker_info(self.worker_id, self.engine.name, host=socket.gethostname(), pid=os.getpid())
         self.outage.who = f"worker {self.worker_id}"
-        await self._claim()
-        await self._ensure_group()
+        await self._claim()  # the queue's consumer group is created by the first read (_resume)
         log.info("worker %s registered: %s", self.worker_id, self.info.model_dump_json())
 
     async def _claim(self) -> None:
         """Take the worker id: its alive key, with this process's token, and register (``heartbeat.lua``).
 
         A process with this id that died leaves its key to expire within ``heartbeat_ttl_s``; a live
-        one keeps renewing it. So the claim is retried for that long, then refused.
+        one keeps renewing it. So the claim is retried for that long, then refused. While Redis is
+        unreachable, the claim waits for it.
         """
-        deadline = time.monotonic() + self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
-        while await self.heartbeat() is Beat.not_ours:
-            if time.monotonic() >= deadline:
+        deadline: float | None = None
+        while True:
+            try:
+                beat = await self.heartbeat()
+            except redis.RedisError as exc:
+                await asyncio.sleep(self.outage.failed(exc))
+                continue
+            self.outage.ok()
+            if beat is not Beat.not_ours:
+                return
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
+            elif now >= deadline:
                 host, pid = await self.redis.hmget(self.keys.worker(self.worker_id), ["host", "pid"])
                 where = f" (pid {pid} on {host})" if host and pid else ""
                 raise WorkerIdInUse(f"worker id {self.worker_id} is in use by another process{where}, whose heartbeat "
@@ -202,6 +214,9 @@ class WorkerDaemon:
             await self._read_loop()
             await self._drain()
         finally:
+            # Python 3.11's asyncio.wait_for, inside redis-py, can swallow a cancellation that lands
+            # as its command completes: the loops also stop at the flag, at their next turn.
+            self._closing = True
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # a flush cut short puts its batch back
@@ -232,10 +247,10 @@ class WorkerDaemon:
         A dead heartbeat would let the dispatcher take this worker's jobs back while it runs them;
         a dead flush would leave every job it finishes unanswered. Neither may stay dead.
         """
-        while True:
+        while not self._closing:
             try:
                 await loop()
-                return  # ended on purpose (the heartbeat found the worker id taken over)
+                return  # it ended: the daemon closes, or the heartbeat found the worker id taken over
             except Exception:
                 log.exception("worker %s: the %s loop crashed; starting it again", self.worker_id, name)
                 await asyncio.sleep(RESTART_LOOP_S)
@@ -270,10 +285,12 @@ class WorkerDaemon:
         assert self.info is not None
         fields = {**to_hash(self.info), **to_hash(self.telemetry())}
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        return Beat(await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms, fields))
+        reply = await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms, fields)
+        assert isinstance(reply, int), reply  # the script returns 0, 1 or 2
+        return Beat(reply)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
                 beat = await self.heartbeat()
@@ -469,10 +486,12 @@ class WorkerDaemon:
             self._pending = batch + self._pending
             self._has_pending.set()
             raise
-        failed = [(f, reply) for f, reply in zip(batch, replies, strict=True) if isinstance(reply, Exception)]
+        failed: list[tuple[Finished, Exception]] = []
         for f, reply in zip(batch, replies, strict=True):
-            if not isinstance(reply, Exception):
-                self._held.discard(f.entry_id)
+            if isinstance(reply, Exception):
+                failed.append((f, reply))
+            else:
+                self._held.discard(f.entry_id)  # written: its entry is acknowledged
         if failed:
             self._pending = [f for f, _ in failed] + self._pending
             self._has_pending.set()
@@ -486,7 +505,7 @@ class WorkerDaemon:
         results that end within FLUSH_INTERVAL_S of the last write share the next pipeline.
         """
         last_flush = 0.0
-        while True:
+        while not self._closing:
             await self._has_pending.wait()
             wait = FLUSH_INTERVAL_S - (time.monotonic() - last_flush)
             if wait > 0:
@@ -500,7 +519,7 @@ class WorkerDaemon:
 
     async def _cancel_loop(self) -> None:
         """Abort running jobs whose client cancelled them (their hash says ``cancelled``)."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(CANCEL_CHECK_INTERVAL_S)
             job_ids = list(self.counters.in_flight)
             if not job_ids:

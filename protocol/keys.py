@@ -45,7 +45,7 @@ class Keys:
     P reply:<client>                stream  result notices for one client (field ``r``: JobResult)
     P workers                       set     ids of registered workers
     P worker:<id>                   hash    a worker's capabilities and live telemetry
-    P alive:<id>                    string  heartbeat, expires after HEARTBEAT_TTL_S
+    P alive:<id>                    string  heartbeat (the owning process's token), expires after HEARTBEAT_TTL_S
     P queue:<id>                    stream  jobs handed to one worker (fields ``job``, ``req``)
     P reserved:<id>                 hash    job id -> KV tokens reserved on that worker
     P completions                   stream  every terminal job of a worker (field ``c``)

@@ -15,8 +15,9 @@ from redis.retry import Retry
 
 from dio.dispatcher.config import DispatcherSettings
 from dio.dispatcher.service import Dispatcher
+from dio.protocol.connection import ensure_group
 from dio.protocol.defaults import DEFAULT_MODEL
-from dio.protocol.keys import REQUEST_FIELD, STATUS_FIELD, Keys
+from dio.protocol.keys import DISPATCHER_GROUP, REQUEST_FIELD, STATUS_FIELD, Keys
 from dio.protocol.models import JobStatus, WorkerInfo, WorkerTelemetry, to_hash
 
 pytestmark = pytest.mark.integration
@@ -109,14 +110,37 @@ def test_the_dispatcher_rides_out_a_redis_restart(restartable_redis, caplog):
     assert serving.error is None
 
 
+def register_worker(conn: redis.Redis, keys: Keys, worker_id: str = "W") -> None:
+    """Register a worker as its daemon would (alive for a minute)."""
+    info = WorkerInfo(id=worker_id, engine="instant", model=DEFAULT_MODEL, gpu="instant", kv_capacity_tokens=100_000,
+                      kv_bytes_per_token=0, max_num_seqs=8, max_model_len=100_000)
+    conn.hset(keys.worker(worker_id), mapping={**to_hash(info), **to_hash(WorkerTelemetry())})
+    conn.set(keys.alive(worker_id), "1", ex=60)
+    conn.sadd(keys.workers, worker_id)
+
+
+def test_a_hand_off_that_is_not_forwarded_reserves_nothing(redis_url, redis_prefix):
+    keys = Keys(redis_prefix)
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    register_worker(conn, keys)
+    conn.hset(keys.job("cancelled"), STATUS_FIELD, JobStatus.cancelled.value)  # by its client, while queued
+    conn.xadd(keys.intake, {REQUEST_FIELD: json.dumps({"id": "cancelled", "prompt": "x", "max_tokens": 8})})
+    dispatcher = Dispatcher(dispatcher_settings(redis_url, redis_prefix))
+    ensure_group(conn, keys.intake, DISPATCHER_GROUP)
+    ensure_group(conn, keys.completions, DISPATCHER_GROUP)
+    dispatcher.refresh_workers()
+    for _ in range(3):
+        dispatcher.step()
+    assert dispatcher.stats["dispatched"] == 1  # routed, then dropped by handoff.lua
+    assert conn.xlen(keys.queue("W")) == 0 and conn.hgetall(keys.reserved("W")) == {}
+    assert int(dispatcher.cluster.reserved_kv[dispatcher.cluster.index["W"]]) == 0
+    conn.close()
+
+
 def test_the_reservation_sync_frees_the_reservations_of_ended_jobs(redis_url, redis_prefix):
     keys = Keys(redis_prefix)
     conn = redis.Redis.from_url(redis_url, decode_responses=True)
-    info = WorkerInfo(id="W", engine="instant", model=DEFAULT_MODEL, gpu="instant", kv_capacity_tokens=100_000,
-                      kv_bytes_per_token=0, max_num_seqs=8, max_model_len=100_000)
-    conn.hset(keys.worker("W"), mapping={**to_hash(info), **to_hash(WorkerTelemetry())})
-    conn.set(keys.alive("W"), "1", ex=60)
-    conn.sadd(keys.workers, "W")
+    register_worker(conn, keys)
     # A reservation left behind by a job that ended (finished by another worker after a requeue),
     # one whose job hash expired, and one of a job still running there.
     conn.hset(keys.reserved("W"), mapping={"ended": 100, "expired": 200, "running": 300})

@@ -173,3 +173,25 @@ def test_sigterm_drains_in_flight_jobs(redis_url: str, redis_prefix: str):
         assert [(r.status.value, r.worker, r.attempts) for r in results] == [("completed", "L4-1", 1)] * 5
     finally:
         running.stop()
+
+
+def test_a_stalled_worker_registers_again_and_serves(redis_url: str, redis_prefix: str):
+    keys = Keys(redis_prefix)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    running = LocalCluster(redis_url, [WorkerSpec("L4", 1)], key_prefix=redis_prefix, time_scale=50.0,
+                           extra_env={"DIO_HEARTBEAT_TTL_S": "1", "DIO_HEARTBEAT_INTERVAL_S": "0.2"})
+    running.start()
+    try:
+        worker = running.processes[1]
+        os.killpg(worker.pid, signal.SIGSTOP)  # a stall longer than its heartbeat's TTL
+        deadline = time.monotonic() + 10
+        while raw.sismember(keys.workers, "L4-1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not raw.sismember(keys.workers, "L4-1")  # the dispatcher took it back
+        os.killpg(worker.pid, signal.SIGCONT)
+        with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+            result = dio.submit("after the stall", max_tokens=8).result(timeout=20)
+        assert (result.status.value, result.worker) == ("completed", "L4-1")
+        assert raw.sismember(keys.workers, "L4-1")
+    finally:
+        running.stop()

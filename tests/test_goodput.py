@@ -18,6 +18,7 @@ from dio.dispatcher.config import DispatcherSettings
 from dio.gpu_worker.sim import roofline
 from dio.gpu_worker.sim.profiles import get_model, get_profile
 from dio.ops.bench import goodput as g
+from dio.ops.bench.summary import render
 from dio.ops.bench.virtual import VirtualCluster
 from dio.ops.cli import app
 from dio.ops.openloop import LOST, Outcome
@@ -265,6 +266,7 @@ def test_goodput_command_searches_every_policy_and_saves_records(tmp_path: Path)
         run = data["runs"][policy][g.rate_key(rate)][str(seed)]
         assert g.attainment(g.outcomes_of(cols, workers), slo) == pytest.approx(run["attainment"], abs=1e-4)
         assert sum(run[k] for k in ("completed", "rejected", "failed", "cancelled", "lost")) == 200
+    assert "| round-robin |" in render(tmp_path)  # dio bench summary shows it
 
 
 @pytest.mark.slow

@@ -116,3 +116,14 @@ def test_dio_reserves_kv_for_the_outputs_requests_really_produce() -> None:
         cluster.outputs_of(DEFAULT_MODEL).learn(100 + i, 1024)
     assert policy.decide(request, cluster, now=0.0).kv_tokens == 1000 + int(np.ceil(1024 * 145 / 1024))
     assert make_policy("least-loaded").decide(request, cluster, now=0.0).kv_tokens == 1000 + 1024
+
+
+def test_a_sheddable_request_that_cannot_meet_its_slo_anywhere_is_rejected_and_others_are_routed() -> None:
+    cluster = _sim_cluster("H100", "T4")
+    fields = dict(model=DEFAULT_MODEL, prompt="x", num_prompt_tokens=4000, max_tokens=256, ttft_slo_ms=1.0,
+                  tpot_slo_ms=100.0, submitted_at=1000.0)
+    hopeless = Request(id="shed-me", sheddable=True, **fields)
+    decision = make_policy("dio", seed=0).decide(hopeless, cluster, now=1000.0)
+    assert decision.reject and "cannot meet its SLO" in (decision.reason or "") and decision.retry_after_s
+    served = make_policy("dio", seed=0).decide(Request(id="serve-me", **fields), cluster, now=1000.0)
+    assert served.row is not None  # not sheddable: routed, late

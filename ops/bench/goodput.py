@@ -833,6 +833,8 @@ def run_goodput(config: GoodputConfig) -> dict[str, Any]:
                         f"max_tokens {setup.cap or ORACLE}, SLO {setup.slo.name}, capacity "
                         f"{the_plan.capacity_rps:.2f} req/s, rates from {the_plan.start_rps:g}")
     _warn_infeasible(the_plan)
+    if config.seeds < DEFAULT_SEEDS:
+        report.status.print(f"note: {config.seeds} seed(s): the goodput's spread needs at least {DEFAULT_SEEDS}")
     seeds = list(setup.windows)
     confirmed: dict[tuple[str, int, float], RunResult] = {}
     with ExitStack() as stack:
@@ -902,7 +904,8 @@ def headline(config: GoodputConfig, the_plan: Plan, summaries: dict[str, dict[st
             "mode": "full" if config.full else "virtual",
             "feasibility": {g: {k: f[k] for k in ("meets_both", "fit", "feasible")}
                             for g, f in the_plan.feasibility.items()},
-            "policies": {p: {k: s[k] for k in keys} for p, s in summaries.items()}}
+            "policies": {p: {k: s[k] for k in (*keys, "full_attainment_at_goodput") if k in s}
+                         for p, s in summaries.items()}}
 
 
 def result_figures(config: GoodputConfig, the_plan: Plan, summaries: dict[str, dict[str, Any]],

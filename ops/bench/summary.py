@@ -111,8 +111,25 @@ def pipeline_section(data: dict[str, Any]) -> str:
     return "\n".join(["### pipeline", f"`{data['command']}`", "", ""]) + markdown_table(["figure", "value"], rows)
 
 
-SECTIONS = {"overload": overload_section, "convergence": convergence_section, "decision": decision_section,
-            "pipeline": pipeline_section}
+def goodput_section(data: dict[str, Any]) -> str:
+    """Return one goodput result: feasibility per GPU type, then a row per policy."""
+    slo = data["slo"]
+    head = [f"### {data['label']} ({data['trace']}, {data['mode']}, SLO {slo['name']}: TTFT {slo['ttft_ms']:g} ms, "
+            f"TPOT {slo['tpot_ms']:g} ms)", f"`{data['command']}`", "",
+            f"max_tokens {data['max_tokens']}, seeds {data['seeds']}, capacity {data['capacity_rps']} req/s; rates in "
+            "requests per simulated s.", ""]
+    feasible = [[gpu, f["fit"], f["ttft_p99_ms"], f["tpot_p99_ms"], _pct(f["meets_both"]), f["feasible"]]
+                for gpu, f in data["feasibility"].items()]
+    rows = [[p, s["goodput_rps"], f"{s['goodput_range'][0]:g}–{s['goodput_range'][1]:g}",
+             _pct(s["goodput_over_capacity"]), s["preemptions"], s["rejected_below_goodput"],
+             _pct(s["kv_held_at_goodput"])] for p, s in data["summary"].items()]
+    return "\n".join(head) + "\n" + markdown_table(["GPU", "fit", "TTFT p99 ms idle", "TPOT p99 ms idle",
+                                                    "meet both", "feasible"], feasible) + "\n\n" + markdown_table(
+        ["policy", "goodput req/s", "range", "of capacity", "preemptions", "rejected ≤ goodput", "KV-held"], rows)
+
+
+SECTIONS = {"goodput": goodput_section, "overload": overload_section, "convergence": convergence_section,
+            "decision": decision_section, "pipeline": pipeline_section}
 
 
 def render(folder: Path = RESULTS_DIR) -> str:
