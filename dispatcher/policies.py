@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dio.dispatcher import filters, pickers, scorers
 from dio.dispatcher.policy import Policy
 
-LIVE_STATE_WEIGHT_MS = 1000.0  # dio: the cost of a full engine queue, or a full KV cache (QueueAndKv's units)
+LIVE_STATE_WEIGHT_MS = 3000.0  # dio: the cost of a full engine queue, or a full KV cache (QueueAndKv's units)
 
 
 def _common(prefetch: int) -> list:

@@ -46,8 +46,10 @@ def token_priors(info: WorkerInfo) -> tuple[np.ndarray, np.ndarray] | None:
 
     TTFT: prefill of 1,000 uncached tokens, the same rate for the queue ahead (in 10k tokens), and
     a fixed cost. TPOT: one decode step reading the weights, the same again per unit of KV load ℓ
-    (KV bytes in weight units), and, at a prefill share ρ, steps slowed as if by 1 / (1 − ρ)
-    (linearised: one more step per unit of ρ).
+    (KV bytes in weight units), and, at a prefill share ρ, one more step per unit of ρ. (The
+    physical share — a full prefill chunk in a share ρ of the steps — is ten times larger on an
+    H100; as a prior it made most workers look infeasible at once and lost goodput everywhere in
+    the virtual replay: the learned weight gets there from the completions instead.)
     """
     weights = roofline_prior(info)
     if weights is None:

@@ -154,16 +154,24 @@ class SloHeadroom(Scorer):
         if not ask.has_slo:
             return np.zeros(len(rows))
         use = np.zeros(len(rows))
+        stall = np.zeros(len(rows))
         warm = cluster.tokens.warm[rows]
-        # Cautious predictions: each worker's own spread of measured / predicted widens its estimate.
+        # Cautious predictions: scaled up by how far each worker's measurements run above them.
         if ask.ttft_budget_ms is not None:
             ttft = _cold_as_mean(ask.ttft[rows], warm) * cluster.tokens.ttft.caution()[rows]
             use = np.maximum(use, ttft / max(ask.ttft_budget_ms, 1.0))
         if ask.tpot_slo_ms is not None:
             tpot = _cold_as_mean(ask.tpot[rows], warm) * cluster.tokens.tpot.caution()[rows]
             use = np.maximum(use, tpot / ask.tpot_slo_ms)
-            use = np.maximum(use, self._stall_use(ask, cluster, rows, tpot))
+            stall = self._stall_use(ask, cluster, rows, tpot)
+            use = np.maximum(use, stall)
         misses = use > self.safety
+        if misses.all():
+            # It misses wherever it goes: put it where it harms the jobs already there least (the
+            # live-state scorer spreads the rest), not on the fastest GPU, which it would overload.
+            # (Adding its own headroom here, measured, helped the tight interactive SLO on Azure
+            # code and cost as much under the standard presets.)
+            return INFEASIBLE_MS + np.minimum(stall, 10.0) * self.SCALE_MS
         fit = (1.0 - use) if self.fit == "best" else use
         return np.where(misses, INFEASIBLE_MS + use * self.SCALE_MS, fit * self.SCALE_MS)
 

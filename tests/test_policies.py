@@ -173,3 +173,14 @@ def test_dio_sheds_a_waiting_request_that_can_no_longer_make_its_deadline():
     assert make_policy("dio", seed=0).decide(not_sheddable, cluster, now=0.0).wait
     patient = request(prompt=1_000, deadline_ms=60_000.0, submitted_at=0.0)
     assert make_policy("dio", seed=0).decide(patient, cluster, now=0.0).wait
+
+
+def test_prefix_index_forgets_what_a_worker_cache_cannot_hold():
+    index = PrefixIndex(block_tokens=512)
+    index.set_capacity("small", 2)  # its cache holds two blocks
+    index.record([1, 2, 3], "small")
+    index.record([1, 2, 3], "big")
+    matched = index.matched_blocks([1, 2, 3], ["small", "big"], np.array([0, 1]))
+    assert matched.tolist() == [0, 3]  # block 1 was evicted from the small worker: no leading match
+    index.record([1], "small")  # sent again: cached again, evicting block 2
+    assert index.matched_blocks([1, 2, 3], ["small", "big"], np.array([0, 1])).tolist() == [1, 3]
