@@ -167,14 +167,26 @@ class SloHeadroom(Scorer):
             use = np.maximum(use, stall)
         misses = use > self.safety
         if misses.all():
-            # It misses wherever it goes: put it where it harms the jobs already there least (the
-            # live-state scorer spreads the rest), not on the fastest GPU, which it would overload.
-            # (Adding its own headroom here, measured, helped the tight interactive SLO on Azure
-            # code and cost as much under the standard presets.)
-            return INFEASIBLE_MS + np.minimum(stall, 10.0) * self.SCALE_MS
+            # It misses wherever it goes now: put it where it harms the jobs already there least
+            # (the live-state scorer spreads the rest), not on the fastest GPU, which it would
+            # overload — but never where it would miss even on an idle GPU.
+            hopeless = self._idle_use(ask, cluster, rows) > self.safety
+            return INFEASIBLE_MS * (1.0 + hopeless) + np.minimum(stall, 10.0) * self.SCALE_MS
         fit = (1.0 - use) if self.fit == "best" else use
         return np.where(misses, INFEASIBLE_MS + use * self.SCALE_MS, fit * self.SCALE_MS)
 
+
+    @staticmethod
+    def _idle_use(ask: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
+        """The share of the request's SLO it would use on each worker if the worker were idle."""
+        use = np.zeros(len(rows))
+        zeros = np.zeros(len(cluster))
+        if ask.ttft_budget_ms is not None:
+            uncached = np.broadcast_to(np.asarray(ask.uncached, dtype=float), (len(cluster),))
+            use = np.maximum(use, cluster.tokens.predict_ttft(uncached, zeros)[rows] / max(ask.ttft_budget_ms, 1.0))
+        if ask.tpot_slo_ms is not None:
+            use = np.maximum(use, cluster.tokens.predict_tpot(zeros, zeros)[rows] / ask.tpot_slo_ms)
+        return use
 
     @staticmethod
     def _stall_use(ask: Ask, cluster: Cluster, rows: np.ndarray, tpot: np.ndarray) -> np.ndarray:

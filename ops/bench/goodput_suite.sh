@@ -5,7 +5,8 @@
 # TRACES_DIR holds the full public traces (../shared/traces); PART picks a share of the runs
 # (1 = the four standard presets + homogeneous, 2 = the four interactive runs, all = both), run
 # side by side with JOBS worker processes each (default 3). On the lent GPU machine's 16 cores
-# the two parts took about 7 and 6 minutes; on 2 cores, about an hour.
+# the two parts took about 7 and 6 minutes; on 2 cores, about an hour. PYTHON picks the interpreter
+# (default python3); -P keeps a checkout's dio/ folder from shadowing the installed package.
 set -uo pipefail
 traces=${1:?traces dir}; out=${2:?out dir}; part=${3:-all}; jobs=${4:-3}
 mkdir -p "$out"
@@ -16,7 +17,7 @@ arxiv=$traces/length_only/arxiv_summarization_stats_llama2_tokenizer_filtered_v2
 mooncake=$traces/mooncake/synthetic_trace.jsonl
 run() {  # NAME TRACE CLUSTER [options]
   local name=$1 trace=$2 on=$3; shift 3
-  python3 -m dio.ops.cli bench goodput --trace "$trace" --cluster "$on" --seeds 3 --max-requests 2000 \
+  "${PYTHON:-python3}" -P -m dio.ops.cli bench goodput --trace "$trace" --cluster "$on" --seeds 3 --max-requests 2000 \
     --jobs "$jobs" --out "$out" --name "$name" --json "$@" > "$out/$name.log" 2>&1
   echo "$name: rc=$? $(tail -c 300 "$out/$name.log" | tr -d '\n' | cut -c1-200)"
 }

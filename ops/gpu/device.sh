@@ -93,7 +93,9 @@ link_dio() {
 
 setup_env() {
   link_dio
-  export PYTHONPATH="$DIO_ROOT:$SITE" PYTHONUNBUFFERED=1 \
+  # PYTHONSAFEPATH: a process started in the repo root must not find the checkout's dio/ folder
+  # (the bare root, without its subpackages) before the linked tree.
+  export PYTHONPATH="$DIO_ROOT:$SITE" PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 \
     VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     DIO_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" DIO_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/15" \
