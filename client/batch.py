@@ -8,8 +8,12 @@ flag the runner checks between submissions; it then cancels its in-flight jobs (
 output, so running the batch again resumes them).
 
 ``enqueue_batch`` runs the same thing as an RQ job (JSON serializer, queue ``dio-batch``), which
-an RQ worker started as ``rq worker dio-batch --serializer rq.serializers.JSONSerializer`` runs;
-progress is then also in the RQ job's ``meta["progress"]``.
+an RQ worker started as ``rq worker dio-batch --worker-class dio.client.batch.BatchWorker
+--serializer rq.serializers.JSONSerializer`` runs; progress is then also in the RQ job's
+``meta["progress"]``. An RQ job names the function it runs, and anyone who can write to the queue
+writes that name: ``BatchWorker`` (and ``SimpleBatchWorker``) runs only DIO's batch runner, refuses
+(fails, without importing anything) any other function and any job with callbacks, and refuses to
+start without the JSON serializer (RQ's default, pickle, runs whatever the bytes say).
 
 Batch hash fields: batch_id, status (running | completed | stopped | cancelled | interrupted),
 total, done (lines with a response), failed (lines with an error), in_flight, input, output,
@@ -29,9 +33,9 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
-from rq import Queue, get_current_job
+from rq import Queue, SimpleWorker, Worker, get_current_job
 from rq.job import Job
-from rq.serializers import JSONSerializer
+from rq.serializers import JSONSerializer, resolve_serializer
 
 from dio.client.batch_output import OutputFile
 from dio.client.client import Client, put_when_done, resolve_settings
@@ -435,3 +439,76 @@ def enqueue_batch(
               "key_prefix": key_prefix}
     return rq_queue.enqueue(rq_run_batch, kwargs=kwargs, job_timeout=job_timeout, result_ttl=BATCH_HASH_TTL_S,
                             description=f"DIO batch {batch_id}", meta={"batch_id": batch_id})
+
+
+BATCH_FUNCTION = f"{rq_run_batch.__module__}.{rq_run_batch.__qualname__}"  # the one function a batch job runs
+
+
+class RefusedJob(Exception):
+    """An RQ job on the batch queue that is not DIO's batch runner: failed without running anything."""
+
+
+class BatchJob(Job):
+    """An RQ job that runs DIO's batch runner and nothing else.
+
+    Any other function name, an instance method, or a callback (RQ imports callbacks by name too)
+    fails the job with ``RefusedJob`` before anything is imported. Callbacks are never run, even
+    on that failure.
+    """
+
+    def perform(self) -> Any:
+        why = self.refusal()
+        if why is not None:
+            raise RefusedJob(f"refused: {why}; a DIO batch worker runs only {BATCH_FUNCTION}")
+        return super().perform()
+
+    def refusal(self) -> str | None:
+        """Why this job may not run here (None: it is DIO's batch runner, plainly called)."""
+        if self.func_name != BATCH_FUNCTION:
+            return f"job {self.id} names the function {self.func_name!r}"
+        if self.instance is not None:
+            return f"job {self.id} calls its function on an instance"
+        names = [getattr(self, f"_{kind}_callback_name", None) for kind in ("success", "failure", "stopped")]
+        if any(names):
+            return f"job {self.id} has callbacks ({', '.join(n for n in names if n)})"
+        return None
+
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        return None
+
+
+def batch_job_class(serializer: Any, job_class: Any = None) -> type[BatchJob]:
+    """Check an RQ batch worker's arguments: the JSON serializer, and jobs run as ``BatchJob``s (else ValueError)."""
+    resolved = resolve_serializer(serializer)
+    is_json = isinstance(resolved, type) and issubclass(resolved, JSONSerializer)
+    if not (is_json or isinstance(resolved, JSONSerializer)):
+        raise ValueError("a DIO batch worker needs the JSON serializer (--serializer "
+                         "rq.serializers.JSONSerializer): RQ's default, pickle, runs what a queue writer stored")
+    if job_class in (None, Job, "rq.job.Job"):
+        return BatchJob  # RQ's default job class (what its command line passes unless told otherwise)
+    if not (isinstance(job_class, type) and issubclass(job_class, BatchJob)):
+        raise ValueError(f"a DIO batch worker runs its jobs as {BatchJob.__qualname__}, not {job_class!r}")
+    return job_class
+
+
+class BatchWorker(Worker):
+    """RQ's forking worker, restricted to DIO's batch runner (``--worker-class dio.client.batch.BatchWorker``)."""
+
+    def __init__(self, queues: Any, *, serializer: Any = None, job_class: Any = None, **kwargs: Any) -> None:
+        super().__init__(queues, serializer=serializer, job_class=batch_job_class(serializer, job_class), **kwargs)
+
+
+class SimpleBatchWorker(SimpleWorker):
+    """RQ's in-process worker, restricted to DIO's batch runner."""
+
+    def __init__(self, queues: Any, *, serializer: Any = None, job_class: Any = None, **kwargs: Any) -> None:
+        super().__init__(queues, serializer=serializer, job_class=batch_job_class(serializer, job_class), **kwargs)

@@ -4,6 +4,8 @@ Durability lives in Redis, not here: a request in the backlog is an intake entry
 read but has not acknowledged, so it stays in the intake stream's pending list and a restarted or
 standby dispatcher reads it again. This class only orders them: interactive first (FIFO), then
 batch (FIFO); a batch request that waited ``batch_age_s`` is promoted so batch never starves.
+It also counts what it holds (requests and bytes of request JSON, the two bounds the router
+enforces), and ``DrainRate`` measures how fast a waiting backlog drains.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ class Pending:
     request_json: str
     received_at: float
     wait_reason: str | None = None
+    size_bytes: int = -1  # the request JSON's UTF-8 length (computed from request_json when not given)
+
+    def __post_init__(self) -> None:
+        if self.size_bytes < 0:
+            text = self.request_json
+            self.size_bytes = len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
+
+    def release(self) -> None:
+        """Drop the request JSON once the item left (forwarded or ended): the backlog's bytes go with it."""
+        self.request_json = ""
 
 
 class Backlog:
@@ -39,12 +51,14 @@ class Backlog:
         self.batch_age_s = batch_age_s
         self.interactive: deque[Pending] = deque()
         self.batch: deque[Pending] = deque()
+        self.bytes = 0  # request JSON held, the sum of the items' size_bytes
 
     def __len__(self) -> int:
         return len(self.interactive) + len(self.batch)
 
     def add(self, item: Pending) -> None:
         (self.batch if item.request.tier == Tier.batch else self.interactive).append(item)
+        self.bytes += item.size_bytes
 
     def promote_aged(self, now: float) -> None:
         """Move batch requests that waited too long to the back of the interactive line."""
@@ -56,9 +70,61 @@ class Backlog:
         yield from list(self.interactive)
         yield from list(self.batch)
 
-    def remove(self, done: set[str]) -> None:
-        """Drop the items whose entry ids are in ``done``."""
+    def remove(self, done: set[str]) -> list[Pending]:
+        """Drop the items whose entry ids are in ``done``; return them."""
         if not done:
-            return
+            return []
+        removed = [p for p in self.in_order() if p.entry_id in done]
         self.interactive = deque(p for p in self.interactive if p.entry_id not in done)
         self.batch = deque(p for p in self.batch if p.entry_id not in done)
+        self.bytes -= sum(p.size_bytes for p in removed)
+        return removed
+
+
+class DrainRate:
+    """How many jobs end per second while requests wait: the rate at which a full backlog drains.
+
+    Measured on the router's clock (the ``now`` of each route), over about the last ``window_s``
+    seconds, only while requests were waiting (with an empty backlog the cluster ends what it is
+    sent, which says how busy it is, not how fast it could go), and from the first job that ended
+    while they waited: jobs end in bursts (a batch started together finishes together), and a rate
+    counted from before the first one would make the backlog look slower than it is. Unknown
+    (None) until ``min_ended`` more jobs ended over at least ``min_span_s``.
+    """
+
+    def __init__(self, window_s: float = 30.0, min_span_s: float = 1.0, min_ended: int = 10) -> None:
+        self.window_s = window_s
+        self.min_span_s = min_span_s
+        self.min_ended = min_ended
+        self.ended = 0  # jobs that ended, since the start
+        self._waiting_from: int | None = None  # jobs ended when requests began to wait
+        self._samples: deque[tuple[float, int]] = deque()  # (clock, jobs ended by then)
+
+    def count(self, jobs: int = 1) -> None:
+        self.ended += jobs
+
+    def sample(self, now: float, waiting: bool) -> None:
+        """Record the clock; ``waiting`` False (an empty backlog) starts the measurement over."""
+        if not waiting:
+            self._samples.clear()
+            self._waiting_from = None
+            return
+        if self._waiting_from is None:
+            self._waiting_from = self.ended
+        if not self._samples:
+            if self.ended > self._waiting_from:  # the first job ended while requests waited: start here
+                self._samples.append((now, self.ended))
+            return
+        if now - self._samples[-1][0] >= self.min_span_s / 4:
+            self._samples.append((now, self.ended))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+
+    def per_s(self) -> float | None:
+        """Return the recent drain rate (jobs per second), or None while it is unknown."""
+        if len(self._samples) < 2:
+            return None
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        if t1 - t0 < self.min_span_s or n1 - n0 < self.min_ended:
+            return None
+        return (n1 - n0) / (t1 - t0)

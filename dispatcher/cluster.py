@@ -110,6 +110,7 @@ class Cluster:
             if priors is not None:
                 self.tokens.prime(row, *priors)
         self.infos[row] = info
+        self.prefix.set_capacity(info.id, info.kv_capacity_tokens // self.prefix.block_tokens)
         self.model[row] = info.model
         self.kv_capacity[row] = info.kv_capacity_tokens
         self.max_model_len[row] = info.max_model_len

@@ -27,6 +27,10 @@ class DispatcherSettings(CommonSettings):
     block_ms: int = 50  # longest wait for new work when idle
     prefetch: int = 2  # jobs queued at a worker beyond the sequences its engine runs
     max_backlog: int = 100_000  # requests held waiting for capacity; beyond it new ones are shed
+    max_backlog_bytes: int = 256 * 1024 * 1024  # bytes of request JSON held waiting; beyond it new ones are shed
+    # Reject at once an interactive request that the backlog ahead of it, at the cluster's recent
+    # drain rate, would keep waiting past its deadline (or max_wait_s): it would only expire there.
+    admit_by_drain: bool = True
     max_wait_s: float = 60.0  # an interactive request without a deadline waits at most this long
     batch_age_s: float = 30.0  # a batch request waiting this long is served like an interactive one
     # dio policy: reject (with retry-after) a sheddable request (Request.sheddable) predicted to miss

@@ -6,7 +6,13 @@ One loop, each turn:
 3. refresh the worker registry (``dio.dispatcher.registry``) and, now and then, save the predictors
    (``dio.dispatcher.predictor_store``);
 4. ask the router what to do and carry it out: hand each dispatched request to its worker's queue
-   with ``handoff.lua`` and end rejected ones with ``finish.lua``, all in one pipeline.
+   with ``handoff.lua`` and end rejected ones with ``finish.lua``, all in one pipeline;
+5. now and then, read the job statuses of the waiting requests (one pipeline) and take those that
+   ended meanwhile (cancelled by their client) off the intake and out of the backlog.
+
+Memory stays bounded: the backlog holds at most ``max_backlog`` requests and ``max_backlog_bytes``
+of request JSON (the router sheds the rest at once), one read takes about ``MAX_READ_BYTES`` of
+intake entries at most, and an item's JSON is dropped as soon as it left.
 
 Only the dispatcher holding the lease is active; others wait as standbys. A request is
 acknowledged on the intake only by the script that forwards or ends it, so a crash anywhere
@@ -26,7 +32,7 @@ import time
 import redis
 from pydantic import ValidationError
 
-from dio.dispatcher.backlog import Backlog
+from dio.dispatcher.backlog import Backlog, Pending
 from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.config import DispatcherSettings
 from dio.dispatcher.intake import InvalidEntry, parse_entry
@@ -35,15 +41,20 @@ from dio.dispatcher.predictor_store import PredictorStore
 from dio.dispatcher.registry import WorkerRegistry
 from dio.dispatcher.router import Dispatch, Reject, Router
 from dio.protocol.connection import connect, ensure_group
-from dio.protocol.keys import COMPLETION_FIELD, DISPATCHER_GROUP
-from dio.protocol.models import Completion, JobResult, JobStatus
+from dio.protocol.keys import COMPLETION_FIELD, DISPATCHER_GROUP, STATUS_FIELD
+from dio.protocol.models import TERMINAL_STATUSES, Completion, JobResult, JobStatus
 from dio.protocol.retry import Outage
-from dio.protocol.scripts import Scripts
+from dio.protocol.scripts import HANDOFF_WORKER_GONE, Scripts
 
 log = logging.getLogger("dio.dispatcher")
 
 DEADLETTER_MAXLEN = 10_000  # approximate cap of the dead-letter stream
 EXPIRE_CHECK_S = 0.1  # how often the backlog is routed (and expired) when nothing else changed
+ENDED_CHECK_S = 0.5  # how often the statuses of waiting requests are read (a cancelled one leaves then)
+ENDED_CHECK_BATCH = 5_000  # statuses read per check; a longer backlog is covered over several checks
+MAX_READ_BYTES = 32 * 1024 * 1024  # about this much intake JSON per read, whatever the entries' size
+ENTRY_BYTES_GUESS = 1024  # the size of an intake entry before any was seen
+TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)  # as job hashes spell them
 
 Entries = list[tuple[str, dict[str, str]]]
 
@@ -63,7 +74,9 @@ class Dispatcher:
         self.outage = Outage(log, f"dispatcher {self.name}")
         self._stop = threading.Event()
         self._dirty = True  # something changed since the backlog was last routed
-        self._next = {"refresh": 0.0, "persist": 0.0, "sync": 0.0, "lease": 0.0, "expire": 0.0}
+        self._next = {"refresh": 0.0, "persist": 0.0, "sync": 0.0, "lease": 0.0, "expire": 0.0, "ended": 0.0}
+        self._entry_bytes = float(ENTRY_BYTES_GUESS)  # recent mean size of an intake entry
+        self._ended_cursor = 0  # where the next check of waiting requests' statuses starts
 
     @property
     def cluster(self) -> Cluster:
@@ -163,7 +176,7 @@ class Dispatcher:
         """Read, learn, refresh, route: one turn of the loop (a Redis error leaves it for run() to handle)."""
         block = self.settings.block_ms if not (self._dirty and len(self.backlog)) else 1
         reply = self.redis.xreadgroup(DISPATCHER_GROUP, self.name, {self.keys.intake: ">", self.keys.completions: ">"},
-                                      count=self.settings.read_count, block=block)
+                                      count=self.read_count(), block=block)
         for stream, entries in reply or []:
             self._handle(stream, entries)
         mono = time.monotonic()
@@ -176,6 +189,13 @@ class Dispatcher:
         if self._dirty or mono >= self._next["expire"]:
             self._next["expire"] = mono + EXPIRE_CHECK_S
             self.route(time.time())
+        if mono >= self._next["ended"]:
+            self._next["ended"] = mono + ENDED_CHECK_S
+            self.drop_ended()  # after routing: what could go was handed off (handoff.lua drops ended jobs)
+
+    def read_count(self) -> int:
+        """Entries to read at once: ``read_count``, fewer when entries are large (about MAX_READ_BYTES a read)."""
+        return max(1, min(self.settings.read_count, int(MAX_READ_BYTES / self._entry_bytes)))
 
     def _read_own_pending(self) -> None:
         """Read back the entries delivered to this dispatcher and not finished: its pending list.
@@ -187,7 +207,7 @@ class Dispatcher:
             cursor = "0"
             while True:
                 reply = self.redis.xreadgroup(DISPATCHER_GROUP, self.name, {stream: cursor},
-                                              count=self.settings.read_count)
+                                              count=self.read_count())
                 entries = reply[0][1] if reply else []
                 if not entries:
                     break
@@ -212,13 +232,19 @@ class Dispatcher:
             return
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
+        shed_items: list[Pending] = []
         for entry_id, fields in entries:
             item = parse_entry(entry_id, fields, now)
             if isinstance(item, InvalidEntry):
                 self._end_invalid(pipe, item)
-            elif (shed := self.router.accept(item)) is not None:
+                continue
+            self._entry_bytes = 0.9 * self._entry_bytes + 0.1 * max(item.size_bytes, 1)
+            if (shed := self.router.accept(item)) is not None:
                 self._reject(pipe, shed)
+                shed_items.append(item)
         pipe.execute()
+        for item in shed_items:
+            item.release()
         self._dirty = True
 
     def _end_invalid(self, pipe: redis.client.Pipeline, invalid: InvalidEntry) -> None:
@@ -262,9 +288,43 @@ class Dispatcher:
                 self._reject(pipe, action)
         for action, reply in zip(actions, pipe.execute(), strict=True):  # one script call per action
             if isinstance(action, Dispatch) and reply != 1:
-                # Not forwarded: the job had ended (cancelled meanwhile) or another dispatcher had
-                # the entry. It holds no KV on that worker, so this dispatcher's count lets it go too.
+                # Not forwarded: the job had ended (cancelled meanwhile), another dispatcher had the
+                # entry, or the worker is gone. It holds no KV on that worker, so this dispatcher's
+                # count lets it go too.
                 self.cluster.release(action.row, action.item.request.id)
+                if reply == HANDOFF_WORKER_GONE:
+                    self.router.backlog.add(action.item)  # still pending on the intake: route it again
+                    self._next["refresh"] = 0.0  # and learn at once which workers are gone
+                    continue
+            action.item.release()
+
+    def drop_ended(self) -> None:
+        """Take the waiting requests whose job ended meanwhile (cancelled) off the intake and the backlog.
+
+        Their terminal state is written already (a cancel writes it through finish.lua); what is
+        left is the intake entry, acknowledged and deleted here, and this dispatcher's copy. A
+        long backlog is read ``ENDED_CHECK_BATCH`` statuses at a time, round-robin.
+        """
+        items = list(self.backlog.in_order())
+        if not items:
+            return
+        start = self._ended_cursor % len(items)
+        batch = (items[start:] + items[:start])[:ENDED_CHECK_BATCH]
+        self._ended_cursor = start + len(batch)
+        pipe = self.redis.pipeline(transaction=False)
+        for item in batch:
+            pipe.hget(self.keys.job(item.request.id), STATUS_FIELD)
+        ended = {item.entry_id for item, status in zip(batch, pipe.execute(), strict=True) if status in TERMINAL}
+        if not ended:
+            return
+        gone = self.router.withdraw(ended)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(self.keys.intake, DISPATCHER_GROUP, *ended)
+        pipe.xdel(self.keys.intake, *ended)
+        pipe.execute()
+        for item in gone:
+            item.release()
+        log.info("%d waiting requests had ended (cancelled by their clients); taken off the intake", len(gone))
 
     def _handoff(self, pipe: redis.client.Pipeline, dispatch: Dispatch, now: float) -> None:
         item, request = dispatch.item, dispatch.item.request

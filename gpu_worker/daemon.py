@@ -9,6 +9,14 @@ If this process dies, its unacknowledged entries stay in the queue stream; the d
 the heartbeat expire and puts them back on the intake, so they run elsewhere. A process restarted
 under the same id first runs what is left in its pending list, then reads new entries.
 
+A job runs here only while it is this worker's: ``start.lua`` refuses one that ended or was taken
+back meanwhile, and every ``CANCEL_CHECK_INTERVAL_S`` the daemon reads the job hashes of what it
+runs and aborts a copy whose job ended (cancelled by its client, or finished by another copy) or
+was handed to another worker (requeued after this worker stalled past its heartbeat). A superseded
+copy ends without a terminal state (``finish.lua`` with ``owner``: the other worker's copy ends
+the job); its entry is acknowledged and its reservation here freed. A job handed back to this
+worker while its copy still runs here keeps that copy, which then answers the new entry.
+
 A worker id is owned by one process at a time: the one whose random token its alive key holds
 (``heartbeat.lua``). A second process started with a live worker's id is refused
 (``WorkerIdInUse``); one whose heartbeat lapsed (a stall) registers again as soon as a heartbeat
@@ -40,6 +48,7 @@ from dio.gpu_worker.engine import Engine, EngineError, EngineOutput, EngineReque
 from dio.protocol.connection import connect_async
 from dio.protocol.keys import JOB_FIELD, REQUEST_FIELD, SIM_EOS_METADATA, STATUS_FIELD, WORKER_GROUP
 from dio.protocol.models import (
+    TERMINAL_STATUSES,
     Completion,
     JobResult,
     JobStatus,
@@ -59,6 +68,7 @@ FLUSH_INTERVAL_S = 0.002  # finished jobs are written in one pipeline at most th
 CANCEL_CHECK_INTERVAL_S = 0.5
 PENDING_PAGE = 1000  # own pending entries read back per XREADGROUP at start and after an outage
 RESTART_LOOP_S = 0.5  # a crashed background loop is started again after this long
+TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)  # as job hashes spell them
 
 
 class WorkerIdInUse(RuntimeError):
@@ -81,6 +91,7 @@ class Finished:
     result: JobResult
     reply_to: str | None
     completion: Completion | None
+    owner: str | None = None  # set for a superseded copy: end the job only while it is still this worker's
 
 
 @dataclass
@@ -144,6 +155,9 @@ class WorkerDaemon:
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._held: set[str] = set()  # queue entries started or finished here and not yet written
+        self._entry_of: dict[str, str] = {}  # job id → the queue entry its running copy answers
+        self._superseded: set[str] = set()  # running jobs handed to another worker: aborted, not ended here
+        self._rerun: dict[str, tuple[str, Request]] = {}  # superseded jobs handed back here: run again after
         self._closing = False  # the background loops end (a cancellation alone can be lost: see run)
         self.info: WorkerInfo | None = None
         self.token = uuid.uuid4().hex  # this process's claim on the worker id (the alive key's value)
@@ -380,12 +394,35 @@ class WorkerDaemon:
             await self.scripts.start(pipe, request.id, self.worker_id, now)  # async scripts queue when awaited
         allowed = await pipe.execute()
         for (entry_id, request), ok in zip(parsed, allowed, strict=True):
-            if ok == 1:
-                self._held.add(entry_id)
-                task = asyncio.create_task(self._run_job(entry_id, request, now))
-                self.counters.in_flight[request.id] = task
-            else:  # cancelled while queued, or finished elsewhere: start.lua freed its KV; drop it.
+            if ok == 1 and request.id in self.counters.in_flight:
+                self._adopt(entry_id, request)
+            elif ok == 1:
+                self._start_copy(entry_id, request, now)
+            else:  # cancelled while queued, finished elsewhere or taken back: start.lua freed its KV; drop it.
                 await self._ack_only(entry_id)
+
+    def _start_copy(self, entry_id: str, request: Request, now: float) -> None:
+        self._held.add(entry_id)
+        self._entry_of[request.id] = entry_id
+        self.counters.in_flight[request.id] = asyncio.create_task(self._run_job(entry_id, request, now))
+
+    def _adopt(self, entry_id: str, request: Request) -> None:
+        """A job handed back here while its copy still runs (requeued in a stall): that copy answers the new entry.
+
+        The old entry was deleted by the requeue; a second copy would run the job twice, here. A copy
+        already being aborted (the job had gone to another worker) cannot: the job runs again once
+        that copy ended.
+        """
+        self._held.add(entry_id)
+        if request.id in self._superseded:
+            self._rerun[request.id] = (entry_id, request)
+            return
+        old = self._entry_of.get(request.id)
+        if old is not None:
+            self._held.discard(old)
+        self._entry_of[request.id] = entry_id
+        log.info("job %s was handed back to worker %s while it still ran here; that copy goes on", request.id,
+                 self.worker_id)
 
     def _parse(self, entry_id: str, fields: dict[str, str]) -> Request | None:
         """Validate a queue entry; a bad one is failed (if it has an id) and acknowledged."""
@@ -430,7 +467,14 @@ class WorkerDaemon:
             status, error = JobStatus.failed, f"internal worker error: {type(exc).__name__}: {exc}"
         finally:
             self.counters.in_flight.pop(request.id, None)
+            entry_id = self._entry_of.pop(request.id, entry_id)  # a newer entry, if the job was handed back
             self._slot_freed.set()
+        rerun = self._rerun.pop(request.id, None)
+        if rerun is not None:  # aborted as superseded, and handed back meanwhile: nothing of this copy is written
+            self._superseded.discard(request.id)
+            self._held.discard(entry_id)
+            self._start_copy(*rerun, time.time())
+            return
         self._record(entry_id, request, started_at, out, status, error, reason)
 
     def _record(self, entry_id: str, request: Request, started_at: float, out: EngineOutput,
@@ -455,13 +499,18 @@ class WorkerDaemon:
             ttft_ms=None if out.first_token_at is None else (out.first_token_at - started_at) * 1000.0,
             free_kv_tokens=max(self.info.kv_capacity_tokens - stats.kv_used_tokens, 0), finished_at=finished_at,
         )
-        self._finish(entry_id, result, request.reply_to, completion)
+        owner = None
+        if request.id in self._superseded:
+            self._superseded.discard(request.id)
+            owner = self.worker_id  # it moved to another worker: that one's copy ends the job, not this one
+        self._finish(entry_id, result, request.reply_to, completion, owner)
 
     # --- writing --------------------------------------------------------------------------------
 
-    def _finish(self, entry_id: str, result: JobResult, reply_to: str | None, completion: Completion | None) -> None:
+    def _finish(self, entry_id: str, result: JobResult, reply_to: str | None, completion: Completion | None,
+                owner: str | None = None) -> None:
         self._held.add(entry_id)
-        self._pending.append(Finished(entry_id, result, reply_to, completion))
+        self._pending.append(Finished(entry_id, result, reply_to, completion, owner))
         self._has_pending.set()
 
     async def _flush(self) -> None:
@@ -480,7 +529,7 @@ class WorkerDaemon:
             for f in batch:
                 await self.scripts.finish(pipe, f.result, f.reply_to, ack_stream=queue, ack_group=WORKER_GROUP,
                                           ack_entry=f.entry_id, completion=f.completion,
-                                          job_ttl_s=self.settings.job_ttl_s)
+                                          job_ttl_s=self.settings.job_ttl_s, owner=f.owner)
             replies = await pipe.execute(raise_on_error=False)
         except BaseException:
             self._pending = batch + self._pending
@@ -518,7 +567,14 @@ class WorkerDaemon:
                 await asyncio.sleep(self.outage.failed(exc))  # they were put back: the next turn retries
 
     async def _cancel_loop(self) -> None:
-        """Abort running jobs whose client cancelled them (their hash says ``cancelled``)."""
+        """Abort running copies that are not needed any more: their job ended, or is another worker's now.
+
+        One pipeline per check reads each running job's status and worker. A job that ended
+        (cancelled by its client, or finished by another copy) is aborted; so is one whose hash names
+        another worker (requeued while this worker stalled, and handed there): that copy's end is
+        not written as the job's. A job requeued from here and not handed out again keeps running:
+        it may come back here, and if it ends here first its result stands.
+        """
         while not self._closing:
             await asyncio.sleep(CANCEL_CHECK_INTERVAL_S)
             job_ids = list(self.counters.in_flight)
@@ -527,14 +583,21 @@ class WorkerDaemon:
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for job_id in job_ids:
-                    pipe.hget(self.keys.job(job_id), STATUS_FIELD)
-                statuses = await pipe.execute()
+                    pipe.hmget(self.keys.job(job_id), [STATUS_FIELD, "worker"])
+                states = await pipe.execute()
             except redis.RedisError as exc:
                 await asyncio.sleep(self.outage.failed(exc))  # a cancel is noticed after the outage
                 continue
             self.outage.ok()
-            for job_id, status in zip(job_ids, statuses, strict=True):
-                if status == JobStatus.cancelled.value and job_id in self.counters.in_flight:
+            for job_id, (status, worker) in zip(job_ids, states, strict=True):
+                if job_id not in self.counters.in_flight:
+                    continue
+                if status in TERMINAL:
+                    await self.engine.abort(job_id)
+                elif worker and worker != self.worker_id and job_id not in self._superseded:
+                    log.warning("job %s was handed to worker %s while %s ran it (a stall past its heartbeat): "
+                                "aborting this copy", job_id, worker, self.worker_id)
+                    self._superseded.add(job_id)
                     await self.engine.abort(job_id)
 
 

@@ -11,16 +11,19 @@ import numpy as np
 
 from dio.gpu_worker.sim.profiles import get_model, get_profile
 from dio.gpu_worker.sim.roofline import estimate_capacity_rps, unloaded_service_time_s
+from dio.gpu_worker.sim.scheduler import DEFAULT_MAX_NUM_SEQS
 from dio.ops.local_cluster import WorkerSpec
 from dio.ops.traces import TraceRequest
 
 
-def capacity_rps(specs: list[WorkerSpec], model_name: str, trace: Sequence[TraceRequest]) -> float:
+def capacity_rps(specs: list[WorkerSpec], model_name: str, trace: Sequence[TraceRequest],
+                 max_num_seqs: int = DEFAULT_MAX_NUM_SEQS) -> float:
     """Return the roofline estimate of the cluster's saturation throughput (requests per simulated s)."""
     model = get_model(model_name)
     mean_prompt = float(np.mean([r.prompt_tokens for r in trace]))
     mean_output = float(np.mean([r.output_tokens for r in trace]))
-    return sum(s.count * estimate_capacity_rps(get_profile(s.profile), model, mean_prompt, mean_output)
+    return sum(s.count * estimate_capacity_rps(get_profile(s.profile), model, mean_prompt, mean_output,
+                                               max_num_seqs=max_num_seqs)
                for s in specs)
 
 

@@ -122,33 +122,50 @@ def up(
     time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
     log_dir: str = typer.Option(None, help="write each process's log here"),
 ) -> None:
-    """Run a local cluster (dispatcher + simulated workers) until Ctrl-C or SIGTERM."""
+    """Run a local cluster (dispatcher + simulated workers) until Ctrl-C or SIGTERM.
+
+    A process of it that exits is started again (capped backoff, logged); the password, in
+    DIO_REDIS_PASSWORD or in the URL, reaches the processes through their environment and is
+    never printed.
+    """
     from pathlib import Path
 
     from dio.ops.local_cluster import LocalCluster, parse_workers
-    from dio.ops.redis_server import ensure_redis
+    from dio.ops.redis_server import RedisServerError, ensure_redis
+    from dio.protocol.connection import connection_options, redact_url
     from dio.protocol.settings import CommonSettings
 
+    _logging(False)
     settings = CommonSettings()
     try:
         specs = parse_workers(workers)
     except ValueError as exc:
         _fail(str(exc))
-    with ensure_redis(settings.redis_url) as server:
+    try:
+        server = ensure_redis(settings.redis_url, **connection_options(settings))
+    except RedisServerError as exc:  # its message names the URL without the password
+        _fail(str(exc))
+    with server:
+        # A private server started here has no password or TLS: the children get its URL alone.
+        connection = settings if not server.owned else CommonSettings(
+            redis_url=server.url, redis_username=None, redis_password=None, redis_ca_certs=None,
+            redis_certfile=None, redis_keyfile=None, key_prefix=settings.key_prefix)
         cluster = LocalCluster(server.url, specs, key_prefix=settings.key_prefix, policy=policy, predictor=predictor,
-                               model=model, time_scale=time_scale, log_dir=Path(log_dir) if log_dir else None)
+                               model=model, time_scale=time_scale, log_dir=Path(log_dir) if log_dir else None,
+                               connection=connection)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         try:
             cluster.start()
             typer.echo(f"DIO is up: {workers} ({model}, policy {policy}, time scale {time_scale})")
-            typer.echo(f"export DIO_REDIS_URL={server.url}")
+            typer.echo(f"export DIO_REDIS_URL={redact_url(server.url)}")
+            if connection.redis_password or redact_url(server.url) != server.url:
+                typer.echo("(the password is not shown: put it in DIO_REDIS_URL or DIO_REDIS_PASSWORD yourself)")
             if settings.key_prefix != CommonSettings.model_fields["key_prefix"].default:
                 typer.echo(f"export DIO_KEY_PREFIX='{settings.key_prefix}'")
             typer.echo("Ctrl-C stops it.")
-            while not stop.wait(0.5):
-                cluster._check_alive()
+            cluster.supervise(stop)
         finally:
             typer.echo("stopping (workers drain their jobs)...")
             cluster.stop()
@@ -224,6 +241,51 @@ def demo(
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(summary))
+
+
+@app.command()
+def chaos(
+    requests: int = typer.Option(2000, help="requests to submit"),
+    workers: str = typer.Option("H100:1,A100-40GB:1,L4:2,T4:1", help="simulated GPUs (at least 4, 2 types)"),
+    load: float = typer.Option(1.0, help="offered load as a fraction of the cluster's estimated capacity"),
+    submit_s: float = typer.Option(120.0, help="wall seconds over which the requests arrive"),
+    worker_kills: int = typer.Option(6, help="workers SIGKILLed (each restarted under its id within a second)"),
+    worker_stalls: int = typer.Option(1, help="workers SIGSTOPped for --stall-s, then resumed"),
+    stall_s: float = typer.Option(10.0, help="how long a stalled worker or dispatcher stays stopped"),
+    dispatcher_kills: int = typer.Option(2, help="active dispatchers SIGKILLed"),
+    dispatcher_stalls: int = typer.Option(1, help="active dispatchers SIGSTOPped for --stall-s, then resumed"),
+    redis_restarts: int = typer.Option(1, help="graceful Redis restarts"),
+    redis_kills: int = typer.Option(1, help="Redis SIGKILLs (restarted from its AOF)"),
+    redis_restart_down_s: float = typer.Option(1.0, help="how long Redis stays down in a graceful restart"),
+    redis_kill_down_s: float = typer.Option(5.0, help="how long Redis stays down after its SIGKILL"),
+    malformed: int = typer.Option(50, help="malformed entries written straight to the intake"),
+    cancel_fraction: float = typer.Option(0.05, help="share of the requests cancelled at random"),
+    drain_s: float = typer.Option(120.0, help="after the last submission and fault: the bound on a terminal state"),
+    seed: int = typer.Option(0),
+    log_dir: str = typer.Option(None, help="write each process's log here"),
+    as_json: bool = typer.Option(False, "--json", help="also print the summary as JSON on the last line"),
+) -> None:
+    """Kill and stall DIO's processes and Redis under load; check every request ends exactly once."""
+    from pathlib import Path
+
+    from dio.ops.chaos import ChaosConfig, passed, print_summary, run_chaos
+
+    config = ChaosConfig(requests=requests, workers=workers, load=load, submit_s=submit_s, worker_kills=worker_kills,
+                         worker_stalls=worker_stalls, stall_s=stall_s, dispatcher_kills=dispatcher_kills,
+                         dispatcher_stalls=dispatcher_stalls,
+                         redis_restarts=redis_restarts, redis_kills=redis_kills,
+                         redis_restart_down_s=redis_restart_down_s, redis_kill_down_s=redis_kill_down_s,
+                         malformed=malformed, cancel_fraction=cancel_fraction, drain_s=drain_s, seed=seed,
+                         log_dir=Path(log_dir) if log_dir else None)
+    try:
+        summary = run_chaos(config)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        _fail(str(exc))
+    print_summary(summary)
+    if as_json:
+        typer.echo(json.dumps(summary))
+    if not passed(summary):
+        raise typer.Exit(1)
 
 
 @app.command()

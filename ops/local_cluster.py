@@ -4,25 +4,40 @@ Used by ``dio up``, ``dio demo`` and the benchmarks. Each process is the real th
 with ``python -m dio.ops.cli ...``: the same code an operator runs, talking through a real Redis.
 With ``one_worker_process`` every simulated GPU runs in a single worker process (``dio worker
 --cluster``), so a benchmark on a small machine does not spend its cores on idle interpreters.
+
+Every connection setting (URL, ACL user and password, TLS files, key prefix) reaches the children
+through their environment (``DIO_REDIS_*``, ``DIO_KEY_PREFIX``), never their command line. ``dio up``
+supervises its children (``supervise``): one that exits is started again after a capped,
+doubling backoff, with a log line; the rest of the cluster keeps serving meanwhile.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
-
+from dio.protocol.connection import connect
 from dio.protocol.defaults import DEFAULT_MODEL
 from dio.protocol.keys import Keys
+from dio.protocol.settings import CommonSettings
+
+log = logging.getLogger("dio.ops")
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
+RESTART_MIN_S = 0.5  # a child that exited is started again after this long, doubling per quick exit...
+RESTART_MAX_S = 30.0  # ...up to this
+RESTART_RESET_S = 60.0  # a child that ran this long before it exited starts the backoff over
+# CommonSettings fields the children read from their environment, as DIO_<FIELD>.
+CONNECTION_FIELDS = ("redis_url", "redis_username", "redis_password", "redis_ca_certs", "redis_certfile",
+                     "redis_keyfile", "key_prefix")
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,17 @@ def worker_ids(specs: list[WorkerSpec]) -> list[tuple[str, str]]:
 
 
 @dataclass
+class Child:
+    """One process of the cluster, as ``supervise`` tracks it."""
+
+    name: str  # "dispatcher", a worker id, or "workers"
+    args: list[str]  # after ``python -m dio.ops.cli``
+    started_at: float
+    restarts: int = 0  # restarts in a row after short lives (the backoff's exponent)
+    exited_at: float | None = None  # when supervise saw it exited (None: running)
+
+
+@dataclass
 class LocalCluster:
     redis_url: str
     workers: list[WorkerSpec]
@@ -75,25 +101,41 @@ class LocalCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
     one_worker_process: bool = False  # host every worker in one process (dio worker --cluster)
+    # Where the children connect: user, password and TLS files (its URL and prefix are redis_url and
+    # key_prefix above). None: CommonSettings from this process's DIO_* environment.
+    connection: CommonSettings | None = None
     processes: list[subprocess.Popen] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)  # one per process this cluster started
+
+    def connection_settings(self) -> CommonSettings:
+        """Return the settings the children connect with (``redis_url`` and ``key_prefix`` win)."""
+        base = self.connection if self.connection is not None else CommonSettings()
+        return base.model_copy(update={"redis_url": self.redis_url, "key_prefix": self.key_prefix})
 
     def env(self) -> dict[str, str]:
+        """Return the children's environment: this one's, ``extra_env``, then every connection setting."""
         env = dict(os.environ)
         env.update(self.extra_env)
-        env["DIO_REDIS_URL"] = self.redis_url
-        env["DIO_KEY_PREFIX"] = self.key_prefix
+        connection = self.connection_settings()
+        for name in CONNECTION_FIELDS:
+            value = getattr(connection, name)
+            env[f"DIO_{name.upper()}"] = "" if value is None else str(value)  # "" unsets an inherited one
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        proc = self._popen(name, args)
+        self.processes.append(proc)
+        self.children.append(Child(name, args, started_at=time.monotonic()))
+        return proc
+
+    def _popen(self, name: str, args: list[str]) -> subprocess.Popen:
         out = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen([sys.executable, "-m", "dio.ops.cli", *args], env=self.env(), stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "dio.ops.cli", *args], env=self.env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        self.processes.append(proc)
-        return proc
 
     def start(self) -> None:
         """Start the dispatcher and every worker, and wait until all workers registered."""
@@ -118,7 +160,7 @@ class LocalCluster:
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         keys = Keys(self.key_prefix)
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        client = connect(self.connection_settings())
         expected = {wid for _, wid in worker_ids(self.workers)}
         deadline = time.monotonic() + timeout_s
         try:
@@ -137,6 +179,45 @@ class LocalCluster:
             if proc.poll() is not None:
                 raise RuntimeError(f"a cluster process exited early (code {proc.returncode}): {proc.args[3:]}")
 
+    # --- supervision ----------------------------------------------------------------------------
+
+    def supervise(self, stop: threading.Event, interval_s: float = 0.5) -> None:
+        """Restart every child that exits (``restart_exited``) until ``stop`` is set."""
+        while not stop.wait(interval_s):
+            self.restart_exited()
+
+    def restart_delay_s(self, name: str) -> float:
+        """How long after its exit the child ``name`` is started again: doubling per quick exit, capped."""
+        child = next(c for c in self.children if c.name == name)
+        return min(RESTART_MAX_S, RESTART_MIN_S * 2.0 ** child.restarts)
+
+    def restart_exited(self, now: float | None = None) -> list[str]:
+        """Start again each child that exited and whose backoff has passed; return their names.
+
+        A child seen exited for the first time is logged; one that ran ``RESTART_RESET_S`` or
+        longer starts its backoff over. A worker restarted under its id waits out its dead
+        predecessor's heartbeat, then runs the jobs left in its pending list.
+        """
+        now = time.monotonic() if now is None else now
+        restarted = []
+        for i, (proc, child) in enumerate(zip(self.processes, self.children, strict=False)):
+            if proc.poll() is None:
+                continue
+            if child.exited_at is None:
+                child.exited_at = now
+                if now - child.started_at >= RESTART_RESET_S:
+                    child.restarts = 0
+                log.warning("%s exited (code %s); restarting it in %.1f s", child.name, proc.returncode,
+                            self.restart_delay_s(child.name))
+            if now < child.exited_at + self.restart_delay_s(child.name):
+                continue
+            self.processes[i] = self._popen(child.name, child.args)
+            child.restarts += 1
+            child.exited_at, child.started_at = None, now
+            log.info("%s restarted (pid %d)", child.name, self.processes[i].pid)
+            restarted.append(child.name)
+        return restarted
+
     def stop(self) -> None:
         """SIGTERM everything (workers drain), then SIGKILL what is left after a timeout."""
         for proc in self.processes:
@@ -150,6 +231,7 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self.processes.clear()
+        self.children.clear()
 
     def __enter__(self) -> LocalCluster:
         self.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -18,6 +19,12 @@ def _options(settings: CommonSettings) -> dict[str, Any]:
     # original bytes (a dead-lettered entry is kept byte for byte).
     options: dict[str, Any] = {"decode_responses": True, "encoding_errors": "surrogateescape",
                                "health_check_interval": 30}
+    return {**options, **connection_options(settings)}
+
+
+def connection_options(settings: CommonSettings) -> dict[str, Any]:
+    """Return the redis-py options that reach the server named by ``settings``: ACL user and password, TLS."""
+    options: dict[str, Any] = {}
     if settings.redis_username:
         options["username"] = settings.redis_username
     if settings.redis_password:
@@ -30,6 +37,22 @@ def _options(settings: CommonSettings) -> dict[str, Any]:
         if settings.redis_keyfile:
             options["ssl_keyfile"] = settings.redis_keyfile
     return options
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its password (in the user part or a ``password=`` parameter) shown as ``***``."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = any(name == "password" for name, _ in query)
+    if parts.password is None and not in_query:
+        return url
+    if parts.password is not None:
+        userinfo, _, hostinfo = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostinfo}")
+    if in_query:
+        masked = [(name, "***" if name == "password" else value) for name, value in query]
+        parts = parts._replace(query=urlencode(masked, safe="*/"))
+    return parts.geturl()
 
 
 def connect(settings: CommonSettings) -> redis.Redis:

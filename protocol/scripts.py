@@ -100,6 +100,9 @@ RunnerT = TypeVar("RunnerT")
 ReplyT = TypeVar("ReplyT")
 
 
+HANDOFF_WORKER_GONE = -2  # handoff.lua: the worker is not alive and registered; the entry stays pending
+
+
 class _Transitions(Generic[RunnerT, ReplyT]):
     """The state transitions, registered on one connection; ``ReplyT`` is what a call returns."""
 
@@ -135,7 +138,8 @@ class _Transitions(Generic[RunnerT, ReplyT]):
     def handoff(self, runner: RunnerT, entry_id: str, job_id: str, worker_id: str, request_json: str,
                 kv_tokens: int, now: float | None = None) -> ReplyT:
         k = self.keys
-        return self._run(runner, "handoff", [k.intake, k.queue(worker_id), k.job(job_id), k.reserved(worker_id)],
+        return self._run(runner, "handoff", [k.intake, k.queue(worker_id), k.job(job_id), k.reserved(worker_id),
+                                             k.alive(worker_id), k.workers],
                          [DISPATCHER_GROUP, entry_id, job_id, worker_id, request_json, kv_tokens, _stamp(now)])
 
     def start(self, runner: RunnerT, job_id: str, worker_id: str, now: float | None = None) -> ReplyT:
@@ -158,8 +162,13 @@ class _Transitions(Generic[RunnerT, ReplyT]):
         ack_entry: str = "",
         completion: Completion | None = None,
         job_ttl_s: float = d.JOB_TTL_S,
+        owner: str | None = None,
     ) -> ReplyT:
-        """Write ``result`` as the job's terminal state (once), ack an entry, notify the client."""
+        """Write ``result`` as the job's terminal state (once), ack an entry, notify the client.
+
+        With ``owner``, only while the job hash names that worker (1 written, 0 already terminal,
+        -1 another worker's now): the entry is acknowledged and the reservation freed either way.
+        """
         k = self.keys
         encoded = to_hash(result)
         fields = [item for name in TERMINAL_FIELDS if name in encoded for item in (name, encoded[name])]
@@ -169,7 +178,7 @@ class _Transitions(Generic[RunnerT, ReplyT]):
             runner, "finish",
             [k.job(result.id), k.reserved(worker), ack_stream or k.intake, k.completions, k.reply(reply_to or "-")],
             [ack_group, ack_entry, result.id, int(job_ttl_s), completion.to_json() if completion else "",
-             notice, d.REPLY_STREAM_MAXLEN, int(d.REPLY_STREAM_TTL_S), d.COMPLETIONS_MAXLEN, *fields],
+             notice, d.REPLY_STREAM_MAXLEN, int(d.REPLY_STREAM_TTL_S), d.COMPLETIONS_MAXLEN, owner or "", *fields],
         )
 
 

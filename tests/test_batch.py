@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -10,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from rq import Queue, SimpleWorker
+from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
 from dio.client import Tier
 from dio.client.batch import (
+    BATCH_FUNCTION,
     BatchBusy,
     BatchProgress,
+    SimpleBatchWorker,
     claim_batch,
     enqueue_batch,
     get_progress,
@@ -189,7 +194,7 @@ def test_rq_runs_a_batch_with_the_json_serializer(backend, client_settings, inpu
                             redis_url=redis_url, key_prefix=client_settings.key_prefix, concurrency=8)
         assert job.serializer is JSONSerializer
         rq_queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
-        SimpleWorker([rq_queue], connection=conn, serializer=JSONSerializer).work(burst=True)
+        SimpleBatchWorker([rq_queue], connection=conn, serializer=JSONSerializer).work(burst=True)
         job.refresh()
         assert job.get_status() == "finished", job.latest_result()
         assert job.return_value()["status"] == "completed"
@@ -201,3 +206,43 @@ def test_rq_runs_a_batch_with_the_json_serializer(backend, client_settings, inpu
                 conn.delete(key)
         conn.close()
     assert_complete(read_output(output))
+
+
+@pytest.fixture
+def rq_queue(redis_url, redis_prefix):
+    """An RQ queue of its own (JSON serializer) on the test server; its RQ keys deleted afterwards."""
+    name = f"dio-batch-test-{redis_prefix.strip('{}:')}"
+    conn = redis.Redis.from_url(redis_url)
+    yield Queue(name, connection=conn, serializer=JSONSerializer)
+    for key in conn.scan_iter(f"rq:*{name}*"):
+        conn.delete(key)
+    conn.close()
+
+
+@pytest.mark.parametrize("planted", ["another function", "a callback"])
+def test_the_batch_worker_runs_nothing_but_dios_batch_runner(rq_queue, tmp_path, planted):
+    made = tmp_path / "made-by-a-queue-writer"
+    if planted == "another function":  # anyone who can write to the queue names any importable function
+        job = rq_queue.enqueue("os.makedirs", str(made))
+    else:  # or DIO's function, with a callback the worker would import and call
+        job = rq_queue.enqueue(BATCH_FUNCTION, kwargs={"input_path": str(tmp_path / "in.jsonl"),
+                                                       "output_path": str(tmp_path / "out.jsonl"), "batch_id": "x"},
+                               on_success=Callback("os.makedirs"), on_failure=Callback("os.makedirs"))
+    SimpleBatchWorker([rq_queue], connection=rq_queue.connection, serializer=JSONSerializer).work(burst=True)
+    job.refresh()
+    assert job.get_status() == "failed"
+    assert "refused" in (job.latest_result().exc_string or "")
+    assert not made.exists() and not (tmp_path / "out.jsonl").exists()  # nothing ran
+
+
+def test_a_batch_worker_without_the_json_serializer_refuses_to_start(rq_queue, redis_url):
+    with pytest.raises(ValueError, match="JSONSerializer"):
+        SimpleBatchWorker([rq_queue.name], connection=rq_queue.connection)  # RQ's default: pickle
+    SimpleBatchWorker([rq_queue.name], connection=rq_queue.connection, serializer="rq.serializers.JSONSerializer")
+    rq = [os.path.join(os.path.dirname(sys.executable), "rq"), "worker", "--url", redis_url, "--burst",
+          "--worker-class", "dio.client.batch.BatchWorker"]
+    refused = subprocess.run([*rq, rq_queue.name], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "JSONSerializer" in refused.stderr
+    served = subprocess.run([*rq, "--serializer", "rq.serializers.JSONSerializer", rq_queue.name],
+                            capture_output=True, text=True, timeout=60)
+    assert served.returncode == 0, served.stderr

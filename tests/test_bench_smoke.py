@@ -136,13 +136,19 @@ def test_overload(bench) -> None:
 
 
 def test_convergence(bench) -> None:
-    summary = bench("convergence", "--gpus", "H100,T4", "--completions", "20", "--repeats", "2")
+    summary = bench("convergence", "--gpus", "H100,T4", "--completions", "20", "--repeats", "2",
+                    "--cluster", "H100:1,T4:1", "--requests", "300", "--token-repeats", "1", "--window", "5",
+                    "--windows", "2")
     assert set(summary["predictors"]) == {"seed", "vector", "rls", "vector+prior"}
     for entry in summary["predictors"].values():
         assert set(entry["completions_to_50ms"]) == {"cold", "drift"}
     data = _saved(bench.out, "convergence")
     assert len(data["curves"]["vector"]["H100"]["cold"]["median_ms"]) > 0
     assert (bench.out / "convergence.png").exists()
+    assert set(summary["tokens"]["variants"]) == {"prior", "no-prior"}
+    data = _saved(bench.out, "convergence-tokens")
+    assert set(data["workers"]["prior"]) == {"H100-1", "T4-1"}
+    assert (bench.out / "convergence-tokens.png").exists()
 
 
 def test_decision(bench) -> None:

@@ -195,3 +195,40 @@ def test_a_stalled_worker_registers_again_and_serves(redis_url: str, redis_prefi
         assert raw.sismember(keys.workers, "L4-1")
     finally:
         running.stop()
+
+
+def test_a_stalled_workers_requeued_jobs_run_to_the_end_once(redis_url: str, redis_prefix: str):
+    """SIGSTOP a worker past its heartbeat: its jobs run elsewhere, and its own copies are aborted on SIGCONT."""
+    keys = Keys(redis_prefix)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    running = LocalCluster(redis_url, [WorkerSpec("L4", 2)], key_prefix=redis_prefix, time_scale=4.0,
+                           extra_env={"DIO_HEARTBEAT_TTL_S": "1", "DIO_HEARTBEAT_INTERVAL_S": "0.2"})
+    running.start()
+    try:
+        with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
+            handles = dio.submit_many([{"prompt": "x", "num_prompt_tokens": 200, "max_tokens": 400}
+                                       for _ in range(8)])
+            deadline = time.monotonic() + 10
+            while int(raw.hget(keys.worker("L4-1"), "in_flight") or 0) < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            stalled = running.processes[1]  # L4-1, running some of them
+            os.killpg(stalled.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 10
+            while raw.sismember(keys.workers, "L4-1") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # its jobs were requeued and handed to L4-2
+            os.killpg(stalled.pid, signal.SIGCONT)
+            results = dio.wait_all(handles, timeout=60)
+        assert [r.status.value for r in results] == ["completed"] * 8
+        assert any(r.attempts and r.attempts > 1 for r in results)  # some ran after a requeue
+        # Every copy ended, on both workers (a second copy would still be running): then count, per
+        # worker, the jobs it ran to the end.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.5)  # more than a heartbeat
+            if all(raw.hget(keys.worker(w), "in_flight") == "0" for w in ("L4-1", "L4-2")):
+                break
+        completed = [int(raw.hget(keys.worker(w), "completed") or 0) for w in ("L4-1", "L4-2")]
+        assert sum(completed) == 8, completed  # not 8 + the requeued ones: no job ran to the end twice
+    finally:
+        running.stop()

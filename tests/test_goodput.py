@@ -7,8 +7,10 @@ two policies on a two-GPU cluster for a few seconds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,11 @@ from typer.testing import CliRunner
 
 from dio.dispatcher.config import DispatcherSettings
 from dio.gpu_worker.sim import roofline
+from dio.gpu_worker.sim.engine import SimEngine
 from dio.gpu_worker.sim.profiles import get_model, get_profile
 from dio.ops.bench import goodput as g
+from dio.ops.bench.peers import as_outcomes, peer_command, replay_http, request_body, start_sim_servers, stop_processes
+from dio.ops.bench.sim_server import EOS_FIELD, ServerSpec, start_servers
 from dio.ops.bench.summary import render
 from dio.ops.bench.virtual import VirtualCluster
 from dio.ops.cli import app
@@ -231,6 +236,117 @@ def test_records_round_trip_to_the_same_figures() -> None:
     assert (figures["preemptions"], figures["kv_held"], figures["rejected"], figures["lost"]) == (2, 1, 1, 1)
 
 
+# --- peers: the cap over HTTP, the true length to the sim-server only, attainment as for DIO ----------
+
+
+def test_a_peer_request_carries_the_cap_and_the_true_length_only_in_the_simulation_field() -> None:
+    request = TraceRequest(0.0, 12, 40)
+    capped = request_body(request, 0, MODEL, max_tokens=1024)
+    assert (capped["max_tokens"], capped["ignore_eos"], capped[EOS_FIELD]) == (1024, False, 40)
+    oracle = request_body(request, 0, MODEL)  # dio bench replay: the true length as max_tokens
+    assert (oracle["max_tokens"], oracle["ignore_eos"]) == (40, True) and EOS_FIELD not in oracle
+
+
+async def _complete(url: str, body: dict) -> tuple[int, dict]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/v1/completions", json=body) as response:
+        return response.status, await response.json()
+
+
+async def test_the_sim_server_stops_at_dio_eos_tokens_and_counts_load_polls() -> None:
+    runners = await start_servers([ServerSpec(SimEngine("H100", MODEL, time_scale=50.0), 0)])
+    url = f"http://127.0.0.1:{runners[0].addresses[0][1]}"
+    base = {"model": MODEL, "prompt": "x" * 40, "max_tokens": 64}
+    try:
+        answers = [await _complete(url, base | extra) for extra in (
+            {EOS_FIELD: 5}, {EOS_FIELD: 500}, {EOS_FIELD: 5, "ignore_eos": True}, {}, {EOS_FIELD: 0})]
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.get(f"{url}/get_load") as response:
+                    assert response.status == 200
+            async with session.get(f"{url}/metrics") as response:
+                metrics = await response.text()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    tokens = [body["usage"]["completion_tokens"] if status == 200 else status for status, body in answers]
+    assert tokens == [5, 64, 64, 64, 400]  # EOS; the cap caps it; ignore_eos overrides it; none; not positive
+    assert 'dio_sim:get_load_requests_total{engine="0",model_name="llama-3.2-3b"} 3.0' in metrics
+
+
+def test_peer_attainment_over_http_uses_the_cap_the_true_lengths_and_the_same_slo() -> None:
+    # Straight to a sim-server (no router): the client's TTFT and output tokens give TPOT as for DIO.
+    trace = [TraceRequest(0.05 * i, 300, 3 + i) for i in range(6)]
+    servers = start_sim_servers("H100:1", MODEL, 20.0)
+    try:
+        records = asyncio.run(replay_http(servers[0][0], trace, model=MODEL, time_scale=20.0, max_tokens=1024,
+                                          drain_wall_s=10.0))
+    finally:
+        stop_processes([proc for _, proc in servers])
+    outcomes = as_outcomes(records)
+    assert [o.output_tokens for o in outcomes] == [3, 4, 5, 6, 7, 8]  # stopped at the true length, not the cap
+    assert all(0 < o.ttft_ms <= o.latency_ms for o in outcomes)
+    assert g.eos_honoured(outcomes, trace, 1024) == 1.0
+    assert g.attainment(outcomes, CHAT) == 1.0 and g.attainment(outcomes, g.Slo("x", 0.001, 100.0)) == 0.0
+
+
+def _result(policy: str, seed: int, rate: float, att: float, **figures: object) -> g.RunResult:
+    base = {"attainment": att, "completed": 10, "rejected": 0, "failed": 1, "lost": 2, "preemptions": None,
+            "time_scale": 1.0, "load_poll_staleness_s": None, "eos_honoured": 1.0}
+    return g.RunResult(policy, seed, rate, base | figures, {})
+
+
+def test_a_peer_summary_gives_attainment_per_rate_and_the_goodput_on_that_grid() -> None:
+    peer = "vllm-router:round_robin"
+    results = {(peer, s, r): _result(peer, s, r, a) for s, r, a in
+               [(0, 8.0, 0.95), (0, 10.0, 0.85), (1, 8.0, 0.91), (1, 10.0, 0.93)]}
+    results[("other:x", 0, 8.0)] = _result("other:x", 0, 8.0, 0.1)
+    summary = g.peer_summary(peer, [0, 1], [8.0, 10.0], results, capacity=20.0)
+    assert summary["attainment_at"] == {"8": 0.93, "10": 0.89}
+    assert summary["attainment_at_seeds"] == {"8": {"0": 0.95, "1": 0.91}, "10": {"0": 0.85, "1": 0.93}}
+    assert summary["goodput_rps_seeds"] == [8.0, 10.0] and summary["goodput_lower_bound"] is True
+    assert summary["failed_at"] == {"8": 1, "10": 1} and summary["lost_at"] == {"8": 2, "10": 2}
+    assert summary["time_scale"] == 1.0 and summary["eos_honoured"] == 1.0 and "preemptions" not in summary
+    assert set(summary["runs"]) == {"8", "10"} and set(summary["runs"]["8"]) == {"0", "1"}
+
+
+def test_peers_run_at_given_rates_or_around_dios_median_goodput() -> None:
+    searches = {("dio", s): g.RateSearch(1.0, tried={40.0: True, 50.0: s < 2, 60.0: False}) for s in range(3)}
+    searches |= {("queue-kv", s): g.RateSearch(1.0, tried={70.0: True, 80.0: False}) for s in range(3)}
+    config = g.GoodputConfig(trace="azure-conv", policies=["dio", "queue-kv"])
+    rates, rule = g.peer_rates(config, searches, [0, 1, 2], fallback=5.0)
+    assert rates == [40.0, 50.0] and "dio's median virtual goodput (50 req/s)" in rule  # 0.8x and 1.0x of 50
+    rates, _ = g.peer_rates(g.GoodputConfig(trace="azure-conv", policies=["queue-kv"]), searches, [0], 5.0)
+    assert rates == [56.0, 70.0]  # no dio: the best policy's
+    assert g.peer_rates(g.GoodputConfig(trace="azure-conv", rates=[9, 3]), searches, [0], 5.0) == ([3.0, 9.0],
+                                                                                                   "--rates")
+
+
+def test_peer_time_scale_is_real_time_unless_the_arrivals_take_too_long() -> None:
+    config = g.GoodputConfig(trace="azure-conv")
+    short = [TraceRequest(float(i), 10, 10) for i in range(60)]  # 59 s of arrivals
+    long = [TraceRequest(10.0 * i, 10, 10) for i in range(100)]  # 990 s
+    assert g.peer_time_scale(config, short, CHAT) == 1.0
+    assert g.peer_time_scale(config, long, CHAT) == 8.0  # ~990 / 120, rounded down to a nice step
+    assert g.peer_time_scale(config, long, g.PRESETS["interactive"]) == 5.0  # bounded as DIO's full runs
+    assert g.peer_time_scale(g.GoodputConfig(trace="azure-conv", peer_time_scale=3.0), short, CHAT) == 3.0
+
+
+def test_full_against_virtual_confirms_within_ten_percent_and_the_same_verdict() -> None:
+    full = {("dio", 0, 10.0): _result("dio", 0, 10.0, 0.93), ("dio", 0, 12.0): _result("dio", 0, 12.0, 0.88),
+            ("wlc", 0, 10.0): _result("wlc", 0, 10.0, 0.5)}
+    virtual = {("dio", 0, 10.0): _result("dio", 0, 10.0, 0.95), ("dio", 0, 12.0): _result("dio", 0, 12.0, 0.91),
+               ("wlc", 0, 10.0): _result("wlc", 0, 10.0, 0.6)}
+    out = g.full_vs_virtual(full, virtual)
+    assert out["dio"]["full_vs_virtual"]["10"]["0"] == {"full": 0.93, "virtual": 0.95, "diff": -0.02, "confirms": True}
+    assert out["dio"]["full_vs_virtual"]["12"]["0"]["confirms"] is False  # within 10%, but it fails the 90% target
+    assert out["dio"]["virtual_attainment_at"] == {"10": 0.95, "12": 0.91} and not out["dio"]["full_confirms_virtual"]
+    assert out["wlc"]["full_vs_virtual"]["10"]["0"]["confirms"] is False  # 0.5 against 0.6: more than 10% apart
+
+
 # --- the command ----------------------------------------------------------------------------------
 
 
@@ -279,8 +395,10 @@ def test_goodput_command_at_given_rates_with_the_oracle(tmp_path: Path) -> None:
     assert (tmp_path / "goodput-arxiv-interactive-oracle.json").exists()
 
 
-def test_goodput_refuses_peers_and_unknown_policies(tmp_path: Path) -> None:
-    for extra, message in ((["--peers", "vllm-router:round_robin"], "not implemented with goodput"),
+def test_goodput_refuses_unknown_peers_and_policies(tmp_path: Path) -> None:
+    for extra, message in ((["--peers", "nginx:round_robin"], "unknown peer"),
+                           (["--peers", "sglang-router:kv_aware"], "no policy"),
+                           (["--cluster", "H100:1", "--peers", "vllm-router:power_of_two"], "at least 2 GPUs"),
                            (["--policies", "telepathy"], "unknown policies"),
                            (["--slo", "soon"], "--slo")):
         result = CliRunner().invoke(app, ["bench", "goodput", "--trace", "azure-conv", "--out", str(tmp_path),
@@ -299,3 +417,35 @@ def test_goodput_full_runs_the_whole_system_with_the_cap(redis_url: str, monkeyp
     run = json.loads((tmp_path / "goodput-full-azure-conv-chat.json").read_text())["runs"]["least-loaded"]["10"]["0"]
     assert run["completed"] == 20 and run["time_scale"] == 4
     assert run["eos_honoured"] == 1.0  # the workers stopped each request at its true length, below the cap
+
+
+def _router_runs(name: str) -> bool:
+    launcher = peer_command(name, "round_robin", ["http://127.0.0.1:1", "http://127.0.0.1:2"], 1)
+    launcher = launcher[: launcher.index("--worker-urls")]
+    try:
+        return subprocess.run([*launcher, "--help"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+def test_goodput_measures_a_peer_router_over_http_at_the_given_rates(tmp_path: Path) -> None:
+    if not _router_runs("vllm-router"):
+        pytest.skip("vllm-router cannot run here")
+    summary = _goodput(tmp_path, "--trace", "azure-conv", "--cluster", "H100:1,T4:1", "--policies", "dio",
+                       "--peers", "vllm-router:round_robin", "--seeds", "1", "--max-requests", "20", "--rates", "4",
+                       "--jobs", "1", "--peer-time-scale", "2", "--drain-wall-s", "5")
+    assert set(summary["peers"]["vllm-router:round_robin"]["attainment_at"]) == {"4"}
+    data = json.loads((tmp_path / "goodput-azure-conv-chat.json").read_text())
+    peer = data["peers"]["vllm-router:round_robin"]
+    run = peer["runs"]["4"]["0"]
+    assert run["submitted"] == 20 and run["completed"] == 20 and run["time_scale"] == 2.0
+    assert run["eos_honoured"] == 1.0  # the router forwarded dio_eos_tokens; the sim-servers stopped there
+    assert sum(w["jobs"] for w in run["workers"].values()) == 20 and set(run["gpu_share"]) == {"H100", "T4"}
+    assert data["peer_rates"] == [4.0] and data["runs"]["dio"]["4"]["0"]["submitted"] == 20
+    records = g.load_records(tmp_path / data["records_file"])
+    cols = records["runs"][("vllm-router:round_robin", 0, 4.0)]
+    outcomes = g.outcomes_of(cols, records["header"]["workers"])
+    assert g.attainment(outcomes, CHAT) == pytest.approx(run["attainment"], abs=1e-4)
+    trace = records["windows"][0]
+    assert [o.output_tokens for o in outcomes] == [min(t, 1024) for t in trace["output_tokens"]]

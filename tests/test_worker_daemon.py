@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import pytest
 import redis
@@ -16,11 +16,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from dio.gpu_worker import daemon as daemon_module
 from dio.gpu_worker.config import WorkerSettings
 from dio.gpu_worker.daemon import WorkerDaemon, WorkerIdInUse
+from dio.gpu_worker.engine import EngineOutput, EngineRequest
 from dio.gpu_worker.instant import InstantEngine
 from dio.protocol.keys import JOB_FIELD, REQUEST_FIELD, STATUS_FIELD, WORKER_GROUP, Keys
 from dio.protocol.models import JobStatus, Request
+from dio.protocol.scripts import AsyncScripts
 
 pytestmark = pytest.mark.integration
 
@@ -240,3 +243,153 @@ async def test_a_worker_rides_out_a_redis_restart(restartable_redis, caplog):
         daemon.stop()
         await task
         await conn.aclose()
+
+
+# --- superseded copies: a job requeued after a stall runs once --------------------------------------
+
+
+class SlowEngine(InstantEngine):
+    """Run each request for ``seconds`` unless aborted first; record what started, finished and was aborted.
+
+    An abort takes ``abort_s`` to end the request's stream (vLLM's takes a step or so).
+    """
+
+    name = "slow"
+
+    def __init__(self, seconds: float, abort_s: float = 0.0) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.abort_s = abort_s
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.aborted: list[str] = []
+        self._aborts: dict[str, asyncio.Event] = {}
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self.started.append(request.id)
+        abort = self._aborts[request.id] = asyncio.Event()
+        try:
+            await asyncio.wait_for(abort.wait(), self.seconds)
+        except TimeoutError:
+            self.finished.append(request.id)
+            yield EngineOutput(output_tokens=request.max_tokens, text="done", finished=True, finish_reason="length",
+                               prompt_tokens=request.prompt_tokens)
+            return
+        finally:
+            self._aborts.pop(request.id, None)
+        await asyncio.sleep(self.abort_s)
+        yield EngineOutput(finished=True, finish_reason="abort", prompt_tokens=request.prompt_tokens)
+
+    async def abort(self, request_id: str) -> None:
+        if (event := self._aborts.get(request_id)) is not None and not event.is_set():
+            self.aborted.append(request_id)
+            event.set()
+
+
+@pytest.fixture
+def quick_checks(monkeypatch):
+    """Check the jobs in flight every 50 ms, not every 0.5 s."""
+    monkeypatch.setattr(daemon_module, "CANCEL_CHECK_INTERVAL_S", 0.05)
+
+
+async def _take_back(conn: aioredis.Redis, keys: Keys, worker: str) -> None:
+    """What the dispatcher does once a stalled worker's heartbeat expired: requeue.lua on each queue entry."""
+    scripts = AsyncScripts(conn, keys)
+    for entry_id, fields in await conn.xrange(keys.queue(worker)):
+        assert await scripts.requeue(conn, worker, entry_id, fields[JOB_FIELD], fields[REQUEST_FIELD]) == 1
+
+
+async def test_a_copy_handed_elsewhere_after_a_stall_is_aborted_and_the_job_runs_once(conn, redis_url, redis_prefix,
+                                                                                       quick_checks):
+    keys = Keys(redis_prefix)
+    stalled_engine, other_engine = SlowEngine(seconds=3.0), SlowEngine(seconds=0.3)
+    stalled = WorkerDaemon(worker_settings(redis_url, redis_prefix), stalled_engine, WORKER)
+    other = WorkerDaemon(worker_settings(redis_url, redis_prefix), other_engine, "W2")
+    tasks = [asyncio.create_task(stalled.run()), asyncio.create_task(other.run())]
+    try:
+        await hand_off(conn, keys, "moved", kv_tokens=100)
+        await wait_for(lambda: _is(stalled_engine.started, ["moved"]), what="the first copy to start")
+        await _take_back(conn, keys, WORKER)  # its heartbeat lapsed: requeued, then routed to W2
+        await hand_off(conn, keys, "moved", worker="W2", kv_tokens=100)
+        await wait_status(conn, keys, ["moved"], JobStatus.completed)
+        assert await conn.hget(keys.job("moved"), "worker") == "W2"
+        await wait_for(lambda: _is(stalled_engine.aborted, ["moved"]), timeout_s=2, what="the superseded copy's abort")
+        assert stalled_engine.finished == [] and other_engine.finished == ["moved"]  # ran to the end once
+        await wait_for(lambda: _empty(conn, keys), what="the superseded entry to be acknowledged")
+        assert await conn.hgetall(keys.reserved(WORKER)) == {}
+        assert await conn.hget(keys.job("moved"), STATUS_FIELD) == JobStatus.completed.value  # not "cancelled"
+        assert stalled.counters.completed == 0 and other.counters.completed == 1
+    finally:
+        stalled.stop()
+        other.stop()
+        await asyncio.gather(*tasks)
+
+
+@pytest.mark.parametrize(("status", "owner"), [(JobStatus.dispatched, "W2"),  # requeued, then handed to W2
+                                               (JobStatus.queued, WORKER)])  # requeued, waiting on the intake
+async def test_a_worker_does_not_start_a_job_that_was_taken_back(conn, redis_url, redis_prefix, status, owner):
+    keys = Keys(redis_prefix)
+    # The worker read the entry before its stall; meanwhile the dispatcher took the job back.
+    await hand_off(conn, keys, "taken", kv_tokens=100)
+    await conn.hset(keys.job("taken"), mapping={STATUS_FIELD: status.value, "worker": owner})
+    engine = SlowEngine(seconds=0.1)
+    daemon = WorkerDaemon(worker_settings(redis_url, redis_prefix), engine, WORKER)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_for(lambda: _empty(conn, keys), what="the entry to be acknowledged")
+        assert engine.started == []
+        assert await conn.hgetall(keys.reserved(WORKER)) == {}
+        assert await conn.hmget(keys.job("taken"), [STATUS_FIELD, "worker"]) == [status.value, owner]
+    finally:
+        daemon.stop()
+        await task
+
+
+async def test_a_job_handed_back_to_the_worker_still_running_it_runs_once(conn, redis_url, redis_prefix,
+                                                                          quick_checks):
+    keys = Keys(redis_prefix)
+    engine = SlowEngine(seconds=1.0)
+    daemon = WorkerDaemon(worker_settings(redis_url, redis_prefix), engine, WORKER)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await hand_off(conn, keys, "again", kv_tokens=100)
+        await wait_for(lambda: _is(engine.started, ["again"]), what="the first copy to start")
+        await _take_back(conn, keys, WORKER)  # a stall: requeued, then routed to the same worker
+        await hand_off(conn, keys, "again", kv_tokens=100)
+        await wait_status(conn, keys, ["again"], JobStatus.completed)
+        await wait_for(lambda: _empty(conn, keys), what="the new entry to be acknowledged")
+        assert engine.started == ["again"] and engine.finished == ["again"] and engine.aborted == []
+        assert (await conn.xpending(keys.queue(WORKER), WORKER_GROUP))["pending"] == 0
+        assert await conn.hgetall(keys.reserved(WORKER)) == {}
+    finally:
+        daemon.stop()
+        await task
+
+
+async def test_a_job_handed_back_while_its_copy_here_is_being_aborted_runs_again(conn, redis_url, redis_prefix,
+                                                                                quick_checks):
+    keys = Keys(redis_prefix)
+    engine = SlowEngine(seconds=0.5, abort_s=0.5)
+    daemon = WorkerDaemon(worker_settings(redis_url, redis_prefix), engine, WORKER)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await hand_off(conn, keys, "back", kv_tokens=100)
+        await wait_for(lambda: _is(engine.started, ["back"]), what="the first copy to start")
+        await _take_back(conn, keys, WORKER)
+        await hand_off(conn, keys, "back", worker="W2", kv_tokens=100)  # W2 gets it, and dies at once
+        await wait_for(lambda: _is(engine.aborted, ["back"]), timeout_s=2, what="the superseded copy's abort")
+        await _take_back(conn, keys, "W2")
+        await hand_off(conn, keys, "back", kv_tokens=100)  # back here, while the abort is under way
+        await wait_status(conn, keys, ["back"], JobStatus.completed)
+        assert await conn.hget(keys.job("back"), "worker") == WORKER
+        assert engine.started == ["back", "back"] and engine.finished == ["back"]
+        await wait_for(lambda: _empty(conn, keys), what="the entry to be acknowledged")
+        assert (await conn.xpending(keys.queue(WORKER), WORKER_GROUP))["pending"] == 0
+        assert await conn.hgetall(keys.reserved(WORKER)) == {}
+    finally:
+        daemon.stop()
+        await task
+
+
+async def _is(value: list[str], expected: list[str]) -> bool:
+    return value == expected

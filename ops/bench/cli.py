@@ -114,7 +114,9 @@ def goodput(
                                    "output, at least 256) | oracle (each request's true length; comparison only) "
                                    "| N"),
     policies: str = typer.Option(None, help="comma-separated policies (default: every registered policy)"),
-    peers: str = typer.Option("", help="peer routers ROUTER:POLICY (not implemented with goodput yet)"),
+    peers: str = typer.Option("", help="peer routers ROUTER:POLICY,... (vllm-router, sglang-router) in front of the "
+                              "same simulated GPUs over HTTP, at --rates or else at 0.8 and 1.0 x DIO's median "
+                              "virtual goodput"),
     full: bool = typer.Option(False, "--full", help="through the whole system (Redis, dispatcher, worker "
                               "processes): at --rates, or else to confirm each policy's virtual goodput point"),
     rates: str = typer.Option(None, help="R1,R2,...: measure attainment at these rates (req/s) instead of searching"),
@@ -124,6 +126,8 @@ def goodput(
     predictor: str = typer.Option(None, help="seed | vector | rls (default: the dispatcher's)"),
     jobs: int = typer.Option(None, help="processes for virtual runs (default: the CPU count)"),
     time_scale: float = typer.Option(None, help="--full: simulated s per wall s (default: auto, bounded by the SLO)"),
+    peer_time_scale: float = typer.Option(None, help="--peers: simulated s per wall s (default: 1, real time, "
+                                          "unless a run's arrivals would take over 120 wall s)"),
     target_wall_s: float = typer.Option(12.0, help="--full: wall seconds a run's arrivals take (auto time scale)"),
     drain_wall_s: float = typer.Option(25.0, help="--full: after the last arrival, wall seconds to wait for results"),
     out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
@@ -142,7 +146,8 @@ def goodput(
                            policies=_list(policies) if policies else list(POLICIES), peers=_list(peers), full=full,
                            rates=given, seeds=seeds, seed=seed, max_requests=max_requests,
                            predictor=_predictor(predictor), jobs=jobs, time_scale=time_scale,
-                           target_wall_s=target_wall_s, drain_wall_s=drain_wall_s, out_dir=out, name=name)
+                           peer_time_scale=peer_time_scale, target_wall_s=target_wall_s, drain_wall_s=drain_wall_s,
+                           out_dir=out, name=name)
     _run(run_goodput, config, as_json)
 
 
@@ -205,28 +210,60 @@ def overload(
 
 @bench_app.command()
 def convergence(
-    trace: str = typer.Option("azure-conv", help="trace whose request lengths to use"),
-    gpus: str = typer.Option("H100,A100-40GB,L4,T4", help="GPU profiles, one simulated worker each"),
+    trace: str = typer.Option("azure-conv", help="trace whose request lengths (and, for tokens, arrivals) to use"),
+    part: str = typer.Option("all", help="all | predictors (the end-to-end predictors, one GPU at a time) | tokens "
+                             "(DIO's TTFT and TPOT predictors, inside its routing core on a cluster)"),
+    gpus: str = typer.Option("H100,A100-40GB,L4,T4", help="predictors: GPU profiles, one simulated worker each"),
     predictors: str = typer.Option("seed,vector,rls,vector+prior",
                                    help="vector+prior: the vector predictor started from the roofline prior"),
     model: str = typer.Option(DEFAULT_MODEL),
-    load: float = typer.Option(0.5, help="arrivals as a fraction of each GPU's saturation throughput"),
-    completions: int = typer.Option(200, help="completions per phase (cold start, then after the slowdown)"),
+    load: float = typer.Option(0.5, help="predictors: arrivals as a fraction of each GPU's saturation throughput"),
+    completions: int = typer.Option(200, help="predictors: completions per phase (cold, then after the slowdown)"),
     slowdown: float = typer.Option(2.0, help="drift: the GPU's compute and bandwidth are divided by this"),
-    repeats: int = typer.Option(20, help="runs (seeds) per GPU; curves are medians over them"),
-    threshold_ms: float = typer.Option(50.0, help="error target (simulated ms)"),
+    repeats: int = typer.Option(20, help="predictors: runs (seeds) per GPU; curves are medians over them"),
+    threshold_ms: float = typer.Option(50.0, help="predictors: error target (simulated ms)"),
+    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", help="tokens: the simulated GPUs DIO routes over"),
+    rate: float = typer.Option(40.0, help="tokens: arrivals, requests per simulated second (the trace's bursts kept)"),
+    requests: int = typer.Option(16000, help="tokens: requests per run; the slowdown comes at the middle arrival"),
+    drift_worker: str = typer.Option("H100-1", help="tokens: the worker that slows down (ids PROFILE-N, N from 1)"),
+    token_repeats: int = typer.Option(3, help="tokens: runs (trace windows and seeds) per variant, pooled"),
+    variants: str = typer.Option("prior,no-prior", help="tokens: with the roofline prior, and/or without it"),
+    window: int = typer.Option(20, help="tokens: completions learned per window"),
+    windows: int = typer.Option(5, help="tokens: windows shown per phase (the rest pooled into one more)"),
+    target: float = typer.Option(0.10, help="tokens: the MAPE target after the first window"),
+    slo: str = typer.Option(None, help="tokens: SLO every request carries: a goodput preset or TTFT_MS:TPOT_MS "
+                            "(default: the trace's preset)"),
+    max_tokens: str = typer.Option("auto", help="tokens: the max_tokens cap of every request: auto or N"),
+    records: bool = typer.Option(False, help="tokens: also write every completion (NAME-tokens.records.jsonl.gz)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
-    name: str = typer.Option("convergence", help="result file stem"),
+    name: str = typer.Option("convergence", help="result file stem (the tokens part: NAME-tokens)"),
     as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
-    """Predictor error against completions seen, per GPU, from a cold start and after a slowdown."""
-    from dio.ops.bench.convergence import ConvergenceConfig, run_convergence
+    """Predictor error against completions seen, from a cold start and after a slowdown.
 
+    predictors: each end-to-end predictor on one GPU at a time; tokens: DIO's TTFT and TPOT
+    predictions at dispatch against the measured ones, per worker of a routed cluster.
+    """
+    from dio.ops.bench.convergence import ConvergenceConfig, TokenConfig, run_convergence, run_token_convergence
+
+    if part not in ("all", "predictors", "tokens"):
+        _fail(f"--part takes all, predictors or tokens, got {part!r}")
     config = ConvergenceConfig(trace=trace, gpus=_list(gpus), predictors=_list(predictors), model=model, load=load,
                                completions=completions, slowdown=slowdown, repeats=repeats,
                                threshold_ms=threshold_ms, seed=seed, out_dir=out, name=name)
-    _run(run_convergence, config, as_json, errors=(ValueError,))
+    tokens = TokenConfig(trace=trace, cluster=cluster, model=model, rate_rps=rate, requests=requests,
+                         drift_worker=drift_worker, slowdown=slowdown, window=window, windows=windows, target=target,
+                         repeats=token_repeats, variants=_list(variants), slo=slo, max_tokens=max_tokens,
+                         records=records, seed=seed, out_dir=out, name=f"{name}-tokens")
+
+    def run(_: object) -> dict:
+        summary = run_convergence(config) if part != "tokens" else {}
+        if part != "predictors":
+            summary["tokens"] = run_token_convergence(tokens)
+        return summary
+
+    _run(run, None, as_json, errors=(ValueError,))
 
 
 @bench_app.command()

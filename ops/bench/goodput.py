@@ -25,8 +25,12 @@ What keeps it honest:
 
 Runs are virtual by default (``dio.ops.bench.virtual``: the dispatcher's routing core against the
 simulated GPUs on a discrete-event clock); ``--full`` replays through the whole system (Redis,
-dispatcher and worker processes). Every run's per-request records are saved, compressed, beside
-the result file (``load_records``), so any figure can be recomputed.
+dispatcher and worker processes) and, at ``--rates``, beside the virtual runs at the same points.
+``--peers`` replays the same windows over HTTP through real peer routers (vllm-router,
+sglang-router) in front of the same simulated GPUs (``dio.ops.bench.peer_run``), with the same cap,
+true lengths inside the engine and SLO: at ``--rates``, or else at ``PEER_RATE_FACTORS`` × DIO's
+median virtual goodput. Every run's per-request records are saved, compressed, beside the result
+file (``load_records``), so any figure can be recomputed.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ from dio.gpu_worker.sim.profiles import get_model, get_profile
 from dio.gpu_worker.sim.scheduler import BatchScheduler, EventKind, SimRequest
 from dio.ops.bench import report
 from dio.ops.bench.cluster_run import DEFAULT_PREDICTOR, RunConfig, run_trace
-from dio.ops.bench.metrics import STATUSES, counts
+from dio.ops.bench.metrics import STATUSES, counts, gpu_shares
+from dio.ops.bench.peer_run import parse_peer, run_peer
+from dio.ops.bench.peers import cluster_profiles
 from dio.ops.bench.virtual import replay_virtual
 from dio.ops.bench.workload import (
     at_rate,
@@ -85,6 +91,15 @@ FEASIBILITY_SAMPLE = 500  # requests simulated alone per GPU type (an even sampl
 CONTROL_PLANE_WALL_MS = 5.0  # --full: DIO's own delay per request, wall ms (dio bench pipeline, low load)
 MAX_CONTROL_SHARE = 0.05  # --full: the time scale keeps that delay within this share of the TTFT limit
 MIN_DRAIN_WALL_S = 10.0
+PEER_RATE_FACTORS = (0.8, 1.0)  # --peers without --rates: these multiples of the anchor's median virtual goodput
+PEER_ANCHOR = "dio"  # ...the anchor (else the policy with the highest median goodput)
+PEER_TARGET_WALL_S = 120.0  # --peers: real time (scale 1) unless a run's arrivals would take longer (wall s)
+LOAD_POLL_WALL_S = 30.0  # vllm-router 0.1.17 and sglang-router 0.3.2: power_of_two polls /get_load this often
+# (measured: the sim-servers' dio_sim:get_load_requests_total; their other policies count in-flight requests
+# themselves and poll nothing), so its view is LOAD_POLL_WALL_S x time scale simulated seconds old at most
+FULL = "@full"  # records: a --full run beside a virtual one of the same point
+VIRTUAL = "@virtual"  # records: the virtual run beside a --full --rates one
+CONFIRM_TOLERANCE = 0.1  # --full --rates: full attainment within this share of the virtual one confirms it
 DEFAULT_CLUSTER = "H100:1,A100-40GB:2,L4:2,T4:3"
 DEFAULT_MAX_REQUESTS = 2000
 DEFAULT_SEEDS = 3
@@ -534,6 +549,7 @@ class GoodputConfig:
     jobs: int | None = None  # worker processes for virtual runs (default: the CPU count)
     max_wait_s: float = 60.0
     time_scale: float | None = None  # --full: simulated s per wall s (default: auto, SLO-bounded)
+    peer_time_scale: float | None = None  # --peers: simulated s per wall s (default: 1, see peer_time_scale)
     target_wall_s: float = 12.0  # --full: wall seconds a run's arrivals take (auto time scale)
     drain_wall_s: float = 25.0  # --full: after the last arrival, wall seconds to wait for results
     out_dir: Path | None = None
@@ -542,13 +558,21 @@ class GoodputConfig:
 
 def validate(config: GoodputConfig) -> None:
     """Refuse what cannot run before anything starts."""
-    if config.peers:
-        raise ValueError("--peers is not implemented with goodput yet: use dio bench replay --peers")
     unknown = [p for p in config.policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
-    if not config.policies:
-        raise ValueError("nothing to run: give --policies")
+    if not config.policies and not config.peers:
+        raise ValueError("nothing to run: give --policies or --peers")
+    if not config.policies and config.rates is None:
+        raise ValueError("--peers without --policies needs --rates (their default rates come from DIO's goodput)")
+    gpus = len(cluster_profiles(config.cluster))
+    for peer in config.peers:
+        parse_peer(peer, gpus)
+    if len(set(config.peers)) < len(config.peers):
+        raise ValueError(f"--peers lists a peer twice: {config.peers}")
+    for scale in (config.time_scale, config.peer_time_scale):
+        if scale is not None and scale <= 0:
+            raise ValueError(f"a time scale must be positive, got {scale}")
     if config.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {config.seeds}")
     if config.max_requests < 2:
@@ -649,6 +673,64 @@ def policy_summary(policy: str, seeds: Sequence[int], searches: dict[tuple[str, 
     }
 
 
+def peer_summary(peer: str, seeds: Sequence[int], rates: Sequence[float],
+                 results: dict[tuple[str, int, float], RunResult], capacity: float) -> dict[str, Any]:
+    """Return one peer's figures at its rates: attainment per rate (``attainment_at``), outcome counts, the
+    goodput on that grid (the highest rate passing with every lower one; a lower bound when the top passed),
+    the time scale, and every run under ``runs``."""
+    mine = {key: res for key, res in results.items() if key[0] == peer}
+    searches = {(peer, s): RateSearch(rates[0] if rates else 1.0) for s in seeds}
+    for (_, seed, rate), res in mine.items():
+        searches[(peer, seed)].tried[rate] = res.figures["attainment"] >= ATTAINMENT_TARGET
+    out = policy_summary(peer, seeds, searches, mine, capacity)
+    for key in ("preemptions", "preemptions_at", "kv_held_at_goodput", "kv_used_at_goodput", "kv_reserved_at_goodput"):
+        out.pop(key)  # the sim-servers count none of these per request
+    by_seed = {(seed, rate): res for (_, seed, rate), res in mine.items()}
+    scales = sorted({res.figures["time_scale"] for res in mine.values()})
+    out |= {f"{k}_at": _by_rate(by_seed, k, _median_int) for k in ("completed", "rejected", "failed", "lost")}
+    out |= {"rates": list(rates), "time_scale": scales[0] if len(scales) == 1 else scales,
+            "load_poll_staleness_s": _max([res.figures["load_poll_staleness_s"] for res in mine.values()]),
+            "eos_honoured": _median([res.figures.get("eos_honoured") for res in mine.values()]),
+            "runs": {rate_key(r): {str(s): res.figures for (_, s, rr), res in sorted(mine.items()) if rr == r}
+                     for r in rates}}
+    return out
+
+
+def full_vs_virtual(full: dict[tuple[str, int, float], RunResult],
+                    virtual: dict[tuple[str, int, float], RunResult]) -> dict[str, dict[str, Any]]:
+    """Per policy, the full and the virtual attainment of each point run both ways (``--full --rates``).
+
+    A point ``confirms`` when the full attainment is within CONFIRM_TOLERANCE of the virtual one (relative)
+    and both give the same verdict against the 90% target; ``full_confirms_virtual`` when every point does.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for (policy, seed, rate), res in sorted(full.items()):
+        if (other := virtual.get((policy, seed, rate))) is None:
+            continue
+        got, want = res.figures["attainment"], other.figures["attainment"]
+        confirms = abs(got - want) <= CONFIRM_TOLERANCE * want + 1e-9 and (got >= ATTAINMENT_TARGET) == (
+            want >= ATTAINMENT_TARGET)
+        entry = out.setdefault(policy, {"full_vs_virtual": {}, "virtual_attainment_at_seeds": {}})
+        entry["full_vs_virtual"].setdefault(rate_key(rate), {})[str(seed)] = {
+            "full": got, "virtual": want, "diff": round(got - want, 4), "confirms": confirms}
+        entry["virtual_attainment_at_seeds"].setdefault(rate_key(rate), {})[str(seed)] = want
+    for entry in out.values():
+        entry["virtual_attainment_at"] = {r: _median(list(v.values()))
+                                          for r, v in entry["virtual_attainment_at_seeds"].items()}
+        entry["full_confirms_virtual"] = all(c["confirms"] for v in entry["full_vs_virtual"].values()
+                                             for c in v.values())
+    return out
+
+
+def _attainment_seeds(results: dict[tuple[str, int, float], RunResult], policy: str) -> dict[str, dict[str, float]]:
+    """Rate → seed → attainment of one policy's runs."""
+    out: dict[str, dict[str, float]] = {}
+    for (p, seed, rate), res in sorted(results.items()):
+        if p == policy:
+            out.setdefault(rate_key(rate), {})[str(seed)] = res.figures["attainment"]
+    return out
+
+
 def _by_rate(runs: dict[tuple[int, float], RunResult], key: str, combine: Callable[[list], Any]) -> dict[str, Any]:
     rates = sorted({r for _, r in runs})
     out = {}
@@ -661,6 +743,11 @@ def _by_rate(runs: dict[tuple[int, float], RunResult], key: str, combine: Callab
 def _median(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return round(float(statistics.median(kept)), 4) if kept else None
+
+
+def _max(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return max(kept) if kept else None
 
 
 def _median_int(values: Sequence[int | None]) -> int | None:
@@ -690,15 +777,20 @@ def full_time_scale(config: GoodputConfig, trace: Trace, slo: Slo) -> float:
     return min(auto_time_scale(span_s(trace), config.target_wall_s), auto_time_scale(bound, 1.0))
 
 
+def drain_wall_s(config: GoodputConfig, setup: Setup, trace: Trace, scale: float) -> float:
+    """Return how long to wait after the last arrival: at least as long as a request arriving last could take
+    and still meet its SLO (TTFT limit + TPOT limit x (cap - 1), x 1.2), however short ``--drain-wall-s``."""
+    longest = setup.cap or max(r.output_tokens for r in trace)
+    slo_s = (setup.slo.ttft_ms + setup.slo.tpot_ms * (longest - 1)) / 1000.0
+    return max(config.drain_wall_s, MIN_DRAIN_WALL_S, 1.2 * slo_s / scale)
+
+
 def run_full(config: GoodputConfig, setup: Setup, redis_url: str, point: tuple[str, int, float]) -> RunResult:
     """Replay one seed's window at ``rate`` through a fresh local cluster (Redis, dispatcher, workers)."""
     policy, seed, rate = point
     trace = at_rate(setup.windows[seed].requests, rate)
     scale = full_time_scale(config, trace, setup.slo)
-    # Wait at least as long as a request arriving last could take and still meet its SLO.
-    longest = setup.cap or max(r.output_tokens for r in trace)
-    slo_s = (setup.slo.ttft_ms + setup.slo.tpot_ms * (longest - 1)) / 1000.0
-    drain = max(config.drain_wall_s, MIN_DRAIN_WALL_S, 1.2 * slo_s / scale)
+    drain = drain_wall_s(config, setup, trace, scale)
     run = RunConfig(workers=parse_workers(setup.cluster), model=setup.model, policy=policy, predictor=setup.predictor,
                     time_scale=scale, drain_wall_s=drain, max_wait_s=setup.max_wait_s, seed=seed,
                     max_tokens=setup.cap, ttft_slo_ms=setup.slo.ttft_ms, tpot_slo_ms=setup.slo.tpot_ms)
@@ -708,6 +800,63 @@ def run_full(config: GoodputConfig, setup: Setup, redis_url: str, point: tuple[s
     if setup.cap is not None:
         figures["eos_honoured"] = eos_honoured(record.outcomes, trace, setup.cap)
     return RunResult(policy, seed, rate, figures, columns(record.outcomes, list(record.worker_gpus), None, None))
+
+
+# --- --peers: real routers over HTTP ------------------------------------------------------------------
+
+
+def peer_time_scale(config: GoodputConfig, trace: Trace, slo: Slo) -> float:
+    """Return the time scale of a peer run: real time (1) unless its arrivals would take over PEER_TARGET_WALL_S.
+
+    At 1 every wall-clock habit of a router is as deployed: power_of_two's loads, polled every
+    ``LOAD_POLL_WALL_S``, are as stale as in production, and an HTTP hop's ~1 wall ms is ~1 simulated
+    ms. Above 1 both grow by the scale, so it is capped as DIO's full runs are (``full_time_scale``).
+    """
+    if config.peer_time_scale:
+        return config.peer_time_scale
+    bound = max(1.0, MAX_CONTROL_SHARE * slo.ttft_ms / CONTROL_PLANE_WALL_MS)
+    return min(auto_time_scale(span_s(trace), PEER_TARGET_WALL_S), bound)
+
+
+def run_peer_point(config: GoodputConfig, setup: Setup, point: tuple[str, int, float]) -> RunResult:
+    """Replay one seed's window at ``rate`` through peer router ``point[0]`` in front of the simulated GPUs.
+
+    Every request carries the cap as ``max_tokens`` and its true length as ``dio_eos_tokens``, which
+    the router forwards untouched and the sim-server's engine stops at; TTFT is the first streamed
+    token, the output length the stream's usage, so TPOT and attainment are computed as for DIO.
+    """
+    peer, seed, rate = point
+    trace = at_rate(setup.windows[seed].requests, rate)
+    scale = peer_time_scale(config, trace, setup.slo)
+    drain = drain_wall_s(config, setup, trace, scale)
+    record, workers = run_peer(peer, setup.cluster, setup.model, trace, scale, drain, max_tokens=setup.cap, seed=seed)
+    polls = [w["load_polls"] for w in workers.values() if w.get("load_polls") is not None]
+    figures = run_figures(record.outcomes, setup.slo) | {
+        "time_scale": scale, "load_poll_staleness_s": LOAD_POLL_WALL_S * scale if peer.endswith(":power_of_two")
+        else None,
+        "load_polls_per_worker": _median(polls), "makespan_s": round(record.wall_s * scale, 2),
+        "cpu_cores": record.cpu, "overhead_wall_s": record.overhead_s, "workers": workers,
+        "gpu_share": gpu_shares(workers)}
+    if setup.cap is not None:
+        figures["eos_honoured"] = eos_honoured(record.outcomes, trace, setup.cap)
+    return RunResult(peer, seed, rate, figures, columns(record.outcomes, [], None, None))
+
+
+def peer_rates(config: GoodputConfig, searches: dict[tuple[str, int], RateSearch], seeds: Sequence[int],
+               fallback: float) -> tuple[list[float], str]:
+    """Return the rates the peers run at and why: ``--rates``, else PEER_RATE_FACTORS x the anchor's goodput.
+
+    The anchor is DIO's median virtual goodput over the seeds (the policy with the highest median
+    if DIO is not run); ``fallback`` (the search's start) when that is 0.
+    """
+    if config.rates is not None:
+        return sorted(round_rate(r) for r in config.rates), "--rates"
+    medians = {p: float(statistics.median(searches[(p, s)].goodput for s in seeds)) for p in config.policies}
+    anchor = PEER_ANCHOR if PEER_ANCHOR in medians else max(medians, key=lambda p: medians[p])
+    base = medians[anchor] or fallback
+    rates = sorted({round_rate(f * base) for f in PEER_RATE_FACTORS})
+    return rates, (f"{' and '.join(f'{f:g}' for f in PEER_RATE_FACTORS)} x {anchor}'s median virtual goodput "
+                   f"({base:g} req/s)" if medians[anchor] else f"the search's start ({base:g} req/s)")
 
 
 def eos_honoured(outcomes: Sequence[Outcome], trace: Trace, cap: int) -> float | None:
@@ -789,6 +938,37 @@ def print_tables(title: str, the_plan: Plan, summaries: dict[str, dict[str, Any]
                                       ["policy", *gpus], rows))
 
 
+def print_comparisons(summaries: dict[str, dict[str, Any]], peer_summaries: dict[str, dict[str, Any]]) -> None:
+    """Print full against virtual attainment (--full --rates) and the peers' attainment at their rates."""
+    rows = [[p, rate, seed, _pct(c["virtual"]), _pct(c["full"]), f"{100 * c['diff']:+.1f}",
+             "yes" if c["confirms"] else "no"]
+            for p, s in summaries.items() for rate, by_seed in (s.get("full_vs_virtual") or {}).items()
+            for seed, c in by_seed.items()]
+    if rows:
+        report.console.print(report.table(
+            f"full against virtual: SLO attainment % at the same rate and seed (confirms: within "
+            f"{CONFIRM_TOLERANCE:.0%} of virtual and the same verdict against {ATTAINMENT_TARGET:.0%})",
+            ["policy", "rate", "seed", "virtual %", "full %", "full - virtual", "confirms"], rows))
+    if not peer_summaries:
+        return
+    rates = sorted({float(r) for s in peer_summaries.values() for r in s["attainment_at"]})
+    rows = [[peer, *(_pct(s["attainment_at"].get(rate_key(r))) for r in rates),
+             f"{s['goodput_rps']:g}" + ("+" if s["goodput_lower_bound"] else ""), _cells(s, "failed"),
+             _cells(s, "lost")] for peer, s in peer_summaries.items()]
+    rows += [[p, *(_pct(s["attainment_at"].get(rate_key(r))) for r in rates), f"{s['goodput_rps']:g}", "-", "-"]
+             for p, s in summaries.items()]
+    scales = sorted({str(s["time_scale"]) for s in peer_summaries.values()})
+    report.console.print(report.table(
+        f"peers over HTTP (time scale {', '.join(scales)}): SLO attainment % (median over seeds) at each rate "
+        "(req/s), beside DIO's policies; goodput on that grid (+: passed at the top)",
+        ["peer / policy", *(rate_key(r) for r in rates), "goodput", "failed", "lost"], rows))
+
+
+def _cells(summary: dict[str, Any], key: str) -> str:
+    """A peer's count of ``key`` per rate (median over seeds), '/'-separated."""
+    return " / ".join(str(v) for v in (summary.get(f"{key}_at") or {}).values()) or "-"
+
+
 def _kv_cell(summary: dict[str, Any], gpu: str) -> str:
     used, reserved = summary.get("kv_used_at_goodput") or {}, summary.get("kv_reserved_at_goodput") or {}
     if gpu not in used:
@@ -836,7 +1016,11 @@ def run_goodput(config: GoodputConfig) -> dict[str, Any]:
     if config.seeds < DEFAULT_SEEDS:
         report.status.print(f"note: {config.seeds} seed(s): the goodput's spread needs at least {DEFAULT_SEEDS}")
     seeds = list(setup.windows)
-    confirmed: dict[tuple[str, int, float], RunResult] = {}
+    confirmed: dict[tuple[str, int, float], RunResult] = {}  # --full: at each virtual goodput point
+    beside: dict[tuple[str, int, float], RunResult] = {}  # --full --rates: the virtual runs of the same points
+    peer_results: dict[tuple[str, int, float], RunResult] = {}
+    rates_for_peers: list[float] = []
+    peer_rule = ""
     with ExitStack() as stack:
         jobs = config.jobs or os.cpu_count() or 1
         bar = stack.enter_context(report.progress())
@@ -848,6 +1032,9 @@ def run_goodput(config: GoodputConfig) -> dict[str, Any]:
             full = stack.enter_context(Runner(setup, 1, bar, lambda point: run_full(config, setup, url, point)))
         if config.full and config.rates is not None:
             searches, results = measure(config, the_plan, full), full.results
+            virtual = stack.enter_context(Runner(setup, jobs, bar))
+            virtual.run(list(results), "the same points virtually:")
+            beside = virtual.results
         else:
             virtual = stack.enter_context(Runner(setup, jobs, bar))
             searches, results = measure(config, the_plan, virtual), virtual.results
@@ -855,7 +1042,17 @@ def run_goodput(config: GoodputConfig) -> dict[str, Any]:
                 points = [(p, s, searches[(p, s)].goodput) for p in config.policies for s in seeds]
                 full.run([pt for pt in points if pt[2] > 0], "confirming with full runs:")
                 confirmed = full.results
+        if config.peers:
+            rates_for_peers, peer_rule = peer_rates(config, searches, seeds, the_plan.start_rps)
+            peers = stack.enter_context(Runner(setup, 1, bar, lambda point: run_peer_point(config, setup, point)))
+            peers.run([(peer, s, r) for peer in config.peers for s in seeds for r in rates_for_peers],
+                      "peers over HTTP:")
+            peer_results = peers.results
     summaries = {p: policy_summary(p, seeds, searches, results, the_plan.capacity_rps) for p in config.policies}
+    for policy, comparison in full_vs_virtual(results, beside).items():
+        summaries[policy] |= comparison
+    peer_summaries = {peer: peer_summary(peer, seeds, rates_for_peers, peer_results, the_plan.capacity_rps)
+                      | {"rates_rule": peer_rule} for peer in config.peers}
     for (policy, seed, rate), res in confirmed.items():
         summaries[policy].setdefault("full_attainment_at_goodput", {})[str(seed)] = {
             "rate": rate, "attainment": res.figures["attainment"], "virtual": results[(policy, seed, rate)].figures[
@@ -864,19 +1061,36 @@ def run_goodput(config: GoodputConfig) -> dict[str, Any]:
     out_dir = Path(config.out_dir or report.RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = save_records(out_dir / f"{name}.records.jsonl.gz", the_plan, results | {
-        (f"{p}@full", s, r): res for (p, s, r), res in confirmed.items()}, worker_ids)
+        (f"{p}{FULL}", s, r): res for (p, s, r), res in confirmed.items()} | {
+        (f"{p}{VIRTUAL}", s, r): res for (p, s, r), res in beside.items()} | peer_results, worker_ids)
     title = (f"goodput: {trace_name(config.trace)} on {config.cluster} ({config.model}), SLO {setup.slo.name} "
              f"(TTFT {setup.slo.ttft_ms:g} ms, TPOT {setup.slo.tpot_ms:g} ms), max_tokens {setup.cap or ORACLE}, "
-             f"{'full' if config.full and config.rates is not None else 'virtual'}")
+             f"{'full' if config.full and config.rates is not None else 'virtual'}"
+             + (", peers over HTTP" if config.peers else ""))
     sweep = sorted({r for (_, _, r) in results if all((p, s, r) in results for p in config.policies for s in seeds)})
-    png = plot(summaries, title, the_plan.capacity_rps, len(seeds), out_dir / f"{name}.png")
-    figures = result_figures(config, the_plan, summaries, results, seeds)
+    lines = summaries | {f"{p}{VIRTUAL}": {"attainment_at_seeds": _attainment_seeds(beside, p), "goodput_rps": None}
+                         for p in config.policies if beside} | {
+        peer: {**s, "goodput_rps": None} for peer, s in peer_summaries.items()}
+    png = plot(lines, title, the_plan.capacity_rps, len(seeds), out_dir / f"{name}.png")
+    figures = result_figures(config, the_plan, summaries, results, seeds) | {
+        "peers": peer_summaries, "peer_rates": rates_for_peers,
+        "peer_rates_rule": f"--peers without --rates: {' and '.join(f'{f:g}' for f in PEER_RATE_FACTORS)} x "
+                           f"{PEER_ANCHOR}'s median virtual goodput over the seeds",
+        "peer_time_scale_rule": f"real time (1) unless a run's arrivals take over {PEER_TARGET_WALL_S:g} wall s; "
+                                f"power_of_two polls /get_load every {LOAD_POLL_WALL_S:g} wall s "
+                                "(load_poll_staleness_s = that x the time scale, in simulated s)",
+        "full_time_scale_rule": f"arrivals in ~{config.target_wall_s:g} wall s, at most so far that "
+                                f"{CONTROL_PLANE_WALL_MS:g} wall ms per request stay within "
+                                f"{MAX_CONTROL_SHARE:.0%} of the TTFT limit",
+        "confirm_rule": f"--full --rates: per policy, rate and seed, |full - virtual| attainment <= "
+                        f"{CONFIRM_TOLERANCE:g} x virtual, and the same verdict against {ATTAINMENT_TARGET:g}"}
     data = report.payload("goodput", figures | {"records_file": records.name, "figures_png": [png.name] if png else []})
     path = report.save(name, data, out_dir)
     print_tables(title, the_plan, summaries, sweep)
+    print_comparisons(summaries, peer_summaries)
     _warn_above_capacity(summaries, the_plan.capacity_rps)
     report.status.print(f"wrote {path}, {records.name}" + (f" and {png.name}" if png else ""))
-    return headline(config, the_plan, summaries)
+    return headline(config, the_plan, summaries, peer_summaries)
 
 
 def _warn_infeasible(the_plan: Plan) -> None:
@@ -895,8 +1109,9 @@ def _warn_above_capacity(summaries: dict[str, dict[str, Any]], capacity: float) 
                             "queues reach a steady state; give more --max-requests")
 
 
-def headline(config: GoodputConfig, the_plan: Plan, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The --json line: trace, SLO, capacity, feasibility and per policy goodput and its figures."""
+def headline(config: GoodputConfig, the_plan: Plan, summaries: dict[str, dict[str, Any]],
+             peer_summaries: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The --json line: trace, SLO, capacity, feasibility, per policy goodput and its figures, per peer attainment."""
     keys = ("goodput_rps", "goodput_rps_seeds", "attainment_at", "preemptions", "rejected_below_goodput",
             "goodput_range", "goodput_lower_bound", "kv_held_at_goodput", "kv_used_at_goodput")
     return {"trace": trace_name(config.trace), "slo": the_plan.setup.slo.brief(),
@@ -904,8 +1119,11 @@ def headline(config: GoodputConfig, the_plan: Plan, summaries: dict[str, dict[st
             "mode": "full" if config.full else "virtual",
             "feasibility": {g: {k: f[k] for k in ("meets_both", "fit", "feasible")}
                             for g, f in the_plan.feasibility.items()},
-            "policies": {p: {k: s[k] for k in (*keys, "full_attainment_at_goodput") if k in s}
-                         for p, s in summaries.items()}}
+            "policies": {p: {k: s[k] for k in (*keys, "full_attainment_at_goodput", "virtual_attainment_at",
+                                               "full_confirms_virtual") if k in s}
+                         for p, s in summaries.items()},
+            "peers": {p: {k: s[k] for k in ("goodput_rps", "goodput_lower_bound", "attainment_at", "time_scale")}
+                      for p, s in (peer_summaries or {}).items()}}
 
 
 def result_figures(config: GoodputConfig, the_plan: Plan, summaries: dict[str, dict[str, Any]],

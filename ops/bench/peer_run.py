@@ -31,6 +31,7 @@ from dio.ops.bench.peers import (
 from dio.ops.traces import Trace
 
 SUCCESS = re.compile(r'^vllm:request_success_total\{[^}]*\}\s+([0-9.eE+-]+)$', re.MULTILINE)
+LOAD_POLLS = re.compile(r'^dio_sim:get_load_requests_total\{[^}]*\}\s+([0-9.eE+-]+)$', re.MULTILINE)
 
 
 def parse_peer(spec: str, gpus: int) -> tuple[str, str]:
@@ -45,22 +46,29 @@ def parse_peer(spec: str, gpus: int) -> tuple[str, str]:
     return router, policy
 
 
-def _served(url: str) -> int | None:
-    """Return how many requests the sim-server at ``url`` finished (its vllm:request_success_total)."""
+def _served(url: str) -> tuple[int | None, int | None]:
+    """Return how many requests the sim-server at ``url`` finished and how often its /get_load was polled."""
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
-        return None
-    return int(sum(float(v) for v in SUCCESS.findall(text)))
+        return None, None
+    polls = LOAD_POLLS.findall(text)
+    return int(sum(float(v) for v in SUCCESS.findall(text))), int(float(polls[0])) if polls else None
 
 
 def run_peer(spec: str, cluster: str, model: str, trace: Trace, time_scale: float, drain_wall_s: float,
-             log_dir: Path | None = None) -> tuple[RunRecord, dict[str, dict[str, Any]]]:
+             log_dir: Path | None = None, *, max_tokens: int | None = None,
+             seed: int = 0) -> tuple[RunRecord, dict[str, dict[str, Any]]]:
     """Replay ``trace`` through peer ``spec`` in front of the simulated GPUs of ``cluster``.
 
-    Returns the run's record and, per sim-server, its GPU, the requests it finished and their share
-    (the outcomes carry no worker: the router's choice is read from each server's /metrics).
+    ``max_tokens``: every request's cap, its true length to the simulated engine only
+    (``peers.request_body``); None: the true length as ``max_tokens`` (``dio bench replay``).
+    ``seed``: the prompts' text for what the trace leaves unique to a request.
+
+    Returns the run's record and, per sim-server, its GPU, the requests it finished, their share and
+    the /get_load polls it answered (the outcomes carry no worker: the router's choice is read
+    from each server's /metrics).
     """
     router, policy = parse_peer(spec, len(cluster_profiles(cluster)))
     began = time.monotonic()
@@ -76,7 +84,7 @@ def run_peer(spec: str, cluster: str, model: str, trace: Trace, time_scale: floa
         meter.start()
         started = time.monotonic()
         records = asyncio.run(replay_http(f"http://127.0.0.1:{port}", trace, model=model, time_scale=time_scale,
-                                          drain_wall_s=drain_wall_s))
+                                          drain_wall_s=drain_wall_s, max_tokens=max_tokens, seed=seed))
         wall_s = time.monotonic() - started
         cpu = meter.stop()
         served = {f"{profile}@{url.rsplit(':', 1)[-1]}": (profile, _served(url))
@@ -87,7 +95,8 @@ def run_peer(spec: str, cluster: str, model: str, trace: Trace, time_scale: floa
     record = RunRecord(as_outcomes(records), wall_s, cpu=cpu,
                        worker_gpus={worker: gpu for worker, (gpu, _) in served.items()})
     record.overhead_s = {"start": round(setup_s, 2), "stop": round(time.monotonic() - ending, 2)}
-    total = max(sum(n or 0 for _, n in served.values()), 1)
-    workers = {worker: {"gpu": gpu, "jobs": n, "share": 0.0 if n is None else round(n / total, 4)}
-               for worker, (gpu, n) in served.items()}
+    total = max(sum(n or 0 for _, (n, _) in served.values()), 1)
+    workers = {worker: {"gpu": gpu, "jobs": n, "share": 0.0 if n is None else round(n / total, 4),
+                        "load_polls": polls}
+               for worker, (gpu, (n, polls)) in served.items()}
     return record, workers

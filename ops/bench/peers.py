@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from dio.gpu_worker.instant import SYNTHETIC_VOCAB
-from dio.ops.bench.sim_server import token_text
+from dio.ops.bench.sim_server import EOS_FIELD, token_text
 from dio.ops.local_cluster import parse_workers
 from dio.ops.traces import TraceRequest
 from dio.protocol.defaults import PREFIX_BLOCK_TOKENS
@@ -281,16 +281,24 @@ def prompt_text_for(request: TraceRequest, index: int, *, seed: int = 0) -> str:
 
 
 def request_body(request: TraceRequest, index: int, model: str, *, prompt_format: str = "text",
-                 seed: int = 0) -> dict[str, Any]:
-    """Return the /v1/completions body of a trace request (streamed, usage in the last chunk)."""
+                 seed: int = 0, max_tokens: int | None = None) -> dict[str, Any]:
+    """Return the /v1/completions body of a trace request (streamed, usage in the last chunk).
+
+    ``max_tokens``: the cap every request carries; the true output length then goes to the
+    simulated engine only, as ``dio_eos_tokens`` (``sim_server.EOS_FIELD``), where its model stops.
+    None: ``max_tokens`` is the true length itself, with ``ignore_eos`` (the oracle).
+    """
     if prompt_format == "text":
         prompt: Any = prompt_text_for(request, index, seed=seed)
     elif prompt_format == "tokens":
         prompt = prompt_token_ids_for(request, index, seed=seed)
     else:
         raise ValueError(f"prompt_format must be 'text' or 'tokens', got {prompt_format!r}")
-    return {"model": model, "prompt": prompt, "max_tokens": request.output_tokens, "ignore_eos": True,
+    body = {"model": model, "prompt": prompt, "max_tokens": request.output_tokens, "ignore_eos": True,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if max_tokens is not None:
+        body |= {"max_tokens": max_tokens, "ignore_eos": False, EOS_FIELD: max(1, request.output_tokens)}
+    return body
 
 
 # --- the open-loop HTTP client --------------------------------------------------------------------
@@ -363,7 +371,7 @@ def _error_message(text: str) -> str:
 
 async def replay_http(url: str, requests: Sequence[TraceRequest], *, model: str, time_scale: float = 1.0,
                       prompt_format: str = "text", timeout_s: float = 1800.0, seed: int = 0,
-                      drain_wall_s: float | None = None) -> list[dict[str, Any]]:
+                      drain_wall_s: float | None = None, max_tokens: int | None = None) -> list[dict[str, Any]]:
     """Send each request to ``url`` at its arrival time (open loop, streamed); return one record each.
 
     A record: ``arrival`` (simulated s), ``prompt_tokens``, ``output_tokens`` (received),
@@ -372,11 +380,13 @@ async def replay_http(url: str, requests: Sequence[TraceRequest], *, model: str,
     answer in time), ``error`` and ``http_status``. Records come back in the order of ``requests``.
     ``prompt_format`` "text" (default) lets text-based prefix-aware routers see shared prefixes.
     ``drain_wall_s``: stop waiting this many wall seconds after the last arrival (as DIO's replay
-    does); None: each request may take ``timeout_s``.
+    does); None: each request may take ``timeout_s``. ``max_tokens``: every request's cap, the true
+    length in ``dio_eos_tokens`` (``request_body``); None: the true length as ``max_tokens``.
     """
     import aiohttp
 
-    bodies = [json.dumps(request_body(r, i, model, prompt_format=prompt_format, seed=seed)).encode()
+    bodies = [json.dumps(request_body(r, i, model, prompt_format=prompt_format, seed=seed,
+                                      max_tokens=max_tokens)).encode()
               for i, r in enumerate(requests)]
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)

@@ -13,6 +13,12 @@ One asyncio process (aiohttp) serves one or several engines, each on its own por
   and ``?format=`` overrides it per call. A real vLLM server has no ``/get_load`` (vllm-router then
   sees -1 for every worker): answering it gives the routers more information, not less.
 
+Output length: a request runs to ``max_tokens`` unless its body carries ``dio_eos_tokens`` (a
+simulation-only knob, ``EOS_FIELD``): the simulated model then emits EOS after that many tokens, as
+``EngineRequest.eos_tokens`` (``ignore_eos`` overrides it, as in vLLM). Benchmarks send the trace's
+true output length there and a ``max_tokens`` cap, so a router sees only the cap (the routers
+proxy the JSON body with unknown fields untouched; DIO's workers get it through metadata instead).
+
 Prompt length: token ids count exactly; text counts ``ceil(chars / 4)`` tokens (DIO's estimate, as
 ``dio.protocol.defaults.CHARS_PER_TOKEN``). Prompts that share leading tokens share prefix-cache blocks:
 each 512-token block (2048 characters of text) is named by a hash of the whole prompt up to its end,
@@ -59,6 +65,7 @@ log = logging.getLogger(__name__)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # vLLM's default for /v1/completions
 LOAD_FORMATS = ("vllm-router", "sglang")
 TOKEN_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+EOS_FIELD = "dio_eos_tokens"  # where the simulated model stops (simulation only; a real vLLM ignores it)
 
 
 class ApiError(Exception):
@@ -172,6 +179,7 @@ class ServedEngine:
     load_format: str = "vllm-router"
     counters: Counters = field(default_factory=Counters)
     created: int = field(default_factory=lambda: int(time.time()))
+    load_polls: int = 0  # GET /get_load answered (how often a router polls: /metrics)
 
     @property
     def max_model_len(self) -> int:
@@ -237,6 +245,7 @@ def build_jobs(served: ServedEngine, body: dict[str, Any], prompts: list[Prompt]
     """Return one engine job per prompt and sample, after vLLM's validation."""
     n = _int_param(body, "n", 1) or 1
     seed = body.get("seed")
+    eos_tokens = _int_param(body, EOS_FIELD, None)  # the simulated model's EOS; max_tokens still caps it
     jobs = []
     for prompt_index, prompt in enumerate(prompts):
         _check_length(served, prompt, max_tokens)
@@ -253,6 +262,7 @@ def build_jobs(served: ServedEngine, body: dict[str, Any], prompts: list[Prompt]
                 ignore_eos=bool(body.get("ignore_eos", False)),
                 prefix_hashes=prompt.prefix_hashes or None,
                 priority=_int_param(body, "priority", 0, minimum=-(2**31)) or 0,
+                eos_tokens=eos_tokens,
             )
             jobs.append(Job(len(jobs), request, prompt_index))
     return jobs
@@ -485,6 +495,7 @@ async def get_load(request: web.Request) -> web.Response:
     fmt = request.query.get("format", served.load_format)
     if fmt not in LOAD_FORMATS:
         raise ApiError(400, f"format must be one of {', '.join(LOAD_FORMATS)}", param="format")
+    served.load_polls += 1
     return web.json_response(load_report(served, fmt))
 
 
@@ -505,6 +516,8 @@ def metrics_text(served: ServedEngine) -> str:
          counters.generation_tokens),
         ("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in tokens.", counters.prompt_tokens),
         ("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in tokens.", hit_tokens),
+        ("dio_sim:get_load_requests_total", "counter", "GET /get_load answered (a router's load polls).",
+         served.load_polls),
     ]
     lines = []
     for name, kind, help_text, value in series:

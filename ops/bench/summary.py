@@ -87,6 +87,32 @@ def convergence_section(data: dict[str, Any]) -> str:
                                              "drift: to 10%", "drift: final median ms", "drift: LS floor ms"], rows)
 
 
+def convergence_tokens_section(data: dict[str, Any]) -> str:
+    """Return the TTFT/TPOT convergence result: per variant and phase, a row per worker, MAPE % per window."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.0f}"
+
+    def yes(value: bool | None) -> str:
+        return "-" if value is None else ("yes" if value else "no")
+
+    out = [f"### {data['label']} ({data['trace']}, {data['cluster']}, {data['rate_rps']} req/s, drift: "
+           f"{data['drift_worker']} {data['slowdown']}× slower, {data['repeats']} runs)", f"`{data['command']}`", "",
+           f"TTFT / TPOT MAPE (%) of DIO's predictions at dispatch, by completions the worker had learned in the "
+           f"phase; floor: the best linear fit on the router's features, in sample; met: ≤ "
+           f"{100 * data['target_mape']:.0f}% in every window after the first."]
+    for variant, by_worker in data["workers"].items():
+        for phase in ("cold", "drift"):
+            labels = [w["window"] for w in next(iter(by_worker.values()))[phase]["windows"]]
+            rows = [[worker, entry[phase]["completions"],
+                     *[f"{pct(w['ttft'])} / {pct(w['tpot'])}" if w["n"] else "-" for w in entry[phase]["windows"]],
+                     f"{pct(entry[phase]['floor']['ttft'])} / {pct(entry[phase]['floor']['tpot'])}",
+                     f"{yes(entry[phase]['met']['ttft'])} / {yes(entry[phase]['met']['tpot'])}"]
+                    for worker, entry in by_worker.items()]
+            out += ["", f"{variant}, {phase}:", "",
+                    markdown_table(["worker", "completions", *labels, "floor", "met"], rows)]
+    return "\n".join(out)
+
+
 def decision_section(data: dict[str, Any]) -> str:
     """Return the decision result: a row per worker count, pure µs per policy and DIO's e2e rate."""
     policies = list(data["by_policy"])
@@ -125,11 +151,33 @@ def goodput_section(data: dict[str, Any]) -> str:
              _pct(s["kv_held_at_goodput"])] for p, s in data["summary"].items()]
     return "\n".join(head) + "\n" + markdown_table(["GPU", "fit", "TTFT p99 ms idle", "TPOT p99 ms idle",
                                                     "meet both", "feasible"], feasible) + "\n\n" + markdown_table(
-        ["policy", "goodput req/s", "range", "of capacity", "preemptions", "rejected ≤ goodput", "KV-held"], rows)
+        ["policy", "goodput req/s", "range", "of capacity", "preemptions", "rejected ≤ goodput", "KV-held"],
+        rows) + _goodput_comparisons(data)
+
+
+def _goodput_comparisons(data: dict[str, Any]) -> str:
+    """Full against virtual attainment (--full --rates) and the peers' attainment (--peers), where the file has them."""
+    out = ""
+    rows = [[p, rate, seed, _pct(c["virtual"]), _pct(c["full"]), "yes" if c["confirms"] else "no"]
+            for p, s in data["summary"].items() for rate, by_seed in (s.get("full_vs_virtual") or {}).items()
+            for seed, c in by_seed.items()]
+    if rows:
+        out += "\n\nfull against virtual, same rate and seed:\n\n" + markdown_table(
+            ["policy", "rate", "seed", "virtual", "full", "confirms"], rows)
+    peers = data.get("peers") or {}
+    if peers:
+        rates = sorted({float(r) for s in peers.values() for r in s["attainment_at"]}, key=float)
+        keys = [f"{r:g}" for r in rates]
+        rows = [[name, *(_pct(s["attainment_at"].get(k)) for k in keys), s.get("time_scale")]
+                for name, s in [*peers.items(), *data["summary"].items()]]
+        out += (f"\n\npeers over HTTP ({data['mode']} DIO beside them): SLO attainment at each rate\n\n"
+                + markdown_table(["peer / policy", *keys, "time scale"], rows))
+    return out
 
 
 SECTIONS = {"goodput": goodput_section, "overload": overload_section, "convergence": convergence_section,
-            "decision": decision_section, "pipeline": pipeline_section}
+            "convergence-tokens": convergence_tokens_section, "decision": decision_section,
+            "pipeline": pipeline_section}
 
 
 def render(folder: Path = RESULTS_DIR) -> str:

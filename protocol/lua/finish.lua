@@ -8,8 +8,10 @@
 -- ARGV[4] job TTL seconds    ARGV[5] completion JSON ('' = none)
 -- ARGV[6] comma-separated job-hash fields to send as the client's notice ('' = no notice)
 -- ARGV[7] reply stream max length   ARGV[8] reply stream TTL seconds   ARGV[9] completions max length
--- ARGV[10..] field, value pairs for the job hash (must include STATUS_FIELD)
--- Returns 1 written, 0 already terminal.
+-- ARGV[10] owner: write the terminal state only while the job hash names this worker ('' = any);
+--          a worker's copy aborted because the job moved to another worker must not end it there
+-- ARGV[11..] field, value pairs for the job hash (must include STATUS_FIELD)
+-- Returns 1 written, 0 already terminal, -1 not the owner's (the job is another worker's now).
 if ARGV[2] ~= '' then
   redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[3], ARGV[2])
@@ -20,11 +22,15 @@ redis.call('HDEL', KEYS[2], ARGV[3])
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', COMPLETION_FIELD, ARGV[5])
 end
-if TERMINAL[redis.call('HGET', KEYS[1], STATUS_FIELD)] then
+local job = redis.call('HMGET', KEYS[1], STATUS_FIELD, JOB_HASH.worker)
+if TERMINAL[job[1]] then
   return 0
 end
+if ARGV[10] ~= '' and job[2] and job[2] ~= ARGV[10] then
+  return -1
+end
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 if ARGV[6] ~= '' then

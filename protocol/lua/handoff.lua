@@ -2,11 +2,18 @@
 -- The request is forwarded only if this call's XACK of the intake entry returned 1, so two
 -- dispatchers (or a retried call) can never forward it twice, and it is never between streams.
 -- Capitalised names (STATUS_FIELD, TERMINAL, ...) are the prelude's: see dio.protocol.scripts.
+-- A worker that is not alive and registered gets nothing: a dispatcher that stalled may route on a
+-- stale view, and a job queued at a worker that was taken back would wait there for good.
 -- KEYS[1] intake stream         KEYS[2] worker queue stream
 -- KEYS[3] job hash              KEYS[4] worker's reservations hash
+-- KEYS[5] worker's alive key    KEYS[6] registered workers set
 -- ARGV[1] intake group  ARGV[2] intake entry id  ARGV[3] job id  ARGV[4] worker id
 -- ARGV[5] request JSON  ARGV[6] KV tokens to reserve  ARGV[7] now (epoch seconds)
--- Returns 1 forwarded, 0 entry already handled, -1 job already terminal (cancelled): dropped.
+-- Returns 1 forwarded, 0 entry already handled, -1 job already terminal (cancelled): dropped,
+-- -2 the worker is gone: nothing done, the entry stays pending for another route.
+if redis.call('EXISTS', KEYS[5]) == 0 or redis.call('SISMEMBER', KEYS[6], ARGV[4]) == 0 then
+  return -2
+end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) ~= 1 then
   return 0
 end
