@@ -40,7 +40,7 @@ def dio(prefetch: int = 2, seed: int | None = None, shed_late: bool = True, shed
         name="dio",
         filters=[filters.ServesModel(), filters.FitsWhenIdle(), filters.Alive(), filters.KvAdmission(),
                  filters.QueueBound(prefetch), filters.ColdStartProbe()],
-        scorers=[(scorers.SloHeadroom(fit=slo_fit), 1.0), (scorers.QueueAndKv(), LIVE_STATE_WEIGHT_MS),
+        scorers=[(scorers.SloHeadroom(fit=slo_fit), 1.0), (scorers.WithSlo(scorers.QueueAndKv()), LIVE_STATE_WEIGHT_MS),
                  *[(scorers.WithoutSlo(s), 1.0) for s in end_to_end],
                  (scorers.ProtectsDeadlines(), 1.0)],
         picker=pickers.MinCost(seed),

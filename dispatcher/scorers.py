@@ -203,14 +203,24 @@ class SloHeadroom(Scorer):
 
 
 class WithoutSlo(Scorer):
-    """Apply ``inner`` only to requests without an SLO (``SloHeadroom`` prices the others)."""
+    """Apply ``inner`` only to requests without a TTFT/TPOT SLO (``SloHeadroom`` prices the others)."""
+
+    applies_with_slo = False
 
     def __init__(self, inner: Scorer) -> None:
         self.inner = inner
         self.name = inner.name
 
     def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
-        return np.zeros(len(rows)) if ask.has_slo else self.inner.cost(ask, cluster, rows, now)
+        if ask.has_slo != self.applies_with_slo:
+            return np.zeros(len(rows))
+        return self.inner.cost(ask, cluster, rows, now)
+
+
+class WithSlo(WithoutSlo):
+    """Apply ``inner`` only to requests with a TTFT/TPOT SLO."""
+
+    applies_with_slo = True
 
 
 class Outstanding(Scorer):
