@@ -16,6 +16,7 @@ from dio.client.exceptions import (
     JobFailed,
     JobNotFound,
     JobRejected,
+    RedisUnavailable,
     ResultTimeout,
 )
 from dio.client.handle import JobHandle
@@ -37,6 +38,7 @@ __all__ = [
     "JobRejected",
     "JobResult",
     "JobStatus",
+    "RedisUnavailable",
     "Request",
     "ResultTimeout",
     "Tier",

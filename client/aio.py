@@ -16,18 +16,21 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from functools import partial
+from typing import Any, TypeVar
 
 import redis
 
-from dio.client.client import CLIENT_NAME_PREFIX, resolve_settings, submit_fields
-from dio.client.exceptions import DuplicateJobId, JobNotFound, ResultTimeout
+from dio.client.client import CLIENT_NAME_PREFIX, TRANSIENT_ERRORS, resolve_settings, submit_fields
+from dio.client.exceptions import DuplicateJobId, JobNotFound, RedisUnavailable, ResultTimeout
 from dio.client.jobs import (
+    SUBMISSION_FIELDS,
     build_request,
     cancelled_result,
     check_unique,
     is_terminal,
+    made_by,
     new_job_fields,
     outcome,
     parse_job,
@@ -43,6 +46,8 @@ from dio.protocol.retry import Outage
 from dio.protocol.scripts import AsyncScripts
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _new_future() -> asyncio.Future:
@@ -186,18 +191,43 @@ class AsyncClient:
         handles: list[AsyncJobHandle] = []
         step = self.settings.submit_chunk
         for start in range(0, len(reqs), step):
-            submitted, refused = await self._submit_chunk(reqs[start:start + step])
+            submitted, refused = await self._retrying("submit", partial(self._submit_chunk, reqs[start:start + step]))
             handles += submitted
             if refused:
                 raise DuplicateJobId(refused, handles)
         return handles
 
-    async def _submit_chunk(self, reqs: list[Request]) -> tuple[list[AsyncJobHandle], list[str]]:
-        """Submit one chunk in one pipeline; return the handles of those submitted and the ids refused."""
+    async def _retrying(self, what: str, call: Callable[[int], Awaitable[T]]) -> T:
+        """Return ``await call(attempt)``, retried through a Redis outage; same contract as ``Client._retrying``."""
+        deadline = time.monotonic() + self.settings.client_retry_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                value = await call(attempt)
+            except TRANSIENT_ERRORS as exc:
+                pause, left = self.outage.failed(exc), deadline - time.monotonic()
+                if left <= 0:
+                    raise RedisUnavailable(what, self.settings.client_retry_s, exc) from exc
+                await asyncio.sleep(min(pause, left))
+                continue
+            self.outage.ok()
+            return value
+
+    async def _submit_chunk(self, reqs: list[Request], attempt: int = 1) -> tuple[list[AsyncJobHandle], list[str]]:
+        """Submit one chunk in one pipeline; same contract as ``Client._submit_chunk``."""
         pipe = self.redis.pipeline(transaction=False)
         for req in reqs:
             await self._scripts.submit(pipe, req.id, req.to_json(), new_job_fields(req))  # queued when awaited
         refused = refused_ids(reqs, await pipe.execute())
+        if refused and attempt > 1:  # the earlier try may have created some of them
+            by_id = {req.id: req for req in reqs}
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in refused:
+                pipe.hmget(self.keys.job(job_id), list(SUBMISSION_FIELDS))
+            found = await pipe.execute()
+            refused = [job_id for job_id, fields in zip(refused, found, strict=True)
+                       if not made_by(by_id[job_id], fields)]
         # A notice that comes before its handle waits in the mailbox until expect() asks for it.
         handles = [AsyncJobHandle(self, req, self._mailbox.expect(req.id)) for req in reqs if req.id not in refused]
         return handles, refused
@@ -237,25 +267,35 @@ class AsyncClient:
 
     async def get(self, job_id: str) -> JobResult | None:
         """Read a job's current state from its hash (None when the id is unknown or expired)."""
-        return parse_job(job_id, await self.redis.hgetall(self.keys.job(job_id)))
+        fields = await self._retrying("get", lambda _: self.redis.hgetall(self.keys.job(job_id)))
+        return parse_job(job_id, fields)
 
     async def status(self, job_id: str) -> JobStatus | None:
         """Return a job's current status, or None when its hash is gone."""
-        raw = await self.redis.hget(self.keys.job(job_id), STATUS_FIELD)
+        raw = await self._retrying("status", lambda _: self.redis.hget(self.keys.job(job_id), STATUS_FIELD))
         return None if raw is None else JobStatus(raw)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not ended; same contract as ``Client.cancel``."""
         key = self.keys.job(job_id)
-        status, reply_to, worker = await self.redis.hmget(key, [STATUS_FIELD, "reply_to", "worker"])
-        if status is None or is_terminal(status):
-            return False
-        result = cancelled_result(job_id, worker)
-        notify = None if reply_to == self.client_id else reply_to
-        written = await self._scripts.finish(self.redis, result, notify)
-        if written:
-            self._mailbox.settle(job_id, result)
-        return bool(written)
+        tried: list[JobResult] = []
+
+        async def attempt(_: int) -> bool:
+            status, reply_to, worker = await self.redis.hmget(key, [STATUS_FIELD, "reply_to", "worker"])
+            if tried and status == JobStatus.cancelled.value:
+                self._mailbox.settle(job_id, tried[0])  # the earlier try wrote it; its reply was lost
+                return True
+            if status is None or is_terminal(status):
+                return False
+            result = cancelled_result(job_id, worker)
+            tried[:] = [result]
+            notify = None if reply_to == self.client_id else reply_to
+            written = await self._scripts.finish(self.redis, result, notify)
+            if written == 1:
+                self._mailbox.settle(job_id, result)
+            return written == 1
+
+        return await self._retrying("cancel", attempt)
 
     # --- waiting ----------------------------------------------------------------------------------
 

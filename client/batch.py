@@ -5,7 +5,11 @@ optional rate limit), appends each output line as soon as its result arrives, an
 progress in the batch hash (``Keys.batch``). It is resumable: run it again with the same output
 file and the lines already answered are skipped. It is cancellable: ``request_cancel`` sets a
 flag the runner checks between submissions; it then cancels its in-flight jobs (left out of the
-output, so running the batch again resumes them).
+output, so running the batch again resumes them). It rides out a Redis outage: polls, cancel
+checks and progress saves that fail are retried on the next quiet moment, submissions and cancels
+are retried with the shared backoff for up to the client's ``client_retry_s``; progress lives in
+the output file, so nothing answered is lost, and past that bound the batch stops ``interrupted``
+and a rerun resumes it.
 
 ``enqueue_batch`` runs the same thing as an RQ job (JSON serializer, queue ``dio-batch``), which
 an RQ worker started as ``rq worker dio-batch --worker-class dio.client.batch.BatchWorker
@@ -38,7 +42,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer, resolve_serializer
 
 from dio.client.batch_output import OutputFile
-from dio.client.client import Client, put_when_done, resolve_settings
+from dio.client.client import TRANSIENT_ERRORS, Client, put_when_done, resolve_settings
 from dio.client.exceptions import DIOError, JobNotFound
 from dio.client.handle import JobHandle
 from dio.client.jobs import build_request
@@ -111,12 +115,22 @@ def request_cancel(client: Client, batch_id: str) -> None:
 
 
 def claim_batch(client: Client, batch_id: str, fields: dict[str, Any]) -> None:
-    """Mark a batch running, unless a live runner holds it (raise BatchBusy)."""
+    """Mark a batch running, unless a live runner holds it (raise BatchBusy); retried through a Redis outage.
+
+    A retry that finds the batch claimed with this claim's ``started_at`` (the earlier try's reply
+    was lost) has claimed it.
+    """
+    client._retrying("claim batch", lambda attempt: _claim(client, batch_id, fields, attempt))
+
+
+def _claim(client: Client, batch_id: str, fields: dict[str, Any], attempt: int) -> None:
     key = client.keys.batch(batch_id)
     with client.redis.pipeline() as pipe:
         try:
             pipe.watch(key)
-            status, heartbeat = pipe.hmget(key, ["status", "updated_at"])
+            status, heartbeat, started = pipe.hmget(key, ["status", "updated_at", "started_at"])
+            if attempt > 1 and status == "running" and started is not None and started == fields.get("started_at"):
+                return
             if status == "running" and heartbeat and time.time() - float(heartbeat) < BATCH_STALE_S:
                 raise BatchBusy(f"batch {batch_id} is being run by another runner")
             pipe.multi()
@@ -246,10 +260,20 @@ class BatchRunner:
                 return
 
     def _tick(self) -> None:
-        """A quiet moment: look for lost notices, check for a cancel request, save progress."""
-        if self._in_flight:
-            self.client.poll([h for _line, _req, h in self._in_flight.values()])
-        self.cancelled = self.cancelled or self._cancel_requested()
+        """A quiet moment: look for lost notices, check for a cancel request, save progress.
+
+        Through a Redis outage each is skipped until a later tick (the jobs and their notices wait
+        in Redis; the progress is in the output file).
+        """
+        try:
+            if self._in_flight:
+                self.client.poll([h for _line, _req, h in self._in_flight.values()])
+            self.cancelled = self.cancelled or self.client.redis.hget(
+                self.client.keys.batch(self.batch_id), "cancel_requested") == "1"
+        except TRANSIENT_ERRORS as exc:
+            self.client.outage.failed(exc)
+            return
+        self.client.outage.ok()
         self.save()
 
     def _write_result(self, handle: JobHandle) -> None:
@@ -287,12 +311,26 @@ class BatchRunner:
             self._collect(self.client.settings.poll_interval_s)
 
     def _cancel_requested(self) -> bool:
-        return self.client.redis.hget(self.client.keys.batch(self.batch_id), "cancel_requested") == "1"
+        key = self.client.keys.batch(self.batch_id)
+        flag = self.client._retrying("batch cancel check", lambda _: self.client.redis.hget(key, "cancel_requested"))
+        return flag == "1"
 
-    def save(self, **extra: Any) -> None:
-        """Write the progress (and the runner's heartbeat) to the batch hash."""
+    def save(self, *, retry: bool = False, **extra: Any) -> None:
+        """Write the progress (and the runner's heartbeat) to the batch hash.
+
+        Skipped through a Redis outage (the next save writes it all), unless ``retry``: then
+        retried like a submission.
+        """
         fields = {**self.progress.as_dict(), "updated_at": repr(time.time()), **extra}
-        self.client.redis.hset(self.client.keys.batch(self.batch_id), mapping=fields)
+        key = self.client.keys.batch(self.batch_id)
+        try:
+            if retry:
+                self.client._retrying("save batch progress", lambda _: self.client.redis.hset(key, mapping=fields))
+            else:
+                self.client.redis.hset(key, mapping=fields)
+        except TRANSIENT_ERRORS as exc:
+            self.client.outage.failed(exc)
+            return
         self._last_save = time.monotonic()
 
 
@@ -361,19 +399,26 @@ def _abandon(runner: BatchRunner) -> None:
     runner.progress_cb = None  # it may be what raised
     try:
         runner.cancel_in_flight()
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, OSError, DIOError) as exc:
         log.warning("batch %s: could not cancel in-flight jobs: %s", runner.batch_id, exc)
 
 
 def _finish(client: Client, runner: BatchRunner, progress: BatchProgress) -> None:
     """Record the final state; a cancel request is consumed so that a rerun resumes the batch."""
     progress.in_flight = 0
-    try:
-        runner.save(finished_at=repr(time.time()))
+    key = client.keys.batch(runner.batch_id)
+
+    def record(_: int) -> None:
+        pipe = client.redis.pipeline(transaction=False)
         if runner.cancelled:
-            client.redis.hdel(client.keys.batch(runner.batch_id), "cancel_requested")
-        client.redis.expire(client.keys.batch(runner.batch_id), BATCH_HASH_TTL_S)
-    except redis.RedisError as exc:
+            pipe.hdel(key, "cancel_requested")
+        pipe.expire(key, BATCH_HASH_TTL_S)
+        pipe.execute()
+
+    try:
+        runner.save(retry=True, finished_at=repr(time.time()))
+        client._retrying("record batch end", record)
+    except (redis.RedisError, DIOError) as exc:
         log.warning("batch %s: could not record its final state: %s", runner.batch_id, exc)
     if runner.progress_cb is not None and progress.status != "interrupted":
         runner.progress_cb(progress)
@@ -394,7 +439,11 @@ class MetaReporter:
         if progress.status == "running" and now - self._last_save < META_SAVE_INTERVAL_S:
             return
         self.job.meta["progress"] = progress.as_dict()
-        self.job.save_meta()
+        try:
+            self.job.save_meta()
+        except TRANSIENT_ERRORS as exc:  # RQ's Redis is away: saved on a later call
+            log.debug("batch progress not saved to the RQ job: %s", exc)
+            return
         self._last_save = now
 
 

@@ -5,7 +5,9 @@ intake entry, unless a job with that id exists (DuplicateJobId: a job is never o
 Each Client has one id and one private reply stream; a single reader thread turns the notices on
 it into results, and waiters poll the job hash about once a second so that a lost notice (an
 expired reply stream, a reader that was down) never loses a result. Waiters ride out a Redis
-outage (``dio.protocol.retry``) until their timeout, and raise only DIO's exceptions.
+outage (``dio.protocol.retry``) until their timeout, and raise only DIO's exceptions; ``submit``,
+``get``, ``status`` and ``cancel`` ride it out for up to ``client_retry_s``, then raise
+RedisUnavailable (a retried submission that finds the job it created counts it as submitted).
 """
 
 from __future__ import annotations
@@ -16,20 +18,23 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import redis
 
-from dio.client.exceptions import DuplicateJobId, JobNotFound, ResultTimeout
+from dio.client.exceptions import DuplicateJobId, JobNotFound, RedisUnavailable, ResultTimeout
 from dio.client.handle import JobHandle
 from dio.client.jobs import (
+    SUBMISSION_FIELDS,
     build_request,
     cancelled_result,
     check_unique,
     is_terminal,
+    made_by,
     new_job_fields,
     parse_job,
     refused_ids,
@@ -46,6 +51,11 @@ from dio.protocol.scripts import Scripts
 log = logging.getLogger("dio.client")
 
 CLIENT_NAME_PREFIX = "dio-client:"  # CLIENT LIST shows every connection of a client under this name
+# Errors of a Redis that is away (restarting, loading, failing over): retried, not raised.
+TRANSIENT_ERRORS: tuple[type[redis.RedisError], ...] = (redis.ConnectionError, redis.TimeoutError,
+                                                        redis.exceptions.ReadOnlyError)
+
+T = TypeVar("T")
 
 
 def resolve_settings(settings: ClientSettings | None, redis_url: str | None,
@@ -165,18 +175,50 @@ class Client:
         handles: list[JobHandle] = []
         step = self.settings.submit_chunk
         for start in range(0, len(reqs), step):
-            submitted, refused = self._submit_chunk(reqs[start:start + step])
+            submitted, refused = self._retrying("submit", partial(self._submit_chunk, reqs[start:start + step]))
             handles += submitted
             if refused:
                 raise DuplicateJobId(refused, handles)
         return handles
 
-    def _submit_chunk(self, reqs: list[Request]) -> tuple[list[JobHandle], list[str]]:
-        """Submit one chunk in one pipeline; return the handles of those submitted and the ids refused."""
+    def _retrying(self, what: str, call: Callable[[int], T]) -> T:
+        """Return ``call(attempt)`` (attempt 1, 2, ...), retried with the shared backoff through a Redis outage.
+
+        Raises RedisUnavailable once Redis has been away ``client_retry_s`` seconds.
+        """
+        deadline = time.monotonic() + self.settings.client_retry_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                value = call(attempt)
+            except TRANSIENT_ERRORS as exc:
+                pause, left = self.outage.failed(exc), deadline - time.monotonic()
+                if left <= 0:
+                    raise RedisUnavailable(what, self.settings.client_retry_s, exc) from exc
+                time.sleep(min(pause, left))
+                continue
+            self.outage.ok()
+            return value
+
+    def _submit_chunk(self, reqs: list[Request], attempt: int = 1) -> tuple[list[JobHandle], list[str]]:
+        """Submit one chunk in one pipeline; return the handles of those submitted and the ids refused.
+
+        On a retry (``attempt`` > 1) the earlier try may have created some jobs before its reply was
+        lost: a refused id whose job this very request created counts as submitted.
+        """
         pipe = self.redis.pipeline(transaction=False)
         for req in reqs:
             self._scripts.submit(pipe, req.id, req.to_json(), new_job_fields(req))
         refused = refused_ids(reqs, pipe.execute())
+        if refused and attempt > 1:
+            by_id = {req.id: req for req in reqs}
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in refused:
+                pipe.hmget(self.keys.job(job_id), list(SUBMISSION_FIELDS))
+            found = pipe.execute()
+            refused = [job_id for job_id, fields in zip(refused, found, strict=True)
+                       if not made_by(by_id[job_id], fields)]
         # A notice that comes before its handle waits in the mailbox until expect() asks for it.
         handles = [JobHandle(self, req, self._mailbox.expect(req.id)) for req in reqs if req.id not in refused]
         return handles, refused
@@ -193,11 +235,11 @@ class Client:
 
     def get(self, job_id: str) -> JobResult | None:
         """Read a job's current state from its hash (None when the id is unknown or expired)."""
-        return parse_job(job_id, self.redis.hgetall(self.keys.job(job_id)))
+        return self._retrying("get", lambda _: parse_job(job_id, self.redis.hgetall(self.keys.job(job_id))))
 
     def status(self, job_id: str) -> JobStatus | None:
         """Return a job's current status, or None when its hash is gone."""
-        raw = self.redis.hget(self.keys.job(job_id), STATUS_FIELD)
+        raw = self._retrying("status", lambda _: self.redis.hget(self.keys.job(job_id), STATUS_FIELD))
         return None if raw is None else JobStatus(raw)
 
     def cancel(self, job_id: str) -> bool:
@@ -205,17 +247,28 @@ class Client:
 
         The terminal state ``cancelled`` is written through the finish script, so a worker that
         finishes the job later cannot overwrite it, and a worker that has not started it drops it.
+        Retried through a Redis outage: a job found cancelled after a try whose reply was lost counts
+        as cancelled by this call.
         """
-        status, reply_to, worker = self.redis.hmget(self.keys.job(job_id), [STATUS_FIELD, "reply_to", "worker"])
-        if status is None or is_terminal(status):
-            return False
-        result = cancelled_result(job_id, worker)
-        # Our own jobs are resolved here; a notice to ourselves would only be read and dropped.
-        notify = None if reply_to == self.client_id else reply_to
-        written = self._scripts.finish(self.redis, result, notify)
-        if written:
-            self._mailbox.settle(job_id, result)
-        return bool(written)
+        tried: list[JobResult] = []
+
+        def attempt(_: int) -> bool:
+            status, reply_to, worker = self.redis.hmget(self.keys.job(job_id), [STATUS_FIELD, "reply_to", "worker"])
+            if tried and status == JobStatus.cancelled.value:
+                self._mailbox.settle(job_id, tried[0])
+                return True
+            if status is None or is_terminal(status):
+                return False
+            result = cancelled_result(job_id, worker)
+            tried[:] = [result]
+            # Our own jobs are resolved here; a notice to ourselves would only be read and dropped.
+            notify = None if reply_to == self.client_id else reply_to
+            written = self._scripts.finish(self.redis, result, notify)
+            if written == 1:
+                self._mailbox.settle(job_id, result)
+            return written == 1
+
+        return self._retrying("cancel", attempt)
 
     # --- waiting ----------------------------------------------------------------------------------
 

@@ -60,6 +60,20 @@ class ResultTimeout(DIOError, TimeoutError):
         super().__init__(f"job {job_id} not finished after {timeout_s:g} s (status: {status or 'unknown'})")
 
 
+class RedisUnavailable(DIOError):
+    """Redis stayed unreachable longer than the client's ``client_retry_s``: the call did not complete.
+
+    A submission that raises this may or may not have been accepted: submit again under the same
+    id (a job of that id, created by this request, counts as submitted) or read it with ``get()``.
+    """
+
+    def __init__(self, what: str, retry_s: float, error: BaseException) -> None:
+        self.what = what
+        self.retry_s = retry_s
+        self.error = error
+        super().__init__(f"{what}: Redis unreachable for {retry_s:g} s ({type(error).__name__}: {error})")
+
+
 class JobNotFound(DIOError, LookupError):
     """The job hash does not exist: the id is unknown, or its result expired."""
 

@@ -64,6 +64,18 @@ def new_job_fields(req: Request) -> dict[str, str]:
     return fields
 
 
+SUBMISSION_FIELDS = ("submitted_at", "reply_to")  # what tells a job created by a given request
+
+
+def made_by(req: Request, fields: list[str | None]) -> bool:
+    """Tell whether a job hash's SUBMISSION_FIELDS (HMGET) are the ones ``req``'s submission wrote.
+
+    A submission retried after an ambiguous failure (the reply was lost) finds its own job: that
+    one is submitted, not a duplicate.
+    """
+    return fields == [repr(req.submitted_at), req.reply_to]
+
+
 def refused_ids(reqs: list[Request], replies: list[Any]) -> list[str]:
     """Return the ids whose ``submit.lua`` reply says the job exists (0), in order."""
     return [req.id for req, reply in zip(reqs, replies, strict=True) if reply == 0]

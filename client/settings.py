@@ -14,6 +14,7 @@ from dio.protocol.settings import CommonSettings
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_RESULT_TIMEOUT_S = 600.0  # JobHandle.result() gives up after this long unless told otherwise
+CLIENT_RETRY_S = 30.0  # submit/get/status/cancel ride out a Redis outage this long, then raise RedisUnavailable
 POLL_INTERVAL_S = 1.0  # a waiter re-reads the job hash this often, in case its notice was lost
 POLLED_HASHES_PER_S = 1000  # bulk waiters slow their polling down to about this many hashes a second
 SUBMIT_CHUNK = 500  # requests per pipeline round trip in submit_many
@@ -37,4 +38,5 @@ class ClientSettings(CommonSettings):
     # None waits forever.
     result_timeout_s: float | None = Field(default=DEFAULT_RESULT_TIMEOUT_S, gt=0)
     poll_interval_s: float = Field(default=POLL_INTERVAL_S, gt=0)
+    client_retry_s: float = Field(default=CLIENT_RETRY_S, ge=0)  # DIO_CLIENT_RETRY_S
     submit_chunk: int = Field(default=SUBMIT_CHUNK, ge=1)

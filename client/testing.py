@@ -84,11 +84,11 @@ class EchoBackend:
         while not self._stopping.is_set():
             try:
                 replies = self._redis.xread({self.keys.intake: last_id}, count=500, block=100)
+                for _stream, entries in replies or []:
+                    last_id = entries[-1][0]
+                    self._answer([Request.model_validate_json(fields[REQUEST_FIELD]) for _id, fields in entries])
             except redis.RedisError:
                 return  # the test is over (its keys were deleted, or Redis went away)
-            for _stream, entries in replies or []:
-                last_id = entries[-1][0]
-                self._answer([Request.model_validate_json(fields[REQUEST_FIELD]) for _id, fields in entries])
 
     def _answer(self, reqs: list[Request]) -> None:
         if self.delay_s:

@@ -15,6 +15,7 @@ from dio.protocol.keys import REQUEST_FIELD
 from dio.protocol.models import JobId, JobResult, JobStatus, Request, describe_validation_error
 
 MAX_DEADLETTER_RAW_CHARS = 2000
+DEADLETTER_MAXLEN = 10_000  # approximate cap of the dead-letter stream
 
 
 @dataclass

@@ -20,9 +20,10 @@ import redis
 from pydantic import ValidationError
 
 from dio.dispatcher.cluster import Cluster
+from dio.dispatcher.intake import DEADLETTER_MAXLEN, MAX_DEADLETTER_RAW_CHARS
 from dio.dispatcher.predictor_store import PredictorStore
 from dio.protocol import defaults as d
-from dio.protocol.keys import ATTEMPTS_FIELD, JOB_FIELD, REQUEST_FIELD, STATUS_FIELD, Keys
+from dio.protocol.keys import ATTEMPTS_FIELD, DIED_ON_FIELD, JOB_FIELD, REQUEST_FIELD, STATUS_FIELD, Keys
 from dio.protocol.models import TERMINAL_STATUSES, JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
 from dio.protocol.scripts import Scripts
 
@@ -103,22 +104,30 @@ class WorkerRegistry:
         pipe = self.redis.pipeline(transaction=False)
         job_ids = [f.get(JOB_FIELD, "") for _, f in entries]
         for job_id in job_ids:
-            pipe.hget(self.keys.job(job_id), ATTEMPTS_FIELD)
-        attempts = pipe.execute()
-        for job_id, (_, fields), count in zip(job_ids, entries, attempts, strict=True):
+            pipe.hmget(self.keys.job(job_id), [ATTEMPTS_FIELD, DIED_ON_FIELD])
+        replies = pipe.execute()
+        for job_id, (_, fields), (count, died_on) in zip(job_ids, entries, replies, strict=True):
             if count is not None and int(count) >= d.MAX_ATTEMPTS:
-                self._fail_poison(job_id, fields, int(count))
+                self._fail_poison(job_id, fields, int(count), died_on)
 
-    def _fail_poison(self, job_id: str, fields: dict[str, str], attempts: int) -> None:
+    def _fail_poison(self, job_id: str, fields: dict[str, str], attempts: int, died_on: str | None = None) -> None:
+        """Fail the job, and keep it with its history in the dead-letter stream for an operator."""
         # The requeued intake entry is still there; it is ended when routed, since the job is now
         # terminal and handoff.lua drops terminal jobs.
+        raw = fields.get(REQUEST_FIELD, "")
         try:
-            reply_to = json.loads(fields.get(REQUEST_FIELD, "{}")).get("reply_to")
+            request = json.loads(raw or "{}")
+            reply_to = request.get("reply_to") if isinstance(request, dict) else None
         except json.JSONDecodeError:
             reply_to = None
-        result = JobResult(id=job_id, status=JobStatus.failed, attempts=attempts, finished_at=time.time(),
-                           error=f"its worker died {attempts} times while running it; not retried")
-        self.scripts.finish(self.redis, result, reply_to, job_ttl_s=self.job_ttl_s)
+        error = f"its worker died {attempts} times while running it; not retried"
+        result = JobResult(id=job_id, status=JobStatus.failed, attempts=attempts, finished_at=time.time(), error=error)
+        if self.scripts.finish(self.redis, result, reply_to, job_ttl_s=self.job_ttl_s) != 1:
+            return  # it ended meanwhile (or another dispatcher failed it): nothing to dead-letter
+        log.warning("job %s failed and dead-lettered: its workers died %d times (%s)", job_id, attempts, died_on)
+        self.redis.xadd(self.keys.deadletter, {"job": job_id, "attempts": attempts, "workers": died_on or "[]",
+                                               "raw": raw[:MAX_DEADLETTER_RAW_CHARS], "error": error},
+                        maxlen=DEADLETTER_MAXLEN, approximate=True)
 
     def sync_reservations(self) -> None:
         """Reload every worker's reservations from Redis (the truth, kept by the Lua scripts)."""

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from dio.dispatcher.backlog import Backlog, Pending
 from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.config import DispatcherSettings
-from dio.dispatcher.intake import InvalidEntry, parse_entry
+from dio.dispatcher.intake import DEADLETTER_MAXLEN, InvalidEntry, parse_entry
 from dio.dispatcher.policy import Policy
 from dio.dispatcher.predictor_store import PredictorStore
 from dio.dispatcher.registry import WorkerRegistry
@@ -48,7 +48,6 @@ from dio.protocol.scripts import HANDOFF_WORKER_GONE, Scripts
 
 log = logging.getLogger("dio.dispatcher")
 
-DEADLETTER_MAXLEN = 10_000  # approximate cap of the dead-letter stream
 EXPIRE_CHECK_S = 0.1  # how often the backlog is routed (and expired) when nothing else changed
 ENDED_CHECK_S = 0.5  # how often the statuses of waiting requests are read (a cancelled one leaves then)
 ENDED_CHECK_BATCH = 5_000  # statuses read per check; a longer backlog is covered over several checks

@@ -29,6 +29,8 @@ SIM_EOS_METADATA = "sim_eos_tokens"
 # Job-hash fields that scripts and processes read by name (the rest are JobResult's fields).
 STATUS_FIELD = "status"
 ATTEMPTS_FIELD = "attempts"
+DIED_ON_FIELD = "died_on"  # JSON list of the workers a job was taken back from (requeue.lua), newest last
+DIED_ON_MAX = 16  # requeue.lua keeps this many of them
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Keys:
     P completions                   stream  every terminal job of a worker (field ``c``)
     P predictor                     hash    worker id -> predictor state JSON
     P dispatcher:lease              string  the active dispatcher's name, with a TTL
-    P deadletter                    stream  intake entries that could not even be parsed
+    P deadletter                    stream  intake entries that could not even be parsed; poisoned jobs
     P batch:<id>                    hash    an offline batch job's progress
     ==============================  ======  ==========================================================
     """

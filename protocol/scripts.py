@@ -12,7 +12,7 @@ spelled once, in Python. The prelude's Lua locals:
 
 - ``SCHEMA_VERSION``: ``models.SCHEMA_VERSION``;
 - ``REQUEST_FIELD``, ``JOB_FIELD``, ``COMPLETION_FIELD``, ``RESULT_FIELD`` (stream entry fields) and
-  ``STATUS_FIELD``, ``ATTEMPTS_FIELD`` (job-hash fields), as ``keys`` defines them;
+  ``STATUS_FIELD``, ``ATTEMPTS_FIELD``, ``DIED_ON_FIELD`` (job-hash fields), as ``keys`` defines them;
 - ``STATUS``: each ``JobStatus`` by member name (``STATUS.queued == 'queued'``);
 - ``TERMINAL``: the terminal statuses as a set (``TERMINAL[status]`` is true for them, nil otherwise);
 - ``JOB_HASH``: each ``JobResult`` field by name (``JOB_HASH.worker == 'worker'``);
@@ -36,6 +36,8 @@ from dio.protocol import defaults as d
 from dio.protocol.keys import (
     ATTEMPTS_FIELD,
     COMPLETION_FIELD,
+    DIED_ON_FIELD,
+    DIED_ON_MAX,
     DISPATCHER_GROUP,
     JOB_FIELD,
     REQUEST_FIELD,
@@ -73,7 +75,8 @@ def _lua_table(entries: dict[str, str]) -> str:
 def prelude() -> str:
     """Return the Lua locals put in front of every script (the module docstring lists them)."""
     fields = {"REQUEST_FIELD": REQUEST_FIELD, "JOB_FIELD": JOB_FIELD, "COMPLETION_FIELD": COMPLETION_FIELD,
-              "RESULT_FIELD": RESULT_FIELD, "STATUS_FIELD": STATUS_FIELD, "ATTEMPTS_FIELD": ATTEMPTS_FIELD}
+              "RESULT_FIELD": RESULT_FIELD, "STATUS_FIELD": STATUS_FIELD, "ATTEMPTS_FIELD": ATTEMPTS_FIELD,
+              "DIED_ON_FIELD": DIED_ON_FIELD}
     tables = {
         "STATUS": {s.name: _lua_string(s.value) for s in JobStatus},
         "TERMINAL": {s.value: "true" for s in JobStatus if s.terminal},
@@ -149,7 +152,7 @@ class _Transitions(Generic[RunnerT, ReplyT]):
     def requeue(self, runner: RunnerT, worker_id: str, entry_id: str, job_id: str, request_json: str) -> ReplyT:
         k = self.keys
         return self._run(runner, "requeue", [k.queue(worker_id), k.intake, k.job(job_id), k.reserved(worker_id)],
-                         [WORKER_GROUP, entry_id, job_id, request_json])
+                         [WORKER_GROUP, entry_id, job_id, request_json, worker_id, DIED_ON_MAX])
 
     def finish(
         self,

@@ -246,3 +246,38 @@ def test_a_batch_worker_without_the_json_serializer_refuses_to_start(rq_queue, r
     served = subprocess.run([*rq, "--serializer", "rq.serializers.JSONSerializer", rq_queue.name],
                             capture_output=True, text=True, timeout=60)
     assert served.returncode == 0, served.stderr
+
+
+def test_a_batch_rides_out_a_redis_restart_and_loses_nothing(restartable_redis, input_file, tmp_path):
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from dio.client import Client, ClientSettings
+
+    settings = ClientSettings(redis_url=restartable_redis.url, key_prefix="{b}:", poll_interval_s=0.2)
+    output = tmp_path / "out.jsonl"
+    backends: list[EchoBackend] = []
+    restarts: list[threading.Thread] = []
+
+    def start_backend() -> None:
+        backends.append(EchoBackend(settings, delay_s=0.02).__enter__())
+
+    def restart_midway(progress: BatchProgress) -> None:
+        if progress.done + progress.failed >= 10 and not restarts:
+            restarts.append(restartable_redis.outage(1.5, then=start_backend))  # the first backend dies of it
+
+    start_backend()
+    try:
+        with Client(settings) as client:
+            client.redis.set_retry(Retry(NoBackoff(), 0))  # fail fast: no retries hidden inside redis-py
+            progress = run_batch(input_file, output, client, concurrency=4, progress_cb=restart_midway,
+                                 batch_id="through")
+            assert restarts and not restarts[0].join(10)
+            assert progress.status == "completed"
+            assert get_progress(client, "through")["status"] == "completed"
+    finally:
+        for backend in backends:
+            backend.__exit__(None, None, None)
+    records = read_output(output)
+    assert len(records) == LINES  # every line answered once
+    assert_complete(records)

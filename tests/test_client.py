@@ -269,3 +269,77 @@ def test_a_wait_that_outlasts_its_timeout_in_an_outage_raises_result_timeout(res
         assert caught.value.status is None  # no status could be read
         with pytest.raises(ResultTimeout):
             client.wait_all([handle], timeout=0.5)
+
+
+def back_in(restartable_redis, seconds: float) -> threading.Thread:
+    """Stop Redis now (its data kept) and start it again in ``seconds``, in a thread."""
+    restartable_redis.stop(save=True)
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), restartable_redis.start()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_submit_get_status_and_cancel_ride_out_a_redis_restart(restartable_redis):
+    settings = ClientSettings(redis_url=restartable_redis.url, key_prefix="{c}:", poll_interval_s=0.2)
+    with Client(settings) as client:
+        client.redis.set_retry(Retry(NoBackoff(), 0))  # fail fast: no retries hidden inside redis-py
+        restart = back_in(restartable_redis, 1.0)
+        handle = client.submit("during", id="during")
+        restart.join(10)
+        assert client.status("during") is JobStatus.queued
+        restart = back_in(restartable_redis, 1.0)
+        assert client.get("during").status is JobStatus.queued
+        restart.join(10)
+        restart = back_in(restartable_redis, 1.0)
+        assert client.status("during") is JobStatus.queued
+        restart.join(10)
+        restart = back_in(restartable_redis, 1.0)
+        assert client.cancel("during") is True
+        restart.join(10)
+        assert handle.result(timeout=5, raise_on_error=False).status is JobStatus.cancelled
+        conn = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        assert conn.xlen(settings.keys.intake) == 1  # submitted once
+        conn.close()
+
+
+def test_a_client_call_that_outlasts_its_retry_bound_raises_redis_unavailable(restartable_redis):
+    from dio.client import RedisUnavailable
+
+    settings = ClientSettings(redis_url=restartable_redis.url, key_prefix="{c}:", client_retry_s=0.5)
+    with Client(settings) as client:
+        client.redis.set_retry(Retry(NoBackoff(), 0))
+        restartable_redis.stop(save=True)
+        for call in (lambda: client.submit("x"), lambda: client.get("x"), lambda: client.status("x"),
+                     lambda: client.cancel("x")):
+            start = time.monotonic()
+            with pytest.raises(RedisUnavailable) as caught:
+                call()
+            assert 0.5 <= time.monotonic() - start < 3.0
+            assert isinstance(caught.value, DIOError)
+
+
+def test_a_submission_retried_after_an_ambiguous_failure_creates_one_job(backend, client, redis_prefix):
+    real_pipeline = client.redis.pipeline
+    failed = []
+
+    def pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        def execute(*a, **k):
+            replies = real_execute(*a, **k)
+            if not failed:  # the scripts ran, then the connection "dropped" before the reply
+                failed.append(True)
+                raise redis.ConnectionError("connection reset")
+            return replies
+
+        pipe.execute = execute
+        return pipe
+
+    client.redis.pipeline = pipeline
+    handle = client.submit("once", id="ambiguous")
+    client.redis.pipeline = real_pipeline
+    assert failed == [True]
+    assert handle.result(timeout=5).output == "echo: once"
+    with pytest.raises(DuplicateJobId):  # another request under that id is still refused
+        client.submit("twice", id="ambiguous")

@@ -121,3 +121,48 @@ async def test_result_rides_out_a_redis_restart(restartable_redis):
         assert (await one.result(timeout=15)).output == "after"
         assert [r.output for r in await client.wait_all([two], timeout=15)] == ["after"]
         restart.join(10)
+
+
+async def test_submit_get_status_and_cancel_ride_out_a_redis_restart(restartable_redis):
+    import threading
+
+    def back_in(seconds: float) -> threading.Thread:
+        restartable_redis.stop(save=True)
+        thread = threading.Thread(target=lambda: (time.sleep(seconds), restartable_redis.start()), daemon=True)
+        thread.start()
+        return thread
+
+    settings = ClientSettings(redis_url=restartable_redis.url, key_prefix="{c}:", poll_interval_s=0.2)
+    async with AsyncClient(settings) as client:
+        client.redis.set_retry(Retry(NoBackoff(), 0))  # fail fast: no retries hidden inside redis-py
+        restart = back_in(1.0)
+        handle = await client.submit("during", id="during")
+        restart.join(10)
+        restart = back_in(1.0)
+        assert (await client.get("during")).status is JobStatus.queued
+        restart.join(10)
+        restart = back_in(1.0)
+        assert await client.status("during") is JobStatus.queued
+        restart.join(10)
+        restart = back_in(1.0)
+        assert await client.cancel("during") is True
+        restart.join(10)
+        assert (await handle.result(timeout=5, raise_on_error=False)).status is JobStatus.cancelled
+        conn = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        assert conn.xlen(settings.keys.intake) == 1  # submitted once
+        conn.close()
+
+
+async def test_an_async_call_that_outlasts_its_retry_bound_raises_redis_unavailable(restartable_redis):
+    from dio.client import RedisUnavailable
+
+    settings = ClientSettings(redis_url=restartable_redis.url, key_prefix="{c}:", client_retry_s=0.5)
+    async with AsyncClient(settings) as client:
+        client.redis.set_retry(Retry(NoBackoff(), 0))
+        restartable_redis.stop(save=True)
+        for call in (lambda: client.submit("x"), lambda: client.get("x"), lambda: client.status("x"),
+                     lambda: client.cancel("x")):
+            start = time.monotonic()
+            with pytest.raises(RedisUnavailable):
+                await call()
+            assert 0.5 <= time.monotonic() - start < 3.0

@@ -12,6 +12,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from waiting import wait_for
 
 from dio.dispatcher.config import DispatcherSettings
 from dio.dispatcher.service import Dispatcher
@@ -21,15 +22,6 @@ from dio.protocol.keys import DISPATCHER_GROUP, REQUEST_FIELD, STATUS_FIELD, Key
 from dio.protocol.models import JobStatus, WorkerInfo, WorkerTelemetry, to_hash
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate, timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Running:
@@ -152,4 +144,38 @@ def test_the_reservation_sync_frees_the_reservations_of_ended_jobs(redis_url, re
     assert conn.hgetall(keys.reserved("W")) == {"running": "300"}
     row = dispatcher.cluster.index["W"]
     assert int(dispatcher.cluster.reserved_kv[row]) == 300
+    conn.close()
+
+
+def test_a_job_that_killed_max_attempts_workers_is_failed_and_dead_lettered_with_its_history(redis_url,
+                                                                                              redis_prefix):
+    from dio.protocol.defaults import MAX_ATTEMPTS
+
+    keys = Keys(redis_prefix)
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    request = {"id": "poison", "prompt": "x" * 5000, "max_tokens": 8, "reply_to": "someone"}
+    conn.hset(keys.job("poison"), mapping={STATUS_FIELD: JobStatus.queued.value, "reply_to": "someone"})
+    conn.xadd(keys.intake, {REQUEST_FIELD: json.dumps(request)})
+    dispatcher = Dispatcher(dispatcher_settings(redis_url, redis_prefix))
+    ensure_group(conn, keys.intake, DISPATCHER_GROUP)
+    ensure_group(conn, keys.completions, DISPATCHER_GROUP)
+    workers = [f"W{i}" for i in range(MAX_ATTEMPTS)]
+    for worker_id in workers:
+        register_worker(conn, keys, worker_id)
+        dispatcher.refresh_workers()
+        wait_for(lambda w=worker_id: (dispatcher.step() or True) and conn.xlen(keys.queue(w)) == 1,
+                 what=f"the hand-off to {worker_id}")
+        assert conn.hget(keys.job("poison"), "worker") == worker_id
+        conn.delete(keys.alive(worker_id))  # it died running the job
+        dispatcher.refresh_workers()  # its heartbeat is gone: the registry takes the job back
+    assert conn.hget(keys.job("poison"), STATUS_FIELD) == JobStatus.failed.value
+    assert conn.xlen(keys.reply("someone")) == 1  # its client is told
+    dead = conn.xrange(keys.deadletter)
+    assert len(dead) == 1
+    entry = dead[0][1]
+    assert entry["job"] == "poison"
+    assert int(entry["attempts"]) == MAX_ATTEMPTS
+    assert json.loads(entry["workers"]) == workers
+    assert entry["raw"] == json.dumps(request)[:2000]
+    assert "died 3 times" in entry["error"]
     conn.close()

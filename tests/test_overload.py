@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 import tracemalloc
 from collections.abc import Iterator
 
 import pytest
 import redis
+from waiting import wait_for
 
 from dio.client import Client
 from dio.dispatcher.backlog import Pending
@@ -162,15 +162,6 @@ class Serving:
     def stop(self) -> None:
         self.dispatcher.stop()
         self.thread.join(10)
-
-
-def wait_for(predicate, timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
