@@ -153,7 +153,7 @@ class Cluster:
 
     def prefill_rates(self) -> np.ndarray:
         """Prompt tokens per second each worker prefills, from its TTFT predictor (ms per 1,000 tokens)."""
-        per_1k_ms = self.tokens.ttft.weights[:, 0] if len(self.tokens.ttft) else np.zeros(len(self.ids))
+        per_1k_ms = self.tokens.prefill_ms_per_1k()
         return np.where(per_1k_ms > 0, 1e6 / np.maximum(per_1k_ms, 1e-9), DEFAULT_PREFILL_TOKENS_S)
 
     def queued_prefill(self, now: float) -> np.ndarray:

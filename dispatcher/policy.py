@@ -124,15 +124,28 @@ class Ask:
     def ttft(self) -> np.ndarray:
         """Predicted time to its first token (ms) on every worker, from the hand-off."""
         if self._ttft is None:
-            uncached = np.broadcast_to(np.asarray(self.uncached, dtype=float), (len(self._cluster),))
-            self._ttft = self._cluster.tokens.predict_ttft(uncached, self._cluster.queued_prefill(self.now))
+            queues = self._cluster.queued_prefill(self.now)
+            self._ttft = self._cluster.tokens.predict_ttft(self.uncached_by_worker, queues)
         return self._ttft
+
+    @property
+    def uncached_by_worker(self) -> np.ndarray:
+        """``uncached`` as one value per worker row."""
+        return np.broadcast_to(np.asarray(self.uncached, dtype=float), (len(self._cluster),))
 
     @property
     def prefill_ms(self) -> np.ndarray:
         """How long each worker computes this request's uncached prompt (ms): the TTFT model's prompt term."""
-        per_1k_ms = np.maximum(self._cluster.tokens.ttft.weights[:, 0], 0.0)
-        return np.asarray(self.uncached, dtype=float) / 1000.0 * per_1k_ms
+        return self.uncached_by_worker / 1000.0 * np.maximum(self._cluster.tokens.prefill_ms_per_1k(), 0.0)
+
+    def slo_use(self, ttft: np.ndarray, tpot: np.ndarray) -> np.ndarray:
+        """The share of its SLO the request would use, per entry: max(TTFT / TTFT left, TPOT / TPOT limit)."""
+        use = np.zeros(len(ttft))
+        if self.ttft_budget_ms is not None:
+            use = np.maximum(use, ttft / max(self.ttft_budget_ms, 1.0))
+        if self.tpot_slo_ms is not None:
+            use = np.maximum(use, tpot / self.tpot_slo_ms)
+        return use
 
     @property
     def tpot(self) -> np.ndarray:
@@ -276,11 +289,7 @@ class Policy:
         warm = candidates & cluster.tokens.warm
         if not warm.any():
             return None
-        use = np.zeros(int(warm.sum()))
-        if ask.ttft_budget_ms is not None:
-            use = np.maximum(use, ask.ttft[warm] / max(ask.ttft_budget_ms, 1.0))
-        if ask.tpot_slo_ms is not None:
-            use = np.maximum(use, ask.tpot[warm] / ask.tpot_slo_ms)
+        use = ask.slo_use(ask.ttft[warm], ask.tpot[warm])
         best = int(np.argmin(use))
         if use[best] <= self.shed_margin:
             return None

@@ -153,18 +153,12 @@ class SloHeadroom(Scorer):
     def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         if not ask.has_slo:
             return np.zeros(len(rows))
-        use = np.zeros(len(rows))
-        stall = np.zeros(len(rows))
         warm = cluster.tokens.warm[rows]
         # Cautious predictions: scaled up by how far each worker's measurements run above them.
-        if ask.ttft_budget_ms is not None:
-            ttft = _cold_as_mean(ask.ttft[rows], warm) * cluster.tokens.ttft.caution()[rows]
-            use = np.maximum(use, ttft / max(ask.ttft_budget_ms, 1.0))
-        if ask.tpot_slo_ms is not None:
-            tpot = _cold_as_mean(ask.tpot[rows], warm) * cluster.tokens.tpot.caution()[rows]
-            use = np.maximum(use, tpot / ask.tpot_slo_ms)
-            stall = self._stall_use(ask, cluster, rows, tpot)
-            use = np.maximum(use, stall)
+        ttft = _cold_as_mean(ask.ttft[rows], warm) * cluster.tokens.ttft.caution()[rows]
+        tpot = _cold_as_mean(ask.tpot[rows], warm) * cluster.tokens.tpot.caution()[rows]
+        stall = self._stall_use(ask, cluster, rows, tpot) if ask.tpot_slo_ms is not None else np.zeros(len(rows))
+        use = np.maximum(ask.slo_use(ttft, tpot), stall)
         misses = use > self.safety
         if misses.all():
             # It misses wherever it goes now: put it where it harms the jobs already there least
@@ -179,14 +173,9 @@ class SloHeadroom(Scorer):
     @staticmethod
     def _idle_use(ask: Ask, cluster: Cluster, rows: np.ndarray) -> np.ndarray:
         """The share of the request's SLO it would use on each worker if the worker were idle."""
-        use = np.zeros(len(rows))
         zeros = np.zeros(len(cluster))
-        if ask.ttft_budget_ms is not None:
-            uncached = np.broadcast_to(np.asarray(ask.uncached, dtype=float), (len(cluster),))
-            use = np.maximum(use, cluster.tokens.predict_ttft(uncached, zeros)[rows] / max(ask.ttft_budget_ms, 1.0))
-        if ask.tpot_slo_ms is not None:
-            use = np.maximum(use, cluster.tokens.predict_tpot(zeros, zeros)[rows] / ask.tpot_slo_ms)
-        return use
+        idle_ttft = cluster.tokens.predict_ttft(ask.uncached_by_worker, zeros)[rows]
+        return ask.slo_use(idle_ttft, cluster.tokens.predict_tpot(zeros, zeros)[rows])
 
     @staticmethod
     def _stall_use(ask: Ask, cluster: Cluster, rows: np.ndarray, tpot: np.ndarray) -> np.ndarray:

@@ -172,6 +172,10 @@ class TokenLatency:
     def predict_tpot(self, loads: np.ndarray, shares: np.ndarray) -> np.ndarray:
         return self.tpot.predict(tpot_features(loads, shares))
 
+    def prefill_ms_per_1k(self) -> np.ndarray:
+        """Per worker, the TTFT model's cost of prefilling 1,000 uncached prompt tokens (ms)."""
+        return self.ttft.weights[:, 0]
+
     def tpot_per_load(self) -> np.ndarray:
         """∂TPOT/∂ℓ per worker (ms per unit of KV load; never negative: more load is never faster)."""
         return np.maximum(self.tpot.weights[:, 1], 0.0)
