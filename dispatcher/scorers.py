@@ -261,7 +261,8 @@ def capacity_weight(info: WorkerInfo, weights: Mapping[str, float]) -> float:
     figure an operator reads off a datasheet. A worker with no datasheet weighs 1.0. Estimates are
     in tokens/s, hand-set weights in whatever unit the operator chose: configure every GPU type or none.
     """
-    for key in (info.id, info.gpu):
+    # The GPU's short name works too: "H100" for an "H100-80GB" (and for every H100 card).
+    for key in (info.id, info.gpu, info.gpu.partition("-")[0]):
         if key in weights:
             return float(weights[key])
     if info.mem_bandwidth > 0 and info.weight_bytes > 0:
@@ -286,6 +287,24 @@ class WeightedConnections(Scorer):
 
     def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
         return (cluster.outstanding[rows] + 1.0) / self._weight.of(cluster)[rows]
+
+
+class CapacityShare(Scorer):
+    """Weighted least connections normalised across the candidates: in (0, 1], 1 for the most loaded.
+
+    (Outstanding + 1) / capacity weight, over its largest value among the candidates, so it adds to
+    the gateway's normalised queue/KV scores on one scale. DIO uses the datasheet weights (no
+    hand-set weights, no profiling): the share of the pool's decode speed each GPU is given.
+    """
+
+    name = "capacity-share"
+
+    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
+        self.connections = WeightedConnections(weights)
+
+    def cost(self, ask: Ask, cluster: Cluster, rows: np.ndarray, now: float) -> np.ndarray:
+        cost = self.connections.cost(ask, cluster, rows, now)
+        return cost / max(float(cost.max()), 1e-9)
 
 
 def uncached_prompt(ask: Ask, rows: np.ndarray) -> np.ndarray:
