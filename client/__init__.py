@@ -21,11 +21,13 @@ from dio.client.exceptions import (
 )
 from dio.client.handle import JobHandle
 from dio.client.settings import ClientSettings
+from dio.client.stream import AsyncTokenStream, StreamEvent, TokenStream
 from dio.protocol.models import JobResult, JobStatus, Request, Tier
 
 __all__ = [
     "AsyncClient",
     "AsyncJobHandle",
+    "AsyncTokenStream",
     "Client",
     "ClientSettings",
     "DIOError",
@@ -41,5 +43,7 @@ __all__ = [
     "RedisUnavailable",
     "Request",
     "ResultTimeout",
+    "StreamEvent",
     "Tier",
+    "TokenStream",
 ]

@@ -39,7 +39,9 @@ from dio.client.jobs import (
 from dio.client.mailbox import Mailbox
 from dio.client.reader import parse_notice
 from dio.client.settings import POLLED_HASHES_PER_S, READER_BATCH, READER_BLOCK_MS, ClientSettings
+from dio.client.stream import AsyncTokenStream, Subscription, Subscriptions
 from dio.protocol.connection import connect_async
+from dio.protocol.defaults import REPLY_STREAM_TTL_S
 from dio.protocol.keys import STATUS_FIELD, WAKE_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, Tier
 from dio.protocol.retry import Outage
@@ -83,6 +85,10 @@ class AsyncJobHandle:
         """Wait for the job's terminal state; same contract as ``JobHandle.result``."""
         return outcome(await self._client._wait(self, timeout), raise_on_error)
 
+    def stream(self, timeout: float | None = None) -> AsyncTokenStream:
+        """Return the job's answer as it is generated, for ``async for``; same contract as ``JobHandle.stream``."""
+        return AsyncTokenStream(self, timeout)
+
     async def status(self) -> JobStatus | None:
         """Return the job's current status (None when its hash is gone)."""
         if self.future.done() and self.future.exception() is None:
@@ -97,7 +103,7 @@ class AsyncJobHandle:
         return status is not None and status.terminal
 
     async def cancel(self) -> bool:
-        """Cancel the job unless it already ended; return True when this call cancelled it."""
+        """Cancel the job unless it already ended; return True when this call cancelled it (a stream ends at once)."""
         return await self._client.cancel(self.id)
 
 
@@ -110,11 +116,11 @@ class AsyncClient:
         self.keys = self.settings.keys
         self.client_id = uuid.uuid4().hex
         self.reply_stream = self.keys.reply(self.client_id)
-        self.redis = connect_async(self.settings)
-        self.redis.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME_PREFIX + self.client_id
+        self.redis = connect_async(self.settings, client_name=CLIENT_NAME_PREFIX + self.client_id)
         self._scripts = AsyncScripts(self.redis, self.keys)
         self.outage = Outage(log, f"client {self.client_id}")  # shared by the waiters and the reply reader
         self._mailbox: Mailbox[asyncio.Future] = Mailbox(_new_future)
+        self._streams = Subscriptions()  # token streams followed by handle.stream(), read by the reply reader
         self._reader: asyncio.Task | None = None
         self._stopping = False
         self._closed = False
@@ -172,6 +178,7 @@ class AsyncClient:
         prefix_hashes: list[int] | None = None,
         metadata: Mapping[str, str] | None = None,
         id: str | None = None,
+        stream: bool | None = None,
     ) -> AsyncJobHandle:
         """Submit one request; same arguments as ``Client.submit``."""
         data = submit_fields(
@@ -179,7 +186,7 @@ class AsyncClient:
             temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tier=tier,
             deadline_ms=deadline_ms, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, sheddable=sheddable,
             num_prompt_tokens=num_prompt_tokens, prefix_hashes=prefix_hashes,
-            metadata=dict(metadata) if metadata is not None else None, id=id,
+            metadata=dict(metadata) if metadata is not None else None, id=id, stream=stream,
         )
         return (await self.submit_many([data]))[0]
 
@@ -243,8 +250,11 @@ class AsyncClient:
         last_id = "0-0"  # the stream is private: everything on it is ours
         while not self._stopping:
             try:
-                replies = await self.redis.xread({self.reply_stream: last_id}, count=READER_BATCH,
-                                                 block=READER_BLOCK_MS)
+                doomed = self._streams.take_doomed()
+                if doomed:  # token streams read to their end: one DEL for all (else their TTL ends them)
+                    await self.redis.delete(*doomed)
+                keys = {self.reply_stream: last_id, **self._streams.offsets()}  # and the token streams followed
+                replies = await self.redis.xread(keys, count=READER_BATCH, block=READER_BLOCK_MS)
                 last_id = await self._consume(replies, last_id)
             except redis.RedisError as exc:
                 # Notices wait in the stream; waiters poll job hashes meanwhile, so nothing is lost.
@@ -253,7 +263,9 @@ class AsyncClient:
             self.outage.ok()
 
     async def _consume(self, replies: list | None, last_id: str) -> str:
-        for _stream, entries in replies or []:
+        # Token entries first: a job's deltas are handed over before its notice ends the stream.
+        replies = [(key, entries) for key, entries in replies or [] if not self._streams.deliver(key, entries)]
+        for _stream, entries in replies:
             for entry_id, fields in entries:
                 last_id = entry_id
                 result = parse_notice(entry_id, fields)
@@ -296,6 +308,33 @@ class AsyncClient:
             return written == 1
 
         return await self._retrying("cancel", attempt)
+
+    async def follow_stream(self, key: str, wake: Callable[[], None]) -> Subscription:
+        """Have the reply reader read a token stream too (``wake`` is called as entries come)."""
+        self._ensure_reader()
+        sub = self._streams.add(key)
+        sub.wake = wake
+        if self._streams.wake_needed():  # one wake-up for all the streams followed since the reader's last XREAD
+            await self._wake_reader()
+        return sub
+
+    def unfollow_stream(self, sub: Subscription, delete: bool = False) -> None:
+        """Stop reading a token stream; with ``delete`` (read to its end) the reader deletes its key later."""
+        self._streams.remove(sub, delete)
+
+    async def unfollow_stream_async(self, sub: Subscription) -> None:
+        """Stop reading a token stream read to its end; the reader deletes its key at once."""
+        self._streams.remove(sub, delete=True)
+        if self._streams.wake_needed():
+            await self._wake_reader()
+
+    async def _wake_reader(self) -> None:
+        """End the reply reader's blocking XREAD, so that its next one names the streams followed now."""
+        with contextlib.suppress(redis.RedisError):  # else its next XREAD does, within READER_BLOCK_MS
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(self.reply_stream, {WAKE_FIELD: "1"})
+            pipe.expire(self.reply_stream, int(REPLY_STREAM_TTL_S))
+            await pipe.execute()
 
     # --- waiting ----------------------------------------------------------------------------------
 

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import queue
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -41,9 +44,11 @@ from rq import Queue, SimpleWorker, Worker, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer, resolve_serializer
 
-from dio.client.batch_output import OutputFile
+from dio.client.batch_lease import RENEW_INTERVAL_S, BatchBusy, BatchLease, Holder, LeaseLost
+from dio.client.batch_output import AnswerIndex, OutputFile
+from dio.client.batch_pacing import MIN_IN_FLIGHT, PACE_INTERVAL_S, OtherArrivals, Pacer
 from dio.client.client import TRANSIENT_ERRORS, Client, put_when_done, resolve_settings
-from dio.client.exceptions import DIOError, JobNotFound
+from dio.client.exceptions import DIOError, JobNotFound, RedisUnavailable
 from dio.client.handle import JobHandle
 from dio.client.jobs import build_request
 from dio.client.openai_batch import (
@@ -57,7 +62,9 @@ from dio.client.openai_batch import (
     result_record,
 )
 from dio.client.settings import BATCH_CONCURRENCY, BATCH_HASH_TTL_S, BATCH_JOB_TIMEOUT_S, MAX_BATCH_LINE_BYTES
+from dio.protocol.batches import RUNNER_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, Tier, describe_validation_error
+from dio.protocol.served_models import ServedModel, read_served
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +73,9 @@ SUBMIT_GROUP = 64  # lines submitted per round trip
 RATE_GROUP_S = 0.1  # under a rate limit, a round trip submits this many seconds' worth of lines
 PROGRESS_SAVE_INTERVAL_S = 0.25  # the batch hash is rewritten at most this often
 META_SAVE_INTERVAL_S = 1.0  # the RQ job's meta is rewritten at most this often
-BATCH_STALE_S = 30.0  # a "running" batch whose heartbeat is older than this has no live runner
+TEMPLATES_TTL_S = 30.0  # the served models' chat templates are re-read this often
 
 ProgressCallback = Callable[["BatchProgress"], None]
-
-
-class BatchBusy(DIOError):
-    """Another runner is working on this batch (its heartbeat is recent)."""
 
 
 @dataclass
@@ -114,35 +117,65 @@ def request_cancel(client: Client, batch_id: str) -> None:
     client.redis.hset(client.keys.batch(batch_id), "cancel_requested", "1")
 
 
-def claim_batch(client: Client, batch_id: str, fields: dict[str, Any]) -> None:
-    """Mark a batch running, unless a live runner holds it (raise BatchBusy); retried through a Redis outage.
+def runner_lease(client: Client, runner: str | None = None) -> BatchLease:
+    """A lease holder for this process (by default named after its host and pid)."""
+    return BatchLease(client.redis, Holder.me(runner or f"run_batch-{socket.gethostname()}-{os.getpid()}"))
 
-    A retry that finds the batch claimed with this claim's ``started_at`` (the earlier try's reply
-    was lost) has claimed it.
+
+def claim_batch(client: Client, batch_id: str, fields: dict[str, Any], *, lease: BatchLease | None = None,
+                force: bool = False) -> BatchLease:
+    """Take the batch's lease and mark it running; return the lease (renewed by the runner).
+
+    Raises BatchBusy, naming the holder, when a live runner holds it; a holder known to be gone
+    (its process on this host has exited) is taken over at once, and ``force`` takes it over from
+    anyone. Retried through a Redis outage.
     """
-    client._retrying("claim batch", lambda attempt: _claim(client, batch_id, fields, attempt))
-
-
-def _claim(client: Client, batch_id: str, fields: dict[str, Any], attempt: int) -> None:
+    lease = lease or runner_lease(client)
     key = client.keys.batch(batch_id)
-    with client.redis.pipeline() as pipe:
-        try:
-            pipe.watch(key)
-            status, heartbeat, started = pipe.hmget(key, ["status", "updated_at", "started_at"])
-            if attempt > 1 and status == "running" and started is not None and started == fields.get("started_at"):
-                return
-            if status == "running" and heartbeat and time.time() - float(heartbeat) < BATCH_STALE_S:
-                raise BatchBusy(f"batch {batch_id} is being run by another runner")
-            pipe.multi()
-            pipe.hset(key, mapping=fields)
-            pipe.hdel(key, "finished_at")
-            pipe.persist(key)
-            pipe.execute()
-        except redis.WatchError:
-            raise BatchBusy(f"batch {batch_id} was claimed by another runner") from None
+    try:
+        taken_from = client._retrying("claim batch", lambda _: lease.acquire(client.keys.batch_lease(batch_id),
+                                                                              force=force))
+    except BatchBusy as exc:
+        raise BatchBusy(f"batch {batch_id} is {exc}") from None
+    if taken_from is not None:
+        log.warning("batch %s: took its lease over from %s", batch_id, taken_from.describe())
+
+    def write(_: int) -> None:
+        pipe = client.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={**fields, RUNNER_FIELD: lease.holder.runner})
+        pipe.hdel(key, "finished_at")
+        pipe.persist(key)
+        pipe.execute()
+
+    client._retrying("claim batch", write)
+    return lease
 
 
 # --- the runner ---------------------------------------------------------------------------------
+
+
+class ServedTemplates:
+    """Each model's chat template as its live workers registered it (re-read every TEMPLATES_TTL_S).
+
+    A model no live worker serves, or whose workers registered none, renders with the fallback;
+    through a Redis outage the last answer read is kept.
+    """
+
+    def __init__(self, client: Client, ttl_s: float = TEMPLATES_TTL_S) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self._models: dict[str, ServedModel] = {}
+        self._read_at = -math.inf
+
+    def __call__(self, model: str | None) -> tuple[str | None, str | None]:
+        if time.monotonic() - self._read_at >= self.ttl_s:
+            try:
+                self._models = read_served(self.client.redis, self.client.keys)
+            except TRANSIENT_ERRORS as exc:
+                self.client.outage.failed(exc)
+            self._read_at = time.monotonic()
+        served = self._models.get(model or self.client.settings.model)
+        return (served.chat_template, served.eos_token) if served is not None else (None, None)
 
 
 def group_for_rate(rate_limit: float | None) -> int:
@@ -153,10 +186,19 @@ def group_for_rate(rate_limit: float | None) -> int:
 class BatchRunner:
     """Submit one batch's lines, keep at most ``concurrency`` in flight, write each result."""
 
-    def __init__(self, client: Client, batch_id: str, output: OutputFile, progress: BatchProgress, *,
+    def __init__(self, client: Client, batch_id: str, output: AnswerIndex, progress: BatchProgress, *,
                  concurrency: int, rate_limit: float | None, progress_cb: ProgressCallback | None,
-                 max_line_bytes: int) -> None:
+                 max_line_bytes: int, lease: BatchLease | None = None, adaptive: bool = True,
+                 min_in_flight: int = MIN_IN_FLIGHT) -> None:
         self.client = client
+        self.lease = lease
+        self.lease_check = True  # off once the batch ended (its final save must not raise)
+        self.chat_templates = ServedTemplates(client)
+        self.pacer = Pacer(concurrency, min_in_flight, adaptive)
+        self.arrivals = OtherArrivals()
+        self._last_pace = -math.inf
+        self._preempted: set[str] = set()  # jobs the pacing cancelled: their lines go again, later
+        self._requeued: list[tuple[BatchLine, Request]] = []
         self.batch_id = batch_id
         self.output = output
         self.progress = progress
@@ -172,6 +214,8 @@ class BatchRunner:
         self._seen: set[str] = set()
         self._next_slot = time.monotonic()
         self._last_save = 0.0
+        self._last_tick = time.monotonic()
+        self._last_renew = time.monotonic()
 
     def run(self, lines: Iterable[tuple[int, bytes | None]], limit: int | None = None) -> None:
         """Process ``lines``, at most ``limit`` new ones; return when all are answered or cancelled."""
@@ -180,22 +224,34 @@ class BatchRunner:
         for line_no, raw in lines:
             if self.cancelled or (limit is not None and handled >= limit):
                 break
+            self._take_requeued()
             handled += self._take(line_no, raw)
             if len(self._group) >= self.group_size:
                 self._submit_group()
         if not self.cancelled:
             self._submit_group()
-        while self._in_flight and not self.cancelled:
-            self._collect(self.client.settings.poll_interval_s)
+        while (self._in_flight or self._requeued) and not self.cancelled:
+            if self._take_requeued():
+                self._submit_group()
+            else:
+                self._collect(self.client.settings.poll_interval_s)
         if self.cancelled:
             self.cancel_in_flight()
+
+    def _take_requeued(self) -> bool:
+        """Queue the lines whose jobs the pacing cancelled for submission again; False when there are none."""
+        if not self._requeued:
+            return False
+        self._group.extend(self._requeued)
+        self._requeued.clear()
+        return True
 
     def _take(self, line_no: int, raw: bytes | None) -> bool:
         """Queue one line for submission, or answer it with an error; False if already answered."""
         if self.output.has_line(line_no):
             return False
         try:
-            line = parse_line(line_no, raw, self.max_line_bytes)
+            line = parse_line(line_no, raw, self.max_line_bytes, self.chat_templates)
         except BatchLineError as exc:
             self._write(error_record(line_record_id(line_no), exc.custom_id, exc.code, exc.message))
             return True
@@ -222,20 +278,37 @@ class BatchRunner:
 
     def _submit_group(self) -> None:
         """Submit the queued lines once there is room (and the rate limit allows)."""
-        if not self._group:
-            return
-        while len(self._in_flight) + len(self._group) > self.concurrency and not self.cancelled:
-            self._collect(self.client.settings.poll_interval_s)
-        self._pace(len(self._group))
-        self.cancelled = self.cancelled or self._cancel_requested()
-        if self.cancelled:
-            return
-        handles = self.client.submit_many([req for _line, req in self._group])
-        for (line, req), handle in zip(self._group, handles, strict=True):
-            self._in_flight[handle.id] = (line, req, handle)
-            put_when_done(handle, self._finished)
-        self._group.clear()
-        self.progress.in_flight = len(self._in_flight)
+        while self._group and not self.cancelled:
+            room = self.pacer.limit - len(self._in_flight)
+            if room <= 0:
+                self._collect(min(self.client.settings.poll_interval_s, PACE_INTERVAL_S))
+                continue
+            part, rest = self._group[:room], self._group[room:]
+            self._pace(len(part))
+            self.cancelled = self.cancelled or self._cancel_requested()
+            if self.cancelled:
+                return
+            self.before_submit(part)
+            handles = self.client.submit_many([req for _line, req in part])
+            self._count_submitted(len(part))
+            for (line, req), handle in zip(part, handles, strict=True):
+                self._in_flight[handle.id] = (line, req, handle)
+                put_when_done(handle, self._finished)
+            self._group = rest
+            self.progress.in_flight = len(self._in_flight)
+
+    def _count_submitted(self, count: int) -> None:
+        """Add submissions to every runner's counter, so that pacing tells them from interactive arrivals."""
+        try:
+            self.client.redis.incrby(self.client.keys.batch_submitted, count)
+        except TRANSIENT_ERRORS as exc:  # other runners then count these as interactive for one read
+            self.client.outage.failed(exc)
+
+    def before_submit(self, group: list[tuple[BatchLine, Request]]) -> None:
+        """Record the jobs about to be submitted in the batch's in-flight hash (a successor cancels them)."""
+        mapping = {req.id: line.custom_id for line, req in group}
+        key = self.client.keys.batch_inflight(self.batch_id)
+        self.client._retrying("record jobs in flight", lambda _: self.client.redis.hset(key, mapping=mapping))
 
     def _pace(self, count: int) -> None:
         """Hold ``count`` submissions back to ``rate_limit`` per second, writing results meanwhile."""
@@ -246,18 +319,57 @@ class BatchRunner:
         self._next_slot = max(self._next_slot, time.monotonic()) + count / self.rate_limit
 
     def _collect(self, timeout: float) -> None:
-        """Write every finished job; when none finishes within ``timeout``, poll and heartbeat."""
+        """Write every finished job; poll and heartbeat when none finishes within ``timeout``, and
+        at least every ``poll_interval_s`` while jobs keep finishing (so a cancel is seen in time)."""
         try:
             handle = self._finished.get(timeout=max(0.0, timeout))
         except queue.Empty:
             self._tick()
+            self._adapt()
             return
         while True:
             self._write_result(handle)
             try:
                 handle = self._finished.get_nowait()
             except queue.Empty:
-                return
+                break
+        if time.monotonic() - self._last_tick >= self.client.settings.poll_interval_s:
+            self._tick()
+        self._adapt()
+
+    def _adapt(self) -> None:
+        """Every PACE_INTERVAL_S, set the in-flight limit from the other work arriving (``dio.client.batch_pacing``).
+
+        Through a Redis outage the limit stays as it is.
+        """
+        if not self.pacer.adaptive or time.monotonic() - self._last_pace < PACE_INTERVAL_S:
+            return
+        self._last_pace = time.monotonic()
+        try:
+            others = self.arrivals.read(self.client.redis, self.client.keys)
+        except TRANSIENT_ERRORS as exc:
+            self.client.outage.failed(exc)
+            return
+        limit = self.pacer.update(others)
+        if len(self._in_flight) > limit:
+            self._preempt(len(self._in_flight) - limit)
+
+    def _preempt(self, count: int) -> None:
+        """Cancel the ``count`` newest jobs in flight (least done): other work came; their lines go again later.
+
+        A job that ended before its cancel landed keeps its result. Through a Redis outage the rest
+        stay in flight.
+        """
+        newest = list(self._in_flight)[-count:]
+        try:
+            for job_id in reversed(newest):
+                if self.client.cancel(job_id):
+                    self._preempted.add(job_id)
+        except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("batch %s: could not hold jobs back (%s); they keep running", self.batch_id, exc)
+
+    def after_preempt(self, job_id: str) -> None:
+        """Called for each job the pacing cancelled, before its line is queued again (a hook for subclasses)."""
 
     def _tick(self) -> None:
         """A quiet moment: look for lost notices, check for a cancel request, save progress.
@@ -265,6 +377,7 @@ class BatchRunner:
         Through a Redis outage each is skipped until a later tick (the jobs and their notices wait
         in Redis; the progress is in the output file).
         """
+        self._last_tick = time.monotonic()
         try:
             if self._in_flight:
                 self.client.poll([h for _line, _req, h in self._in_flight.values()])
@@ -289,6 +402,11 @@ class BatchRunner:
             return
         if result.status is JobStatus.cancelled and self.cancelled:
             return  # cancelled by this batch: left out, so a rerun submits it again
+        if handle.id in self._preempted:
+            self._preempted.discard(handle.id)
+            self.after_preempt(handle.id)
+            self._requeued.append((line, self._request(line)))  # a new job (ids are never reused)
+            return
         self._write(result_record(line, request, result))
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -315,12 +433,30 @@ class BatchRunner:
         flag = self.client._retrying("batch cancel check", lambda _: self.client.redis.hget(key, "cancel_requested"))
         return flag == "1"
 
+    def renew_lease(self) -> None:
+        """Renew the batch's lease (about every RENEW_INTERVAL_S); raise LeaseLost when another runner took it.
+
+        Through a Redis outage the renewal waits for a later save; a lease that ran out meanwhile
+        is lost (another runner may have taken the batch over).
+        """
+        if self.lease is None or not self.lease_check or time.monotonic() - self._last_renew < RENEW_INTERVAL_S:
+            return
+        try:
+            held = self.lease.renew(self.client.keys.batch_lease(self.batch_id))
+        except TRANSIENT_ERRORS as exc:
+            self.client.outage.failed(exc)
+            return
+        if not held:
+            raise LeaseLost(f"batch {self.batch_id}: this runner's lease ran out or was taken over")
+        self._last_renew = time.monotonic()
+
     def save(self, *, retry: bool = False, **extra: Any) -> None:
         """Write the progress (and the runner's heartbeat) to the batch hash.
 
         Skipped through a Redis outage (the next save writes it all), unless ``retry``: then
         retried like a submission.
         """
+        self.renew_lease()
         fields = {**self.progress.as_dict(), "updated_at": repr(time.time()), **extra}
         key = self.client.keys.batch(self.batch_id)
         try:
@@ -348,6 +484,9 @@ def run_batch(
     batch_id: str | None = None,
     limit: int | None = None,
     max_line_bytes: int = MAX_BATCH_LINE_BYTES,
+    force: bool = False,
+    adaptive: bool = True,
+    min_in_flight: int = MIN_IN_FLIGHT,
 ) -> BatchProgress:
     """Run (or resume) one batch to completion and return its final progress.
 
@@ -357,8 +496,13 @@ def run_batch(
         progress_cb: called after every output line, and once more with the final status.
         batch_id: the batch hash's id; by default derived from ``output_path``.
         limit: handle at most this many new lines, then stop (status ``stopped``).
+        force: take the batch over from the runner holding it, even if it looks alive.
+        adaptive: keep only ``min_in_flight`` requests in flight while the workers run other work,
+            up to ``concurrency`` while they are idle (``dio.client.batch_pacing``); False: always
+            ``concurrency``.
 
-    Raises BatchBusy when another live runner holds the batch. On any other exception the
+    Raises BatchBusy, naming the holder, when another live runner holds the batch (a runner of
+    this host that exited is taken over at once). On any other exception the
     in-flight jobs are cancelled (status ``interrupted``) and the exception propagates; running
     the batch again resumes it.
     """
@@ -367,15 +511,17 @@ def run_batch(
     progress = BatchProgress(batch_id, total=count_lines(input_path, max_line_bytes), done=output.done,
                              failed=output.failed)
     try:
-        claim_batch(client, batch_id, {**progress.as_dict(), "input": str(input_path),
-                                       "output": str(output_path), "started_at": repr(time.time()),
-                                       "updated_at": repr(time.time())})
+        lease = claim_batch(client, batch_id, {**progress.as_dict(), "input": str(input_path),
+                                               "output": str(output_path), "started_at": repr(time.time()),
+                                               "updated_at": repr(time.time())}, force=force)
     except BaseException:
         output.close()
         raise
     runner = BatchRunner(client, batch_id, output, progress, concurrency=concurrency, rate_limit=rate_limit,
-                         progress_cb=progress_cb, max_line_bytes=max_line_bytes)
+                         progress_cb=progress_cb, max_line_bytes=max_line_bytes, lease=lease, adaptive=adaptive,
+                         min_in_flight=min_in_flight)
     try:
+        cancel_orphans(client, batch_id)
         runner.run(iter_raw_lines(input_path, max_line_bytes), limit)
         progress.status = final_status(runner, progress)
     except BaseException:
@@ -386,6 +532,31 @@ def run_batch(
         output.close()
         _finish(client, runner, progress)
     return progress
+
+
+def cancel_orphans(client: Client, batch_id: str) -> int:
+    """Cancel the jobs an earlier run of this batch left in flight (it was killed); return how many.
+
+    Their lines have no output yet, so this run submits them again; a job that had ended is left
+    as it is (its line goes again too: the output file is what counts).
+    """
+    key = client.keys.batch_inflight(batch_id)
+    job_ids = client._retrying("read jobs in flight", lambda _: client.redis.hkeys(key))
+    cancelled = sum(1 for job_id in job_ids if client.cancel(job_id))
+    client._retrying("forget jobs in flight", lambda _: client.redis.delete(key))
+    if job_ids:
+        log.info("batch %s: cancelled %d of the %d jobs an earlier run left in flight", batch_id, cancelled,
+                 len(job_ids))
+    return cancelled
+
+
+def _release(client: Client, runner: BatchRunner) -> None:
+    if runner.lease is None:
+        return
+    try:
+        runner.lease.release(client.keys.batch_lease(runner.batch_id))
+    except redis.RedisError as exc:  # it runs out on its own within LEASE_TTL_MS
+        log.warning("batch %s: could not release its lease: %s", runner.batch_id, exc)
 
 
 def final_status(runner: BatchRunner, progress: BatchProgress) -> str:
@@ -413,13 +584,16 @@ def _finish(client: Client, runner: BatchRunner, progress: BatchProgress) -> Non
         if runner.cancelled:
             pipe.hdel(key, "cancel_requested")
         pipe.expire(key, BATCH_HASH_TTL_S)
+        pipe.delete(client.keys.batch_inflight(runner.batch_id))  # every job of this run has ended or was cancelled
         pipe.execute()
 
+    runner.lease_check = False
     try:
         runner.save(retry=True, finished_at=repr(time.time()))
         client._retrying("record batch end", record)
     except (redis.RedisError, DIOError) as exc:
         log.warning("batch %s: could not record its final state: %s", runner.batch_id, exc)
+    _release(client, runner)
     if runner.progress_cb is not None and progress.status != "interrupted":
         runner.progress_cb(progress)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -42,8 +43,10 @@ from dio.client.jobs import (
 from dio.client.mailbox import Mailbox
 from dio.client.reader import ReplyReader
 from dio.client.settings import POLLED_HASHES_PER_S, ClientSettings
+from dio.client.stream import Subscription, Subscriptions
 from dio.protocol.connection import connect
-from dio.protocol.keys import STATUS_FIELD
+from dio.protocol.defaults import REPLY_STREAM_TTL_S
+from dio.protocol.keys import STATUS_FIELD, WAKE_FIELD
 from dio.protocol.models import JobResult, JobStatus, Request, Tier
 from dio.protocol.retry import Outage
 from dio.protocol.scripts import Scripts
@@ -54,6 +57,9 @@ CLIENT_NAME_PREFIX = "dio-client:"  # CLIENT LIST shows every connection of a cl
 # Errors of a Redis that is away (restarting, loading, failing over): retried, not raised.
 TRANSIENT_ERRORS: tuple[type[redis.RedisError], ...] = (redis.ConnectionError, redis.TimeoutError,
                                                         redis.exceptions.ReadOnlyError)
+
+if TYPE_CHECKING:
+    from dio.client.batches import BatchHandle
 
 T = TypeVar("T")
 
@@ -90,11 +96,11 @@ class Client:
         self.keys = self.settings.keys
         self.client_id = uuid.uuid4().hex
         self.reply_stream = self.keys.reply(self.client_id)
-        self.redis = connect(self.settings)
-        self.redis.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME_PREFIX + self.client_id
+        self.redis = connect(self.settings, client_name=CLIENT_NAME_PREFIX + self.client_id)
         self._scripts = Scripts(self.redis, self.keys)
         self.outage = Outage(log, f"client {self.client_id}")  # shared by the waiters and the reply reader
         self._mailbox: Mailbox[Future] = Mailbox(Future)
+        self._streams = Subscriptions()  # token streams followed by handle.stream(), read by the reply reader
         self._reader: ReplyReader | None = None
         self._reader_lock = threading.Lock()
         self._closed = False
@@ -143,21 +149,23 @@ class Client:
         prefix_hashes: list[int] | None = None,
         metadata: Mapping[str, str] | None = None,
         id: str | None = None,
+        stream: bool | None = None,
     ) -> JobHandle:
         """Submit one request (a text ``prompt`` or ``prompt_token_ids``) and return its handle.
 
         Omitted arguments take the client's settings (model, max_tokens, temperature, tier).
         ``deadline_ms``, ``ttft_slo_ms`` and ``tpot_slo_ms`` are the request's SLO; with
         ``sheddable=True`` DIO may reject it at once (with a retry-after) when it predicts a miss on
-        every worker, instead of running it late. Raises ValueError (pydantic's ValidationError)
-        for an invalid request, before any I/O.
+        every worker, instead of running it late. With ``stream=True`` the worker publishes the
+        answer as it is generated: iterate ``handle.stream()``. Raises ValueError (pydantic's
+        ValidationError) for an invalid request, before any I/O.
         """
         data = submit_fields(
             prompt, prompt_token_ids=prompt_token_ids, model=model, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tier=tier,
             deadline_ms=deadline_ms, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, sheddable=sheddable,
             num_prompt_tokens=num_prompt_tokens, prefix_hashes=prefix_hashes,
-            metadata=dict(metadata) if metadata is not None else None, id=id,
+            metadata=dict(metadata) if metadata is not None else None, id=id, stream=stream,
         )
         return self.submit_many([data])[0]
 
@@ -228,7 +236,8 @@ class Client:
             raise RuntimeError("this Client is closed")
         with self._reader_lock:
             if self._reader is None:
-                self._reader = ReplyReader(self.redis, self.reply_stream, self._mailbox, outage=self.outage)
+                self._reader = ReplyReader(self.redis, self.reply_stream, self._mailbox, outage=self.outage,
+                                           streams=self._streams)
                 self._reader.start()
 
     # --- reading and cancelling jobs -------------------------------------------------------------
@@ -269,6 +278,31 @@ class Client:
             return written == 1
 
         return self._retrying("cancel", attempt)
+
+    def follow_stream(self, key: str, wake: Callable[[], None]) -> Subscription:
+        """Have the reply reader read a token stream too (``wake`` is called as entries come)."""
+        self._ensure_reader()
+        sub = self._streams.add(key)
+        sub.wake = wake
+        if self._streams.wake_needed():  # one wake-up for all the streams followed since the reader's last XREAD
+            self._wake_reader()
+        return sub
+
+    def unfollow_stream(self, sub: Subscription, delete: bool = False) -> None:
+        """Stop reading a token stream; with ``delete`` (read to its end) the reader deletes its key soon."""
+        self._streams.remove(sub, delete)
+        if delete and self._streams.wake_needed():
+            self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        """End the reply reader's blocking XREAD, so that its next one names the streams followed now."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(self.reply_stream, {WAKE_FIELD: "1"})
+            pipe.expire(self.reply_stream, int(REPLY_STREAM_TTL_S))
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the reader's next XREAD, within READER_BLOCK_MS, names it anyway
 
     # --- waiting ----------------------------------------------------------------------------------
 
@@ -373,3 +407,17 @@ class Client:
         for _ in self.as_completed(handles, timeout):
             pass
         return [h.result(raise_on_error=False) for h in handles]
+
+    # --- batches ----------------------------------------------------------------------------------
+
+    def submit_batch(self, path: str | os.PathLike[str], endpoint: str | None = None,
+                     metadata: Mapping[str, str] | None = None) -> BatchHandle:
+        """Submit an OpenAI Batch API input file as a batch (a ``dio batch-runner`` runs it).
+
+        Returns a handle: ``progress()`` (the request counts), ``wait()``, ``results()`` (every
+        output and error record), ``cancel()``. The endpoint defaults to the first line's ``url``.
+        Raises BatchInputError (FileTooLarge) for a file DIO refuses, before anything is stored.
+        """
+        from dio.client.batches import submit_batch
+
+        return submit_batch(self, path, endpoint, dict(metadata) if metadata is not None else None)

@@ -6,6 +6,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from dio.client.jobs import outcome
+from dio.client.stream import TokenStream
 from dio.protocol.models import JobResult, JobStatus, Request
 
 if TYPE_CHECKING:
@@ -45,6 +46,15 @@ class JobHandle:
         """
         return outcome(self._client._wait(self, timeout), raise_on_error)
 
+    def stream(self, timeout: float | None = None) -> TokenStream:
+        """Return the job's answer as it is generated: iterate it for ``StreamEvent``s.
+
+        The last event carries the job's result (whatever its status). A job submitted without
+        ``stream=True`` yields that one event only. ``timeout``: as for ``result``. See
+        ``dio.client.stream`` for restarts (``event.restarted``) and time to first token.
+        """
+        return TokenStream(self, timeout)
+
     def status(self) -> JobStatus | None:
         """Return the job's current status (None when its hash is gone)."""
         if self.future.done() and self.future.exception() is None:
@@ -59,5 +69,8 @@ class JobHandle:
         return status is not None and status.terminal
 
     def cancel(self) -> bool:
-        """Cancel the job unless it already ended; return True when this call cancelled it."""
+        """Cancel the job unless it already ended; return True when this call cancelled it.
+
+        A stream of the job ends at once, its last event holding the cancelled result.
+        """
         return self._client.cancel(self.id)

@@ -5,17 +5,19 @@ Input line: ``{"custom_id": "...", "method": "POST", "url": "/v1/completions" |
 Output line: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"} | null,
 "error": null | {"code", "message"}}``, the body being a completion or chat completion object.
 
-Body fields used: model, prompt (text, token ids, or a list of one), messages (rendered as
-``dio.protocol.openai`` says), max_tokens (chat: also max_completion_tokens), temperature, top_p,
-seed. Other fields (stop, user, logprobs, ...) are ignored; ``n`` other than 1 and ``stream: true``
-are refused.
+Body fields used: model, prompt (text, token ids, or a list of one), messages (rendered with the
+served model's chat template when its workers registered one, else the fallback:
+``dio.protocol.openai.messages_to_prompt``), max_tokens (chat: also max_completion_tokens),
+temperature, top_p, seed, stop (a string or up to 4: the engine stops there where it can, and the
+output's text is cut before the first one, ``finish_reason: "stop"``). Other fields (user,
+logprobs, ...) are ignored; ``n`` other than 1 and ``stream: true`` are refused.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ CHAT_URL = "/v1/chat/completions"
 MAX_CUSTOM_ID_CHARS = d.MAX_METADATA_CHARS  # the custom_id travels in the request's metadata
 SKIP_CHUNK_BYTES = 1 << 16  # an over-long line is skipped reading this much at a time
 PASSED_BODY_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed")
+
+# model (None: the default) -> its chat template and EOS text, (None, None) for the fallback.
+ChatTemplates = Callable[[str | None], tuple[str | None, str | None]]
 
 
 class BatchLineError(ValueError):
@@ -71,8 +76,11 @@ def _skip_rest_of_line(f: Any) -> None:
         pass
 
 
-def parse_line(line_no: int, raw: bytes | None, max_bytes: int) -> BatchLine:
-    """Parse one input line; raise BatchLineError saying what is wrong with it."""
+def parse_line(line_no: int, raw: bytes | None, max_bytes: int, templates: ChatTemplates | None = None) -> BatchLine:
+    """Parse one input line; raise BatchLineError saying what is wrong with it.
+
+    ``templates`` gives each model's chat template (None: chat lines render with the fallback).
+    """
     if raw is None:
         raise BatchLineError("line_too_long", f"line {line_no} is longer than {max_bytes} bytes")
     try:
@@ -89,7 +97,7 @@ def parse_line(line_no: int, raw: bytes | None, max_bytes: int) -> BatchLine:
         raise BatchLineError("invalid_url", f"line {line_no}: url must be {COMPLETIONS_URL} or {CHAT_URL}, "
                              f"not {url!r}", custom_id)
     try:
-        fields = body_to_fields(url, obj.get("body"))
+        fields = body_to_fields(url, obj.get("body"), templates)
     except ValueError as exc:
         raise BatchLineError("invalid_request", f"line {line_no}: {exc}", custom_id) from None
     return BatchLine(custom_id, url, fields)
@@ -105,7 +113,7 @@ def _custom_id(line_no: int, obj: dict[str, Any]) -> str:
     return custom_id
 
 
-def body_to_fields(url: str, body: Any) -> dict[str, Any]:
+def body_to_fields(url: str, body: Any, templates: ChatTemplates | None = None) -> dict[str, Any]:
     """Map an OpenAI request body to Request fields; raise ValueError for what DIO cannot serve."""
     if not isinstance(body, dict):
         raise ValueError("'body' must be a JSON object")
@@ -114,13 +122,37 @@ def body_to_fields(url: str, body: Any) -> dict[str, Any]:
     if body.get("n", 1) != 1:
         raise ValueError("'n' must be 1")
     fields = {name: body[name] for name in PASSED_BODY_FIELDS if body.get(name) is not None}
+    stops = parse_stop(body.get("stop"))
+    if stops:
+        fields["stop"] = stops
     if url == CHAT_URL:
-        fields["prompt"] = messages_to_prompt(body.get("messages"))
+        template, eos = templates(body.get("model")) if templates is not None else (None, None)
+        fields["prompt"] = messages_to_prompt(body.get("messages"), template, eos)
         if "max_tokens" not in fields and body.get("max_completion_tokens") is not None:
             fields["max_tokens"] = body["max_completion_tokens"]
     else:
         fields.update(_prompt_fields(body.get("prompt")))
     return fields
+
+
+def parse_stop(value: Any) -> list[str]:
+    """Validate OpenAI's ``stop``: a string, or a list of up to MAX_STOP_SEQUENCES (empty ones dropped)."""
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ValueError("'stop' must be a string or a list of strings")
+    if len(stops) > d.MAX_STOP_SEQUENCES:
+        raise ValueError(f"'stop' holds at most {d.MAX_STOP_SEQUENCES} sequences")
+    if any(len(s) > d.MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"a stop sequence is limited to {d.MAX_STOP_CHARS} characters")
+    return [s for s in stops if s]
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
+    """Return ``text`` before its first stop sequence, and whether one was found."""
+    found = [i for i in (text.find(s) for s in stops or []) if i >= 0]
+    return (text[:min(found)], True) if found else (text, False)
 
 
 def _prompt_fields(prompt: Any) -> dict[str, Any]:
@@ -181,9 +213,9 @@ def completion_body(line: BatchLine, request: Request, result: JobResult) -> dic
 
 
 def _choice(request: Request, result: JobResult, chat: bool) -> dict[str, Any]:
-    hit_limit = result.output_tokens is not None and result.output_tokens >= request.max_tokens
+    text, stopped = cut_at_stop(result.output or "", request.stop)
+    hit_limit = result.output_tokens is not None and result.output_tokens >= request.max_tokens and not stopped
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length" if hit_limit else "stop"}
-    text = result.output or ""
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:

@@ -2,7 +2,8 @@
 
 Every job a client submits names the client's private reply stream; the dispatcher and the
 workers XADD one notice there when the job ends. One thread per client reads them with a
-blocking XREAD, so waiting for thousands of jobs costs one connection, not one each.
+blocking XREAD, so waiting for thousands of jobs costs one connection, not one each. The same
+XREAD reads the token streams the client follows (``dio.client.stream``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from dio.client.mailbox import Mailbox
 from dio.client.settings import READER_BATCH, READER_BLOCK_MS
+from dio.client.stream import Subscriptions
 from dio.protocol.keys import RESULT_FIELD, WAKE_FIELD
 from dio.protocol.models import JobResult
 from dio.protocol.retry import Outage
@@ -39,7 +41,8 @@ class ReplyReader(threading.Thread):
     """Read notices from ``stream`` and deliver them to ``mailbox`` until stopped."""
 
     def __init__(self, conn: redis.Redis, stream: str, mailbox: Mailbox, *, block_ms: int = READER_BLOCK_MS,
-                 batch: int = READER_BATCH, outage: Outage | None = None) -> None:
+                 batch: int = READER_BATCH, outage: Outage | None = None,
+                 streams: Subscriptions | None = None) -> None:
         super().__init__(name=f"dio-reply-reader:{stream}", daemon=True)
         self._conn = conn
         self._stream = stream
@@ -48,13 +51,18 @@ class ReplyReader(threading.Thread):
         self._batch = batch
         self._stopping = threading.Event()
         self._outage = outage or Outage(log, f"reply reader on {stream}")
+        self._streams = streams or Subscriptions()  # token streams followed: read by the same XREAD
         # The stream is private to this client, so everything on it since the start is ours.
         self.last_id = "0-0"
 
     def run(self) -> None:
         while not self._stopping.is_set():
             try:
-                replies = self._conn.xread({self._stream: self.last_id}, count=self._batch, block=self._block_ms)
+                doomed = self._streams.take_doomed()
+                if doomed:  # token streams read to their end: one DEL for all (else their TTL ends them)
+                    self._conn.delete(*doomed)
+                keys = {self._stream: self.last_id, **self._streams.offsets()}
+                replies = self._conn.xread(keys, count=self._batch, block=self._block_ms)
                 self._consume(replies)
             except redis.RedisError as exc:
                 # Notices wait in the stream; waiters poll job hashes meanwhile, so nothing is lost.
@@ -63,7 +71,9 @@ class ReplyReader(threading.Thread):
             self._outage.ok()
 
     def _consume(self, replies: list | None) -> None:
-        for _stream, entries in replies or []:
+        # Token entries first: a job's deltas are handed over before its notice ends the stream.
+        replies = [(key, entries) for key, entries in replies or [] if not self._streams.deliver(key, entries)]
+        for _stream, entries in replies:
             for entry_id, fields in entries:
                 self.last_id = entry_id
                 result = parse_notice(entry_id, fields)

@@ -26,6 +26,9 @@ BATCH_HASH_TTL_S = 30 * 24 * 3600  # a finished batch's progress hash expires af
 BATCH_JOB_TIMEOUT_S = 7 * 24 * 3600  # an RQ batch runner job is killed after this long
 BATCH_CONCURRENCY = 256  # requests of one batch in flight at once
 MAX_BATCH_LINE_BYTES = 1 << 20  # an input line longer than this is answered with an error line
+MAX_BATCH_FILE_BYTES = 200 * (1 << 20)  # the largest Batch API file a client may upload (OpenAI's limit)
+MAX_BATCH_LINES = 50_000  # requests in one Batch API input file at most (OpenAI's limit)
+BATCH_FILE_TTL_S = BATCH_HASH_TTL_S  # Batch API files, and ended batches, expire after this long
 
 
 class ClientSettings(CommonSettings):
@@ -40,3 +43,4 @@ class ClientSettings(CommonSettings):
     poll_interval_s: float = Field(default=POLL_INTERVAL_S, gt=0)
     client_retry_s: float = Field(default=CLIENT_RETRY_S, ge=0)  # DIO_CLIENT_RETRY_S
     submit_chunk: int = Field(default=SUBMIT_CHUNK, ge=1)
+    max_batch_file_bytes: int = Field(default=MAX_BATCH_FILE_BYTES, ge=1)  # DIO_MAX_BATCH_FILE_BYTES

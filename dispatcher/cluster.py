@@ -48,6 +48,9 @@ class Cluster:
     def __post_init__(self) -> None:
         self.predictor: Predictor = make_predictor(self.predictor_kind)
         self.tokens = TokenLatency()  # per-worker TTFT and TPOT
+        # The TTFT and TPOT prediction errors (ms) of the last completion learned (None: not predicted),
+        # for the dispatcher's metrics.
+        self.token_errors: tuple[float | None, float | None] = (None, None)
         self.outputs: dict[str, OutputLengths] = {}  # per model: output tokens / max_tokens seen
         self.prefix = PrefixIndex()  # which workers probably cache which prompt-prefix blocks
         self.model = np.zeros(0, dtype=object)
@@ -246,7 +249,9 @@ class Cluster:
         load, backlog = (held.load, held.backlog) if held else (float(self.load_now()[row]), 0.0)
         uncached = max(prompt_tokens - cached_tokens, 1)
         queue, share = (held.queue, held.prefill_share) if held else (0.0, 0.0)
-        self.tokens.learn(row, uncached, output_tokens, ttft_ms, service_ms, load, queue, share)
+        predicted = bool(self.tokens.warm[row])
+        errors = self.tokens.learn(row, uncached, output_tokens, ttft_ms, service_ms, load, queue, share)
+        self.token_errors = errors if predicted else (None, None)
         if held is not None and held.max_tokens:
             self.outputs_of(str(self.model[row])).learn(output_tokens, held.max_tokens)
         return self.learn(row, uncached, output_tokens, service_ms, load, backlog)

@@ -8,6 +8,7 @@ import socket
 from pydantic import Field, PositiveFloat
 
 from dio.protocol import defaults as d
+from dio.protocol.metrics import DEFAULT_METRICS_ADDR
 from dio.protocol.settings import CommonSettings
 
 
@@ -44,3 +45,6 @@ class DispatcherSettings(CommonSettings):
     lease_ttl_ms: int = d.LEASE_TTL_MS
     job_ttl_s: float = d.JOB_TTL_S
     seed: int | None = None
+    # Prometheus: serve /metrics on this port (None: not served; 0: any free port) and address.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_addr: str = DEFAULT_METRICS_ADDR

@@ -23,6 +23,7 @@ from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.intake import DEADLETTER_MAXLEN, MAX_DEADLETTER_RAW_CHARS
 from dio.dispatcher.predictor_store import PredictorStore
 from dio.protocol import defaults as d
+from dio.protocol import logs
 from dio.protocol.keys import ATTEMPTS_FIELD, DIED_ON_FIELD, JOB_FIELD, REQUEST_FIELD, STATUS_FIELD, Keys
 from dio.protocol.models import TERMINAL_STATUSES, JobResult, JobStatus, WorkerInfo, WorkerTelemetry, from_hash
 from dio.protocol.scripts import Scripts
@@ -45,6 +46,7 @@ class WorkerRegistry:
         self.predictors = predictors
         self.job_ttl_s = job_ttl_s
         self.requeued = 0  # jobs taken back from dead workers, since start
+        self.gone: set[str] = set()  # workers that left or were declared dead (one seen again has rejoined)
 
     def refresh(self) -> None:
         """Reload capabilities and telemetry; take back the queues of dead workers."""
@@ -59,7 +61,7 @@ class WorkerRegistry:
             if alive:
                 self._update(worker_id, fields)
             else:
-                self.take_back(worker_id)
+                self.take_back(worker_id, left=_was_draining(fields))
 
     def _update(self, worker_id: str, fields: dict[str, str]) -> None:
         try:
@@ -74,13 +76,17 @@ class WorkerRegistry:
             row = cluster.upsert(info)
             self.predictors.restore(cluster, row)
             self.sync_one(row)
-            log.info("worker %s joined: %s %s, %d KV tokens", worker_id, info.gpu, info.model, info.kv_capacity_tokens)
+            self._log_joined(info)
         elif cluster.infos[row] != info:
             cluster.upsert(info)
         cluster.set_telemetry(row, telemetry, alive=True)
 
-    def take_back(self, worker_id: str) -> None:
-        """A worker's heartbeat expired: requeue everything left in its queue, then forget it."""
+    def take_back(self, worker_id: str, left: bool = False) -> None:
+        """A worker's heartbeat expired: requeue everything left in its queue, then forget it.
+
+        Args:
+            left: its last heartbeat said it was draining (SIGTERM): it left, it did not die.
+        """
         entries = self.redis.xrange(self.keys.queue(worker_id), count=TAKE_BACK_BATCH)
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, fields in entries:
@@ -88,14 +94,35 @@ class WorkerRegistry:
         results = pipe.execute() if entries else []
         requeued = sum(1 for r in results if r == 1)
         self.requeued += requeued
+        if requeued:
+            logs.event(log, logging.WARNING, logs.JOBS_REQUEUED, "%d jobs of worker %s requeued", requeued, worker_id,
+                       worker=worker_id, jobs=requeued)
         if len(entries) == TAKE_BACK_BATCH:
             return  # more to take back on the next refresh
-        if requeued:
-            log.warning("worker %s died; %d jobs requeued", worker_id, requeued)
+        self._log_gone(worker_id, left)
         self._fail_exhausted(entries)
         self.redis.srem(self.keys.workers, worker_id)
         if worker_id in self.cluster.index:
             self.cluster.remove(worker_id)
+
+    def _log_joined(self, info: WorkerInfo) -> None:
+        """Log a worker seen for the first time, or again after it left or was declared dead."""
+        rejoined = info.id in self.gone
+        self.gone.discard(info.id)
+        logs.event(log, logging.INFO, logs.WORKER_REJOINED if rejoined else logs.WORKER_JOINED,
+                   "worker %s %s: %s %s, %d KV tokens", info.id, "rejoined" if rejoined else "joined", info.gpu,
+                   info.model, info.kv_capacity_tokens, worker=info.id, gpu=info.gpu, model=info.model,
+                   kv_capacity_tokens=info.kv_capacity_tokens)
+
+    def _log_gone(self, worker_id: str, left: bool) -> None:
+        """Log that a worker left (its last heartbeat said it was draining) or was declared dead."""
+        self.gone.add(worker_id)
+        if left:
+            logs.event(log, logging.INFO, logs.WORKER_LEFT, "worker %s left: it drained and deregistered", worker_id,
+                       worker=worker_id)
+        else:
+            logs.event(log, logging.WARNING, logs.WORKER_DEAD, "worker %s declared dead: its heartbeat expired",
+                       worker_id, worker=worker_id)
 
     def _fail_exhausted(self, entries: list) -> None:
         """Jobs requeued MAX_ATTEMPTS times are not retried again: their workers keep dying."""
@@ -167,3 +194,11 @@ class WorkerRegistry:
             pipe.hget(self.keys.job(job_id), STATUS_FIELD)
         statuses = pipe.execute()
         return {job for job, status in zip(ordered, statuses, strict=True) if status is None or status in TERMINAL}
+
+
+def _was_draining(fields: dict[str, str]) -> bool:
+    """Return True when a worker's last heartbeat said it was draining (it left on SIGTERM)."""
+    try:
+        return from_hash(WorkerTelemetry, fields).draining
+    except (ValidationError, ValueError):
+        return False

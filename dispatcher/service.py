@@ -8,7 +8,9 @@ One loop, each turn:
 4. ask the router what to do and carry it out: hand each dispatched request to its worker's queue
    with ``handoff.lua`` and end rejected ones with ``finish.lua``, all in one pipeline;
 5. now and then, read the job statuses of the waiting requests (one pipeline) and take those that
-   ended meanwhile (cancelled by their client) off the intake and out of the backlog.
+   ended meanwhile (cancelled by their client) off the intake and out of the backlog;
+6. once a second, set the metrics' gauges (``dio.dispatcher.metrics``; a scrape reads only memory)
+   and write the counters ``dio top`` shows (``{dio}:dispatcher:stats``).
 
 Memory stays bounded: the backlog holds at most ``max_backlog`` requests and ``max_backlog_bytes``
 of request JSON (the router sheds the rest at once), one read takes about ``MAX_READ_BYTES`` of
@@ -36,10 +38,12 @@ from dio.dispatcher.backlog import Backlog, Pending
 from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.config import DispatcherSettings
 from dio.dispatcher.intake import DEADLETTER_MAXLEN, InvalidEntry, parse_entry
+from dio.dispatcher.metrics import DispatcherMetrics
 from dio.dispatcher.policy import Policy
 from dio.dispatcher.predictor_store import PredictorStore
 from dio.dispatcher.registry import WorkerRegistry
 from dio.dispatcher.router import Dispatch, Reject, Router
+from dio.protocol import logs
 from dio.protocol.connection import connect, ensure_group
 from dio.protocol.keys import COMPLETION_FIELD, DISPATCHER_GROUP, STATUS_FIELD
 from dio.protocol.models import TERMINAL_STATUSES, Completion, JobResult, JobStatus
@@ -53,13 +57,16 @@ ENDED_CHECK_S = 0.5  # how often the statuses of waiting requests are read (a ca
 ENDED_CHECK_BATCH = 5_000  # statuses read per check; a longer backlog is covered over several checks
 MAX_READ_BYTES = 32 * 1024 * 1024  # about this much intake JSON per read, whatever the entries' size
 ENTRY_BYTES_GUESS = 1024  # the size of an intake entry before any was seen
+STATS_INTERVAL_S = 1.0  # how often the metrics' gauges and the stats hash (``dio top``) are refreshed
+STATS_TTL_S = 30  # the stats hash of a dispatcher that stopped publishing expires after this long
 TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)  # as job hashes spell them
 
 Entries = list[tuple[str, dict[str, str]]]
 
 
 class Dispatcher:
-    def __init__(self, settings: DispatcherSettings, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: DispatcherSettings, client: redis.Redis | None = None,
+                 metrics: DispatcherMetrics | None = None) -> None:
         self.settings = settings
         self.keys = settings.keys
         self.redis = client or connect(settings)
@@ -71,9 +78,13 @@ class Dispatcher:
                                        job_ttl_s=settings.job_ttl_s)
         self.stats = {"dispatched": 0, "rejected": 0, "deadlettered": 0, "completions": 0}
         self.outage = Outage(log, f"dispatcher {self.name}")
+        self.metrics = metrics or DispatcherMetrics()
+        self.metrics.watch(self.outage)
+        self.metrics.time_decisions(self.router.policy)
         self._stop = threading.Event()
         self._dirty = True  # something changed since the backlog was last routed
-        self._next = {"refresh": 0.0, "persist": 0.0, "sync": 0.0, "lease": 0.0, "expire": 0.0, "ended": 0.0}
+        self._next = {"refresh": 0.0, "persist": 0.0, "sync": 0.0, "lease": 0.0, "expire": 0.0, "ended": 0.0,
+                      "stats": 0.0}
         self._entry_bytes = float(ENTRY_BYTES_GUESS)  # recent mean size of an intake entry
         self._ended_cursor = 0  # where the next check of waiting requests' statuses starts
 
@@ -113,11 +124,12 @@ class Dispatcher:
         ensure_group(self.redis, self.keys.completions, DISPATCHER_GROUP)
         active = self._acquire_lease()
         self.outage.ok()
+        self.metrics.active.set(1 if active else 0)
         if not active:
             self._stop.wait(self.settings.lease_ttl_ms / 3000)
             return
-        log.info("%s is the active dispatcher (policy %s, predictor %s)", self.name, self.policy.name,
-                 self.settings.predictor)
+        logs.event(log, logging.INFO, logs.LEASE_GAINED, "dispatcher %s gained the lease: active (policy %s, "
+                   "predictor %s)", self.name, self.policy.name, self.settings.predictor, dispatcher=self.name)
         self._take_over()
         try:
             while not self._stop.is_set() and self._renew_lease():
@@ -133,7 +145,9 @@ class Dispatcher:
         """Save the predictors; when stopping, hand the lease to a standby at once (not after its TTL)."""
         self.persist_predictors()
         if self._stop.is_set():
-            self.scripts.release(self.redis, self.keys.lease, self.name)  # only if it is still ours
+            if self.scripts.release(self.redis, self.keys.lease, self.name) == 1:  # only if it is still ours
+                logs.event(log, logging.INFO, logs.LEASE_RELEASED, "dispatcher %s released the lease", self.name,
+                           dispatcher=self.name)
 
     def _acquire_lease(self) -> bool:
         return self.scripts.lease(self.redis, self.name, self.settings.lease_ttl_ms) == 1
@@ -145,7 +159,9 @@ class Dispatcher:
         self._next["lease"] = now + self.settings.lease_ttl_ms / 3000
         if self._acquire_lease():
             return True
-        log.warning("%s lost the lease; standing by", self.name)
+        logs.event(log, logging.WARNING, logs.LEASE_LOST, "dispatcher %s lost the lease; standing by", self.name,
+                   dispatcher=self.name)
+        self.metrics.active.set(0)
         self.router.forget_backlog()  # still pending on the intake: the new active dispatcher claims them
         return False
 
@@ -191,6 +207,9 @@ class Dispatcher:
         if mono >= self._next["ended"]:
             self._next["ended"] = mono + ENDED_CHECK_S
             self.drop_ended()  # after routing: what could go was handed off (handoff.lua drops ended jobs)
+        if mono >= self._next["stats"]:
+            self._next["stats"] = mono + STATS_INTERVAL_S
+            self.publish_stats()
 
     def read_count(self) -> int:
         """Entries to read at once: ``read_count``, fewer when entries are large (about MAX_READ_BYTES a read)."""
@@ -248,6 +267,7 @@ class Dispatcher:
 
     def _end_invalid(self, pipe: redis.client.Pipeline, invalid: InvalidEntry) -> None:
         """Reject an invalid request with the validation message, or dead-letter what names no job."""
+        self.metrics.invalid(deadlettered=invalid.result is None)
         if invalid.result is not None:
             self.stats["rejected"] += 1
             self.scripts.finish(pipe, invalid.result, invalid.reply_to, ack_stream=self.keys.intake,
@@ -265,6 +285,7 @@ class Dispatcher:
     def _reject(self, pipe: redis.client.Pipeline, reject: Reject) -> None:
         """End a valid request rejected: the client reads the reason and when to retry."""
         self.stats["rejected"] += 1
+        self.metrics.rejected(reject.reason)
         item = reject.item
         result = JobResult(id=item.request.id, status=JobStatus.rejected, reason=reject.reason,
                            retry_after_s=reject.retry_after_s, finished_at=time.time())
@@ -286,7 +307,9 @@ class Dispatcher:
             else:
                 self._reject(pipe, action)
         for action, reply in zip(actions, pipe.execute(), strict=True):  # one script call per action
-            if isinstance(action, Dispatch) and reply != 1:
+            if isinstance(action, Dispatch) and reply == 1:
+                self.metrics.dispatched(self.policy.name, self.cluster.infos[action.row].gpu)
+            elif isinstance(action, Dispatch):
                 # Not forwarded: the job had ended (cancelled meanwhile), another dispatcher had the
                 # entry, or the worker is gone. It holds no KV on that worker, so this dispatcher's
                 # count lets it go too.
@@ -343,15 +366,47 @@ class Dispatcher:
                 log.warning("ignored a malformed completion: %r", fields)
                 continue
             self.stats["completions"] += 1
+            predicted = self._predicts(done.worker)
             error = self.router.ended(done)
             if error is not None:
                 self.predictors.record_error(done.worker, error)
+            self._observe(done, error, predicted)
         pipe = self.redis.pipeline(transaction=False)
         ids = [eid for eid, _ in entries]
         pipe.xack(self.keys.completions, DISPATCHER_GROUP, *ids)
         pipe.xdel(self.keys.completions, *ids)
         pipe.execute()
         self._dirty = True
+
+    def _predicts(self, worker_id: str) -> bool:
+        """Whether the worker's end-to-end predictor predicted anything yet (a cold one learns its first sample)."""
+        row = self.cluster.index.get(worker_id)
+        return row is not None and bool(self.cluster.predictor.warm[row])
+
+    def _observe(self, done: Completion, error_ms: float | None, predicted: bool) -> None:
+        """Count a job's end in the metrics, with the errors of what was predicted for it (a completed job)."""
+        row = self.cluster.index.get(done.worker)
+        gpu = self.cluster.infos[row].gpu if row is not None else "unknown"
+        ttft_ms, tpot_ms = self.cluster.token_errors if error_ms is not None else (None, None)
+        self.metrics.completed(done, gpu, {"e2e": error_ms if predicted else None, "ttft": ttft_ms, "tpot": tpot_ms})
+
+    # --- stats and metrics ----------------------------------------------------------------------
+
+    def publish_stats(self) -> None:
+        """Refresh the metrics' gauges, and write the counters ``dio top`` reads (one round trip).
+
+        The scrape of ``/metrics`` reads only what this sets: it never does Redis I/O itself.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(self.keys.intake)
+        pipe.hset(self.keys.dispatcher_stats, mapping={
+            **self.stats, "requeued": self.registry.requeued, "backlog": len(self.backlog),
+            "backlog_bytes": self.backlog.bytes, "name": self.name, "policy": self.policy.name,
+            "updated_at": time.time()})
+        pipe.expire(self.keys.dispatcher_stats, STATS_TTL_S)
+        intake = pipe.execute()[0]
+        self.metrics.sample(self.cluster, len(self.backlog), self.backlog.bytes, intake, active=True,
+                            requeued=self.registry.requeued)
 
     # --- workers and predictors -----------------------------------------------------------------
 

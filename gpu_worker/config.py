@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from dio.protocol import defaults as d
+from dio.protocol.metrics import DEFAULT_METRICS_ADDR
 from dio.protocol.settings import CommonSettings
 
 
@@ -27,3 +30,12 @@ class WorkerSettings(CommonSettings):
     read_block_ms: int = 100
     job_ttl_s: float = d.JOB_TTL_S
     drain_timeout_s: float = 300.0
+    # Token streams of jobs submitted with stream=True: entries kept (approximate MAXLEN), TTL while
+    # the job runs (renewed at each write) and after its end.
+    token_stream_maxlen: int = Field(default=d.TOKEN_STREAM_MAXLEN, ge=10)
+    token_stream_ttl_s: float = Field(default=d.TOKEN_STREAM_TTL_S, ge=1)
+    token_stream_end_ttl_s: float = Field(default=d.TOKEN_STREAM_END_TTL_S, ge=1)
+    # Prometheus: serve /metrics on this port (None: not served; 0: any free port) and address. One
+    # endpoint per process: the workers it hosts are told apart by the ``worker`` label.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_addr: str = DEFAULT_METRICS_ADDR

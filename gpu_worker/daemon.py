@@ -45,6 +45,9 @@ from pydantic import ValidationError
 
 from dio.gpu_worker.config import WorkerSettings
 from dio.gpu_worker.engine import Engine, EngineError, EngineOutput, EngineRequest, EngineStats, RequestRejected
+from dio.gpu_worker.metrics import WorkerMetrics
+from dio.gpu_worker.token_stream import TokenPublisher
+from dio.protocol import logs
 from dio.protocol.connection import connect_async
 from dio.protocol.keys import JOB_FIELD, REQUEST_FIELD, SIM_EOS_METADATA, STATUS_FIELD, WORKER_GROUP
 from dio.protocol.models import (
@@ -92,6 +95,7 @@ class Finished:
     reply_to: str | None
     completion: Completion | None
     owner: str | None = None  # set for a superseded copy: end the job only while it is still this worker's
+    end_run: str | None = None  # a streaming job's run here: its token stream gets an end marker
 
 
 @dataclass
@@ -133,6 +137,8 @@ def to_engine_request(request: Request) -> EngineRequest:
         prefix_hashes=request.prefix_hashes,
         priority=1 if request.tier == Tier.batch else 0,
         eos_tokens=sim_eos_tokens(request),
+        stream=request.stream,
+        stop=request.stop,
     )
 
 
@@ -140,7 +146,7 @@ class WorkerDaemon:
     """One worker: registers, heartbeats, reads its queue, runs jobs, writes results."""
 
     def __init__(self, settings: WorkerSettings, engine: Engine, worker_id: str | None = None,
-                 client: aioredis.Redis | None = None) -> None:
+                 client: aioredis.Redis | None = None, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.keys = settings.keys
@@ -148,9 +154,13 @@ class WorkerDaemon:
         self.scripts = AsyncScripts(self.redis, self.keys)
         self.worker_id = worker_id or settings.worker_id or ""
         self.counters = Counters()
+        self.metrics = metrics or WorkerMetrics()
         self.draining = False
         self._pending: list[Finished] = []
         self._has_pending = asyncio.Event()
+        # Streaming jobs' deltas, written by the same flushes as the results (nothing for the others).
+        self.tokens = TokenPublisher(self.keys, maxlen=settings.token_stream_maxlen,
+                                     ttl_s=settings.token_stream_ttl_s, end_ttl_s=settings.token_stream_end_ttl_s)
         self._stats = EngineStats()  # the engine's telemetry as of the last heartbeat
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -178,7 +188,9 @@ class WorkerDaemon:
         self.info = cap.worker_info(self.worker_id, self.engine.name, host=socket.gethostname(), pid=os.getpid())
         self.outage.who = f"worker {self.worker_id}"
         await self._claim()  # the queue's consumer group is created by the first read (_resume)
-        log.info("worker %s registered: %s", self.worker_id, self.info.model_dump_json())
+        self.metrics.add_worker(self.info, self.outage)
+        logs.event(log, logging.INFO, logs.WORKER_JOINED, "worker %s registered: %s", self.worker_id,
+                   self.info.model_dump_json(exclude={"chat_template"}), worker=self.worker_id, gpu=self.info.gpu)
 
     async def _claim(self) -> None:
         """Take the worker id: its alive key, with this process's token, and register (``heartbeat.lua``).
@@ -246,7 +258,9 @@ class WorkerDaemon:
             if self.info is not None:
                 await self.heartbeat()  # the last telemetry, with draining set
             # Removing the alive key lets the dispatcher take back anything still queued here at once.
-            await self.scripts.release(self.redis, self.keys.alive(self.worker_id), self.token)
+            if await self.scripts.release(self.redis, self.keys.alive(self.worker_id), self.token) == 1:
+                logs.event(log, logging.INFO, logs.WORKER_LEFT, "worker %s left: deregistered", self.worker_id,
+                           worker=self.worker_id)
         except redis.RedisError as exc:
             # Unwritten results leave their entries pending: once the heartbeat expires, the
             # dispatcher requeues those jobs and they run again elsewhere.
@@ -278,8 +292,16 @@ class WorkerDaemon:
     async def _drain(self) -> None:
         in_flight = list(self.counters.in_flight.values())
         if in_flight:
-            log.info("draining %d in-flight jobs", len(in_flight))
+            log.info("worker %s draining %d in-flight jobs", self.worker_id, len(in_flight))
             await asyncio.wait(in_flight, timeout=self.settings.drain_timeout_s)
+        left = sum(1 for task in in_flight if not task.done())
+        if left:
+            logs.event(log, logging.WARNING, logs.WORKER_DRAINED, "worker %s drained: %d jobs still ran after %.0f s "
+                       "(their entries stay pending, so they run again elsewhere)", self.worker_id, left,
+                       self.settings.drain_timeout_s, worker=self.worker_id, jobs=len(in_flight), unfinished=left)
+        else:
+            logs.event(log, logging.INFO, logs.WORKER_DRAINED, "worker %s drained: %d in-flight jobs finished",
+                       self.worker_id, len(in_flight), worker=self.worker_id, jobs=len(in_flight), unfinished=0)
 
     # --- heartbeat ------------------------------------------------------------------------------
 
@@ -287,12 +309,14 @@ class WorkerDaemon:
         # Read once per heartbeat: an engine's stats can be costly (vLLM collects its Prometheus
         # registry), and the event loop it would block also streams vLLM's tokens.
         stats = self._stats = self.engine.stats()
-        return WorkerTelemetry(
+        telemetry = WorkerTelemetry(
             running=stats.running, waiting=stats.waiting, in_flight=len(self.counters.in_flight),
             kv_used_tokens=stats.kv_used_tokens, kv_usage=stats.kv_usage, free_vram_bytes=stats.free_vram_bytes,
             preemptions=stats.preemptions, completed=self.counters.completed, failed=self.counters.failed,
             draining=self.draining,
         )
+        self.metrics.telemetry(self.worker_id, telemetry)
+        return telemetry
 
     async def heartbeat(self) -> Beat:
         """Refresh telemetry and the alive key, if this process owns the worker id (``heartbeat.lua``)."""
@@ -308,6 +332,8 @@ class WorkerDaemon:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
                 beat = await self.heartbeat()
+                if self.metrics.served:  # the queue's length, for /metrics only
+                    self.metrics.queue_entries(self.worker_id, await self.redis.xlen(self.keys.queue(self.worker_id)))
             except redis.RedisError as exc:
                 # The TTL covers a few missed beats; past it the dispatcher requeues this worker's
                 # jobs, and the first beat that gets through registers it again.
@@ -315,8 +341,9 @@ class WorkerDaemon:
                 continue
             self.outage.ok()
             if beat is Beat.registered:
-                log.warning("worker %s registered again: its heartbeat had lapsed (a stall, or a Redis that came back "
-                            "empty), so the dispatcher may have requeued its jobs", self.worker_id)
+                logs.event(log, logging.WARNING, logs.WORKER_REJOINED, "worker %s rejoined: its heartbeat had lapsed "
+                           "(a stall, or a Redis that came back empty), so the dispatcher may have requeued its jobs",
+                           self.worker_id, worker=self.worker_id)
             elif beat is Beat.not_ours:
                 log.error("worker id %s was taken over by another process while this one stalled: stopping (the "
                           "jobs in flight finish first)", self.worker_id)
@@ -451,9 +478,13 @@ class WorkerDaemon:
     async def _run_job(self, entry_id: str, request: Request, started_at: float) -> None:
         out = EngineOutput()
         status, error, reason = JobStatus.completed, None, None
+        if request.stream:
+            self.tokens.begin(request.id)
         try:
             async for partial in self.engine.stream(to_engine_request(request)):
                 out = partial
+                if request.stream and self.tokens.add(request.id, partial):
+                    self._has_pending.set()  # the next flush publishes it, with other jobs' deltas
             if out.finish_reason == "abort":
                 status = JobStatus.cancelled
         except asyncio.CancelledError:
@@ -469,16 +500,17 @@ class WorkerDaemon:
             self.counters.in_flight.pop(request.id, None)
             entry_id = self._entry_of.pop(request.id, entry_id)  # a newer entry, if the job was handed back
             self._slot_freed.set()
+            end_run = self.tokens.close(request.id) if request.stream else None
         rerun = self._rerun.pop(request.id, None)
         if rerun is not None:  # aborted as superseded, and handed back meanwhile: nothing of this copy is written
             self._superseded.discard(request.id)
             self._held.discard(entry_id)
             self._start_copy(*rerun, time.time())
             return
-        self._record(entry_id, request, started_at, out, status, error, reason)
+        self._record(entry_id, request, started_at, out, status, error, reason, end_run)
 
     def _record(self, entry_id: str, request: Request, started_at: float, out: EngineOutput,
-                status: JobStatus, error: str | None, reason: str | None) -> None:
+                status: JobStatus, error: str | None, reason: str | None, end_run: str | None = None) -> None:
         finished_at = time.time()
         if status == JobStatus.completed:
             self.counters.completed += 1
@@ -503,36 +535,46 @@ class WorkerDaemon:
         if request.id in self._superseded:
             self._superseded.discard(request.id)
             owner = self.worker_id  # it moved to another worker: that one's copy ends the job, not this one
-        self._finish(entry_id, result, request.reply_to, completion, owner)
+            end_run = None  # and its token stream: the other copy's run restarts it there
+        else:
+            self.metrics.job_ended(self.worker_id, request, result, started_at)
+        self._finish(entry_id, result, request.reply_to, completion, owner, end_run)
 
     # --- writing --------------------------------------------------------------------------------
 
     def _finish(self, entry_id: str, result: JobResult, reply_to: str | None, completion: Completion | None,
-                owner: str | None = None) -> None:
+                owner: str | None = None, end_run: str | None = None) -> None:
         self._held.add(entry_id)
-        self._pending.append(Finished(entry_id, result, reply_to, completion, owner))
+        self._pending.append(Finished(entry_id, result, reply_to, completion, owner, end_run))
         self._has_pending.set()
 
     async def _flush(self) -> None:
         """Write every finished job in one pipeline (terminal state, ack, completion, notice).
 
-        What is not written (Redis unreachable, a script refused) is kept for the next flush and
-        the error raised; its queue entry stays pending meanwhile, so the job is answered late,
-        never lost.
+        Streaming jobs' deltas go first in the same pipeline (so a client that has the result has
+        every delta before it), their end markers last. What is not written (Redis unreachable, a
+        script refused) is kept for the next flush and the error raised; its queue entry stays
+        pending meanwhile, so the job is answered late, never lost.
         """
-        if not self._pending:
+        if not self._pending and not self.tokens.has_pending:
             return
         batch, self._pending = self._pending, []
+        deltas = self.tokens.take()
         try:
             queue = self.keys.queue(self.worker_id)
             pipe = self.redis.pipeline(transaction=False)
-            for f in batch:
+            skip = self.tokens.queue_deltas(pipe, deltas)  # their replies are not checked: a lost delta
+            for f in batch:  # leaves a gap, which the reader fills from the result
                 await self.scripts.finish(pipe, f.result, f.reply_to, ack_stream=queue, ack_group=WORKER_GROUP,
                                           ack_entry=f.entry_id, completion=f.completion,
                                           job_ttl_s=self.settings.job_ttl_s, owner=f.owner)
-            replies = await pipe.execute(raise_on_error=False)
+            for f in batch:
+                if f.end_run is not None:
+                    self.tokens.queue_end(pipe, f.result.id, f.end_run, f.result.status.value)
+            replies = (await pipe.execute(raise_on_error=False))[skip:skip + len(batch)]
         except BaseException:
             self._pending = batch + self._pending
+            self.tokens.restore(deltas)
             self._has_pending.set()
             raise
         failed: list[tuple[Finished, Exception]] = []
@@ -601,13 +643,16 @@ class WorkerDaemon:
                     await self.engine.abort(job_id)
 
 
-async def serve(settings: WorkerSettings, engines: list[Engine], worker_ids: list[str | None]) -> None:
+async def serve(settings: WorkerSettings, engines: list[Engine], worker_ids: list[str | None],
+                metrics: WorkerMetrics | None = None) -> None:
     """Run one or more workers in this process until SIGTERM/SIGINT, then drain them.
 
     Raises WorkerIdInUse when another live process owns one of the ids; the others leave first.
     """
     client = connect_async(settings)
-    daemons = [WorkerDaemon(settings, e, wid, client=client) for e, wid in zip(engines, worker_ids, strict=True)]
+    metrics = metrics or WorkerMetrics()  # one registry for the process: its series tell the workers apart
+    daemons = [WorkerDaemon(settings, e, wid, client=client, metrics=metrics)
+               for e, wid in zip(engines, worker_ids, strict=True)]
 
     def stop_all() -> None:
         for daemon in daemons:

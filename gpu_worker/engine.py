@@ -51,6 +51,11 @@ class EngineRequest:
     # Simulated engines only: where the simulated model emits EOS, in output tokens (max_tokens still
     # caps it; ignore_eos overrides it). From Request.metadata[SIM_EOS_METADATA]; real engines ignore it.
     eos_tokens: int | None = None
+    # The client streams the answer: yield outputs as tokens come (with ``text_delta``). Otherwise
+    # an engine may yield the final output only (vLLM is then asked for nothing else).
+    stream: bool = False
+    # Stop sequences (Request.stop): engines that can (vLLM) end the answer before the first one.
+    stop: list[str] | None = None
 
 
 @dataclass
@@ -58,7 +63,10 @@ class EngineOutput:
     """A request's output so far (cumulative); the last one yielded has ``finished=True``."""
 
     output_tokens: int = 0
-    text: str | None = None
+    text: str | None = None  # cumulative; engines may leave it None until the final output
+    # The text since the previous output this stream yielded (set by engines on streaming requests;
+    # when None the daemon derives it from the cumulative ``text``).
+    text_delta: str | None = None
     token_ids: list[int] | None = None
     finished: bool = False
     finish_reason: str | None = None  # "length", "stop", "abort"
@@ -83,6 +91,8 @@ class EngineCapacity:
     weight_bytes: int = 0  # model weights in GPU memory (0: unknown); sets how KV load slows decode
     peak_flops: float = 0.0  # the GPU's datasheet dense bf16 FLOP/s (0: unknown); the predictor's prior
     mem_bandwidth: float = 0.0  # its datasheet memory bandwidth, bytes/s (0: unknown)
+    chat_template: str | None = None  # the tokenizer's chat template, for the gateway (None: no tokenizer)
+    eos_token: str | None = None  # the tokenizer's end-of-sequence text, which chat templates may use
 
     def worker_info(self, worker_id: str, engine: str, **extra: object) -> WorkerInfo:
         """The registration of a worker running an engine with these limits."""

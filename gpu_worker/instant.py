@@ -21,10 +21,10 @@ DEFAULT_MAX_NUM_SEQS = 1024
 SYNTHETIC_VOCAB = 32_000  # synthetic token ids stay below this
 
 
-def synthetic_token_ids(request_id: str, seed: int, count: int) -> list[int]:
-    """Return deterministic token ids: the same request id and seed give the same ids."""
+def synthetic_token_ids(request_id: str, seed: int, count: int, start: int = 0) -> list[int]:
+    """Return deterministic token ids, positions start..count-1: the same request id and seed give the same ids."""
     base = zlib.crc32(request_id.encode()) ^ seed
-    return [(base + 7919 * i) % SYNTHETIC_VOCAB for i in range(count)]
+    return [(base + 7919 * i) % SYNTHETIC_VOCAB for i in range(start, count)]
 
 
 class InstantEngine(Engine):

@@ -14,15 +14,17 @@ prompts. A text prompt sent to such a model becomes ``prompt_tokens`` synthetic 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dio.gpu_worker import nvml
+from dio.gpu_worker.chat_template import read_chat_template
 from dio.gpu_worker.engine import (
     Engine,
     EngineCapacity,
@@ -35,6 +37,8 @@ from dio.gpu_worker.engine import (
 )
 from dio.gpu_worker.sim.profiles import match_profile
 from dio.protocol.defaults import CHARS_PER_TOKEN
+
+log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).parent / "models"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
@@ -161,19 +165,50 @@ class VllmBackend:
     make_engine: Callable[[dict[str, Any]], Any]  # AsyncEngineArgs fields -> a started AsyncLLM
     sampling_params: Callable[..., Any]  # vllm.SamplingParams
     metrics_snapshot: Callable[[], list[Any]]  # vllm.v1.metrics.reader.get_metrics_snapshot
+    # vllm.sampling_params.RequestOutputKind (CUMULATIVE, DELTA, FINAL_ONLY); None: cumulative outputs only.
+    output_kind: Any = None
 
 
 def load_vllm_backend() -> VllmBackend:
     """Import vLLM (slow: ~30 s cold) and return its real backend."""
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.reader import get_metrics_snapshot
 
     def make_engine(args: dict[str, Any]) -> Any:
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
-    return VllmBackend(make_engine, SamplingParams, get_metrics_snapshot)
+    return VllmBackend(make_engine, SamplingParams, get_metrics_snapshot, RequestOutputKind)
+
+
+@dataclass
+class _Progress:
+    """One request's outputs so far: DELTA outputs carry only what is new, so the adapter adds them up."""
+
+    delta: bool  # vLLM sends the new tokens and text of each step (streaming), not all of them
+    final_only: bool  # vLLM sends the finished output alone (FINAL_ONLY)
+    started_at: float  # wall clock when the request was handed to vLLM
+    token_ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
+def _metrics_first_token_at(raw: Any, started_at: float) -> float | None:
+    """Return when vLLM produced the first token, from a final output's per-request metrics (None: not there).
+
+    A FINAL_ONLY output is the only one a request sends, so its first token is timed by vLLM's
+    ``RequestOutput.metrics``: a ``RequestStateStats`` (v1/metrics/stats.py), whose
+    ``first_token_latency`` counts wall seconds from its ``arrival_time`` (the frontend's clock).
+    """
+    metrics = getattr(raw, "metrics", None)
+    latency = getattr(metrics, "first_token_latency", None)
+    if not isinstance(latency, (int, float)) or not latency > 0:
+        return None
+    arrival = getattr(metrics, "arrival_time", None)
+    base = float(arrival) if isinstance(arrival, (int, float)) and arrival > 1e9 else started_at  # epoch seconds
+    return base + float(latency)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -268,6 +303,9 @@ class VllmEngine(Engine):
         self._capacity: EngineCapacity | None = None
         self._vocab = int(self._config.get("vocab_size") or DEFAULT_VOCAB_SIZE)
         self._active: dict[str, int] = {}  # id -> streams that handed it to vLLM (a redelivery may overlap)
+        # Can a FINAL_ONLY request be timed (vLLM's per-request metrics)? None: not known yet; False:
+        # requests that do not stream use DELTA outputs instead, so their first token is still timed.
+        self._final_only_timed: bool | None = None
         self._pending_aborts: dict[str, None] = {}  # aborted before their stream reached vLLM (ordered)
 
     # --- lifecycle ---
@@ -328,15 +366,19 @@ class VllmEngine(Engine):
             yield EngineOutput(finished=True, finish_reason="abort", prompt_tokens=request.prompt_tokens)
             return
         prompt, prompt_tokens = self._prompt(request)
-        params = self._sampling_params(request)
+        kind = self._output_kind(request)
+        params = self._sampling_params(request, kind)
         extra = {"priority": request.priority} if self.scheduling_policy == "priority" else {}
-        first_token_at: float | None = None
+        kinds = self._backend.output_kind if self._backend is not None else None
+        progress = _Progress(delta=kinds is not None and kind == kinds.DELTA,
+                             final_only=kinds is not None and kind == kinds.FINAL_ONLY, started_at=time.time())
         self._active[request.id] = self._active.get(request.id, 0) + 1
         try:
             async with aclosing(engine.generate(prompt, params, request.id, **extra)) as outputs:
                 async for raw in outputs:
-                    out = self._to_output(raw, prompt_tokens, first_token_at)
-                    first_token_at = out.first_token_at
+                    out = self._to_output(raw, prompt_tokens, progress)
+                    if out.finished and progress.final_only:
+                        self._learn_final_only_timing(out)
                     yield out
         except ValueError as exc:  # vLLM's request validation: rejected, not retried
             raise RequestRejected(str(exc)) from exc
@@ -346,6 +388,27 @@ class VllmEngine(Engine):
             raise _engine_error(exc) from exc
         finally:
             self._release(request.id)
+
+    def _output_kind(self, request: EngineRequest) -> Any:
+        """Return what vLLM sends back: the new text each step for a stream, else the final output only.
+
+        None when the backend knows no output kinds (cumulative outputs, vLLM's default).
+        """
+        kinds = self._backend.output_kind if self._backend is not None else None
+        if kinds is None:
+            return None
+        if request.stream or self._final_only_timed is False:
+            return kinds.DELTA
+        return kinds.FINAL_ONLY
+
+    def _learn_final_only_timing(self, out: EngineOutput) -> None:
+        """Fall back to DELTA outputs for good when a FINAL_ONLY output did not say when its first token came."""
+        if out.output_tokens == 0 or self._final_only_timed is not None:
+            return
+        self._final_only_timed = out.first_token_at is not None
+        if not self._final_only_timed:
+            log.warning("vLLM's final outputs carry no first-token time (RequestOutput.metrics): requests that "
+                        "do not stream now get DELTA outputs, so that their time to first token is measured")
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with ``finish_reason='abort'`` (vLLM frees its KV blocks)."""
@@ -381,9 +444,12 @@ class VllmEngine(Engine):
             return {"prompt_token_ids": ids}, len(ids)
         return text, request.prompt_tokens
 
-    def _sampling_params(self, request: EngineRequest) -> Any:
+    def _sampling_params(self, request: EngineRequest, output_kind: Any = None) -> Any:
         """Return vLLM SamplingParams; max_tokens is always set (vLLM's default is 16)."""
         assert self._backend is not None
+        extra = {} if output_kind is None else {"output_kind": output_kind}
+        if request.stop:  # vLLM ends the text before the first stop sequence (Request.stop)
+            extra["stop"] = list(request.stop)
         return self._backend.sampling_params(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
@@ -391,29 +457,45 @@ class VllmEngine(Engine):
             seed=request.seed,
             ignore_eos=request.ignore_eos,
             detokenize=not self.skip_tokenizer,
+            **extra,
         )
 
-    def _to_output(self, raw: Any, prompt_tokens: int, first_token_at: float | None) -> EngineOutput:
-        """Translate one cumulative vLLM RequestOutput into an EngineOutput.
+    def _to_output(self, raw: Any, prompt_tokens: int, progress: _Progress) -> EngineOutput:
+        """Translate one vLLM RequestOutput (cumulative, DELTA or FINAL_ONLY) into a cumulative EngineOutput.
 
-        ``token_ids`` of an unfinished output is vLLM's own growing list (no copy per step); the
-        finished output carries a copy.
+        ``token_ids`` of an unfinished output is a growing list (vLLM's own, or the adapter's sum
+        of deltas: no copy per step); the finished output carries a copy. A DELTA output's text is
+        the ``text_delta``; the cumulative ``text`` is joined once, on the finished output.
         """
         completion = raw.outputs[0] if raw.outputs else None
-        token_ids = completion.token_ids if completion is not None else []
-        if first_token_at is None and len(token_ids) > 0:
-            first_token_at = time.time()
+        new_ids = completion.token_ids if completion is not None else []
+        piece = completion.text if completion is not None and not self.skip_tokenizer else None
         finished = bool(raw.finished)
+        delta: str | None = None
+        if progress.delta:
+            progress.token_ids.extend(new_ids)
+            token_ids = progress.token_ids
+            if piece is not None:
+                progress.pieces.append(piece)
+                delta = piece
+            text = "".join(progress.pieces) if finished and piece is not None else None
+        else:
+            token_ids, text = new_ids, piece
+        if progress.first_token_at is None and len(token_ids) > 0:
+            # The first output with tokens: now, unless it is the FINAL_ONLY output (vLLM's metrics say when).
+            progress.first_token_at = (_metrics_first_token_at(raw, progress.started_at) if progress.final_only
+                                       else time.time())
         prompt_ids = getattr(raw, "prompt_token_ids", None)
         return EngineOutput(
             output_tokens=len(token_ids),
-            text=completion.text if completion is not None and not self.skip_tokenizer else None,
+            text=text,
+            text_delta=delta,
             token_ids=list(token_ids) if finished else token_ids,
             finished=finished,
             finish_reason=completion.finish_reason if completion is not None and finished else None,
             prompt_tokens=len(prompt_ids) if prompt_ids is not None else prompt_tokens,
             cached_tokens=int(getattr(raw, "num_cached_tokens", None) or 0),
-            first_token_at=first_token_at,
+            first_token_at=progress.first_token_at,
         )
 
     def _vocab_size(self) -> int:
@@ -439,6 +521,8 @@ class VllmEngine(Engine):
         memory = nvml.gpu_memory()
         gpu = nvml.gpu_name() or "unknown GPU"
         datasheet = match_profile(gpu)  # peak FLOP/s and bandwidth: the dispatcher's prior
+        # The gateway renders chat messages with the tokenizer's template (a text prompt needs a tokenizer).
+        template, eos = (None, None) if self.skip_tokenizer else read_chat_template(self.model)
         return EngineCapacity(
             gpu=gpu,
             model=self.served_model_name,
@@ -450,6 +534,8 @@ class VllmEngine(Engine):
             weight_bytes=weight_bytes(self._config),
             peak_flops=datasheet.peak_flops if datasheet else 0.0,
             mem_bandwidth=datasheet.mem_bandwidth_bytes_s if datasheet else 0.0,
+            chat_template=template,
+            eos_token=eos,
         )
 
     def _kv_bytes_per_token(self, config: Any) -> int:

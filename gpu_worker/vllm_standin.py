@@ -11,6 +11,10 @@ vLLM 0.26.0 source):
   (v1/engine/input_processor.py ``_validate_prompt_len``), as does an empty prompt and a text
   prompt without a tokenizer (like vLLM without a tokenizer, token ids are not range-checked);
 - ``abort(request_id)`` ends that request's stream with a finished output, finish reason "abort";
+- ``SamplingParams.output_kind``: CUMULATIVE outputs each step, DELTA outputs with only the step's
+  new tokens and text, FINAL_ONLY the finished output alone; a finished output carries
+  ``metrics`` with ``arrival_time`` and ``first_token_latency`` (vLLM's per-request stats);
+- with ``detokenize`` the text is one word per token id (`` w<id>``); without it, "" as in vLLM;
 - ``vllm_config.cache_config.num_gpu_blocks`` / ``block_size`` / ``kv_cache_size_tokens``,
   ``scheduler_config.max_num_seqs``, ``model_config.max_model_len``;
 - ``metrics_snapshot()`` returns Gauge/Counter objects named as vLLM's Prometheus metrics.
@@ -23,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -42,6 +48,14 @@ def too_long_message(prompt_len: int, max_model_len: int) -> str:
     )
 
 
+class RequestOutputKind(IntEnum):
+    """vllm.sampling_params.RequestOutputKind."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 @dataclass
 class SamplingParams:
     """The SamplingParams fields the adapter sets (vLLM's defaults, max_tokens=16 included)."""
@@ -51,7 +65,14 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    stop: list[str] | None = None  # accepted, not applied (the batch runner and the gateway cut the text)
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+
+def token_word(token_id: int) -> str:
+    """The stand-in's text of one token."""
+    return f" w{token_id}"
 
 
 @dataclass
@@ -69,6 +90,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    metrics: Any = None  # a finished output's per-request stats
 
 
 @dataclass
@@ -91,6 +113,9 @@ class _Request:
     max_tokens: int
     blocks: int
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
+    arrival_time: float = field(default_factory=time.time)
+    first_token_time: float | None = None
+    sent: int = 0  # tokens already sent (DELTA outputs carry the rest)
 
 
 class StandinAsyncLLM:
@@ -109,6 +134,7 @@ class StandinAsyncLLM:
             model_config=SimpleNamespace(max_model_len=max_model_len),
         )
         self.step_s = step_s
+        self.per_request_metrics = True  # finished outputs carry metrics (tests turn it off)
         self.received: list[tuple[Any, SamplingParams, str, dict[str, Any]]] = []
         self.fail_next: Exception | None = None
         self.preemptions = 0
@@ -196,27 +222,40 @@ class StandinAsyncLLM:
     async def _decode(
         self, request_id: str, req: _Request, cached: int, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Yield one cumulative output per step until max_tokens or an abort."""
+        """Yield outputs (as ``params.output_kind`` says) until max_tokens or an abort, one token per step."""
         rng = random.Random(hash((tuple(req.prompt_ids), params.seed)) if params.seed is not None else None)
         tokens: list[int] = []
         while True:
             if req.aborted.is_set():
-                yield self._output(request_id, req, tokens, cached, "abort")
+                yield self._output(request_id, req, tokens, cached, "abort", params)
                 return
             await asyncio.sleep(self.step_s)
             if req.aborted.is_set():
                 continue
             tokens.append(rng.randrange(3, self.vocab_size))
+            if req.first_token_time is None:
+                req.first_token_time = time.time()
             done = len(tokens) >= req.max_tokens
-            yield self._output(request_id, req, tokens, cached, "length" if done else None)
+            if done or params.output_kind != RequestOutputKind.FINAL_ONLY:
+                yield self._output(request_id, req, tokens, cached, "length" if done else None, params)
             if done:
                 return
 
     def _output(
-        self, request_id: str, req: _Request, tokens: list[int], cached: int, reason: str | None
+        self, request_id: str, req: _Request, tokens: list[int], cached: int, reason: str | None,
+        params: SamplingParams,
     ) -> RequestOutput:
-        completion = CompletionOutput(0, "", tokens, reason)
-        return RequestOutput(request_id, req.prompt_ids, [completion], reason is not None, cached)
+        start = req.sent if params.output_kind == RequestOutputKind.DELTA else 0
+        req.sent = len(tokens)
+        ids = tokens[start:] if start else tokens
+        text = "".join(token_word(t) for t in ids) if params.detokenize else ""
+        completion = CompletionOutput(0, text, ids, reason)
+        finished = reason is not None
+        metrics = None
+        if finished and self.per_request_metrics and req.first_token_time is not None:
+            metrics = SimpleNamespace(arrival_time=req.arrival_time,
+                                      first_token_latency=req.first_token_time - req.arrival_time)
+        return RequestOutput(request_id, req.prompt_ids, [completion], finished, cached, metrics)
 
     def metrics_snapshot(self) -> list[Gauge | Counter]:
         """Return the engine's state under vLLM's Prometheus metric names."""
@@ -243,7 +282,7 @@ class StandinBackend(VllmBackend):
         self._step_s = step_s
         self._num_gpu_blocks = num_gpu_blocks
         self._block_size = block_size
-        super().__init__(self._make_engine, SamplingParams, self._snapshot)
+        super().__init__(self._make_engine, SamplingParams, self._snapshot, RequestOutputKind)
 
     def _make_engine(self, args: dict[str, Any]) -> StandinAsyncLLM:
         if self.start_error is not None:

@@ -19,15 +19,15 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dio.client import Client
+from dio.client import Client, ClientSettings
 from dio.dispatcher.predictor_store import read_states
 from dio.ops.capacity import capacity_rps, deadline_ms
 from dio.ops.local_cluster import LocalCluster, WorkerSpec, parse_workers, worker_ids
 from dio.ops.openloop import request_fields, submit_on_schedule
-from dio.ops.redis_server import ensure_redis
+from dio.ops.redis_server import ClusterHandle, RedisHandle, ensure_redis, start_private_cluster
 from dio.ops.stats import reason_key
 from dio.ops.traces import BUNDLED, TraceRequest, bundled, load_trace, rescale_arrivals
-from dio.protocol.connection import connect, delete_keys
+from dio.protocol.connection import connect, connection_options, delete_keys
 from dio.protocol.defaults import DEFAULT_MODEL
 from dio.protocol.models import JobResult, JobStatus
 from dio.protocol.settings import CommonSettings
@@ -46,6 +46,7 @@ class DemoConfig:
     slo_k: float = 5.0
     seed: int = 0
     model: str = DEFAULT_MODEL
+    redis_cluster: bool = False  # start a private three-node Redis Cluster (whatever DIO_REDIS_URL says)
 
 
 def load_demo_trace(name: str, count: int, seed: int) -> list[TraceRequest]:
@@ -113,7 +114,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(f"[bold]DIO demo[/] — policy [cyan]{summary['policy']}[/], trace {summary['trace']}, "
                   f"{summary['submitted']} requests at {summary['load']:.0%} of estimated capacity "
                   f"({summary['offered_rps_sim']} req/s simulated), time scale {summary['time_scale']}×, "
-                  f"{summary['wall_s']} s wall")
+                  f"{summary['wall_s']} s wall, Redis {summary.get('redis', 'single')}")
     console.print(f"completed {summary['completed']} · rejected {summary['rejected']} · failed {summary['failed']} · "
                   f"lost {summary['lost']}   latency p50 {summary['p50_ms']} / p90 {summary['p90_ms']} / "
                   f"p99 {summary['p99_ms']} ms · TTFT p50 {summary['ttft_p50_ms']} ms · SLO ({summary['slo_k']}× "
@@ -130,6 +131,19 @@ def print_summary(summary: dict[str, Any]) -> None:
             console.print(f"  {title} ×{n}: {reason}")
 
 
+def redis_kind(client: Any) -> str:
+    """Return "single", or "cluster (N primaries)" for a Redis Cluster client."""
+    return f"cluster ({len(client.get_primaries())} primaries)" if hasattr(client, "get_primaries") else "single"
+
+
+def demo_connection(settings: CommonSettings, server: RedisHandle | ClusterHandle, prefix: str) -> CommonSettings:
+    """Return what the demo connects with: the configured user, password and TLS, or a private server's URL alone."""
+    if not server.owned:
+        return settings.model_copy(update={"redis_url": server.url, "key_prefix": prefix})
+    return CommonSettings(redis_url=server.url, redis_username=None, redis_password=None, redis_ca_certs=None,
+                          redis_certfile=None, redis_keyfile=None, redis_cluster=False, key_prefix=prefix)
+
+
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the demo, print its summary and return it."""
     specs = parse_workers(config.workers)
@@ -138,23 +152,28 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     trace = rescale_arrivals(trace, offered_rps)
     settings = CommonSettings()
     prefix = f"{{dio-demo-{uuid.uuid4().hex[:8]}}}:"
-    with ensure_redis(settings.redis_url) as server:
+    if config.redis_cluster:
+        server: RedisHandle | ClusterHandle = start_private_cluster()
+    else:
+        server = ensure_redis(settings.redis_url, **connection_options(settings))
+    with server:
+        connection = demo_connection(settings, server, prefix)
         cluster = LocalCluster(server.url, specs, key_prefix=prefix, policy=config.policy, model=config.model,
-                               time_scale=config.time_scale)
+                               time_scale=config.time_scale, connection=connection)
         try:
             cluster.start()
             started = time.monotonic()
-            with Client(redis_url=server.url, key_prefix=prefix) as client:
+            with Client(ClientSettings(**connection.model_dump())) as client:
                 handles = submit_on_schedule(client, trace, config.time_scale,
                                              lambda i, r: request_fields(r, i, config.model))
                 results = [h.result(timeout=RESULT_GRACE_S, raise_on_error=False) for h in handles]
             wall_s = time.monotonic() - started
         finally:
             cluster.stop()
-        run_settings = CommonSettings(redis_url=server.url, key_prefix=prefix)
-        redis_client = connect(run_settings)
-        summary = summarize(config, specs, trace, results, read_states(redis_client, run_settings.keys), wall_s,
+        redis_client = connect(connection)
+        summary = summarize(config, specs, trace, results, read_states(redis_client, connection.keys), wall_s,
                             offered_rps)
-        delete_keys(redis_client, run_settings.keys)
+        summary["redis"] = redis_kind(redis_client)
+        delete_keys(redis_client, connection.keys)
     print_summary(summary)
     return summary

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import shlex
+from typing import Any, Literal
 
 import redis
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dio.protocol.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
@@ -15,6 +18,12 @@ from dio.protocol.models import M, WorkerInfo, WorkerTelemetry, from_hash
 
 # The capabilities shown of a worker, with what is shown when its hash is gone.
 INFO_UNKNOWN: dict[str, Any] = {"gpu": None, "model": None, "engine": None, "kv_capacity_tokens": 0}
+# The workers' table: (header, justification). "queue" is entries/unread; "seen" and "err p50" are the
+# predictor's completions learned and median recent error.
+COLUMNS: tuple[tuple[str, Literal["left", "right"]], ...] = (
+    ("id", "left"), ("gpu", "left"), ("alive", "left"), ("KV cap", "right"), ("reserved", "right"),
+    ("used", "right"), ("run", "right"), ("wait", "right"), ("queue", "right"), ("done", "right"),
+    ("fail", "right"), ("preempt", "right"), ("seen", "right"), ("err p50", "right"))
 TELEMETRY_SHOWN = ("kv_usage", "running", "waiting", "completed", "failed", "preemptions", "draining")
 
 
@@ -76,27 +85,48 @@ def collect(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     }
 
 
-def render(facts: dict[str, Any]) -> None:
-    console = Console(width=max(Console().width, 130))
-    intake = facts["intake"]
-    console.print(f"[bold]DIO[/] keys under [cyan]{facts['prefix']}[/]; active dispatcher: "
-                  f"{facts['lease'] or '[red]none[/]'}")
+def _tokens(n: int) -> str:
+    """A count in at most 5 characters: 9,999, 605k, 1.2M."""
+    if n < 10_000:
+        return f"{n:,}"
+    return f"{n / 1000:.0f}k" if n < 1_000_000 else f"{n / 1e6:.1f}M"
+
+
+def _hints(prefix: str) -> list[str]:
+    """The redis-cli commands behind the view, with the real key prefix (quoted for a shell: it has braces)."""
+    q = shlex.quote
+    return [f"XINFO GROUPS {q(prefix + 'intake')} · XLEN {q(prefix + 'queue:<id>')} · "
+            f"HGETALL {q(prefix + 'worker:<id>')}",
+            f"HGETALL {q(prefix + 'job:<id>')} · HGETALL {q(prefix + 'predictor')} · "
+            f"HGETALL {q(prefix + 'dispatcher:stats')}"]
+
+
+def render(facts: dict[str, Any], console: Console | None = None) -> None:
+    """Print the facts; the table fits a 100-column terminal (the model, shared by most clusters, is above it)."""
+    console = console or Console()
+    intake, prefix = facts["intake"], facts["prefix"]
+    console.print(f"[bold]DIO[/] keys under [cyan]{escape(prefix)}[/]; active dispatcher: "
+                  f"{escape(facts['lease']) if facts['lease'] else '[red]none[/]'}")
     console.print(f"intake: {intake['length']} entries — {intake['pending']} read by the dispatcher and waiting "
-                  f"for a worker (its backlog), {intake['lag']} not read yet;  completions not yet learned: "
-                  f"{facts['completions']['length']};  dead-lettered: {facts['deadletter']}")
-    table = Table(title="workers")
-    for col in ("id", "alive", "gpu", "model", "KV cap", "KV reserved", "KV used", "running", "waiting",
-                "queued", "done", "failed", "preempt", "predictor (seen, p50 err ms)"):
-        table.add_column(col)
+                  f"for a worker (its backlog), {intake['lag']} not read yet; completions not yet learned: "
+                  f"{facts['completions']['length']}; dead-lettered: {facts['deadletter']}")
+    models = sorted({str(w["model"]) for w in facts["workers"]})
+    kinds = sorted({str(w["predictor"].get("kind")) for w in facts["workers"] if w["predictor"].get("kind")})
+    console.print(f"workers: {len(facts['workers'])}; models: {escape(', '.join(models)) or '-'}; predictor: "
+                  f"{escape(', '.join(kinds)) or '-'}")
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)
+    for col, justify in COLUMNS:
+        table.add_column(col, no_wrap=True, justify=justify)
     for w in facts["workers"]:
         p = w["predictor"]
-        err = f"{p['error_p50_ms']:.1f}" if p.get("error_p50_ms") is not None else "-"
+        err = f"{p['error_p50_ms']:.1f}ms" if p.get("error_p50_ms") is not None else "-"
         table.add_row(
-            w["id"], "yes" if w["alive"] else "[red]no[/]", str(w["gpu"]), str(w["model"]),
-            f"{w['kv_capacity_tokens']:,}", f"{w['kv_reserved_tokens']:,}", f"{w['kv_usage']:.0%}",
-            str(w["running"]), str(w["waiting"]), f"{w['queue']['length']} ({w['queue']['lag']} unread)",
-            str(w["completed"]), str(w["failed"]), str(w["preemptions"]), f"{p.get('kind')} ({p['seen']}, {err})",
+            escape(w["id"]), escape(str(w["gpu"])), "yes" if w["alive"] else "[red]no[/]",
+            _tokens(w["kv_capacity_tokens"]), _tokens(w["kv_reserved_tokens"]), f"{w['kv_usage']:.0%}",
+            str(w["running"]), str(w["waiting"]), f"{w['queue']['length']}/{w['queue']['lag']}",
+            str(w["completed"]), str(w["failed"]), str(w["preemptions"]), _tokens(p["seen"]), err,
         )
     console.print(table)
-    console.print("[dim]redis-cli: XINFO GROUPS <prefix>intake · XLEN <prefix>queue:<id> · "
-                  "HGETALL <prefix>worker:<id> · HGETALL <prefix>job:<id> · HGETALL <prefix>predictor[/]")
+    first, second = _hints(prefix)
+    console.print(f"[dim]redis-cli: {escape(first)}[/]")
+    console.print(f"[dim]           {escape(second)}[/]")

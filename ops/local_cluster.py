@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +37,11 @@ STOP_TIMEOUT_S = 20.0
 RESTART_MIN_S = 0.5  # a child that exited is started again after this long, doubling per quick exit...
 RESTART_MAX_S = 30.0  # ...up to this
 RESTART_RESET_S = 60.0  # a child that ran this long before it exited starts the backoff over
+BATCH_RUNNER_NAME = "batch-runner-1"  # the batch runner's child name and runner name
+GATEWAY_NAME = "gateway"  # the gateway's child name
 # CommonSettings fields the children read from their environment, as DIO_<FIELD>.
 CONNECTION_FIELDS = ("redis_url", "redis_username", "redis_password", "redis_ca_certs", "redis_certfile",
-                     "redis_keyfile", "key_prefix")
+                     "redis_keyfile", "redis_cluster", "key_prefix")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,34 @@ def worker_ids(specs: list[WorkerSpec]) -> list[tuple[str, str]]:
     return [(s.profile, f"{s.profile}-{i + 1}") for s in specs for i in range(s.count)]
 
 
+def assign_metrics_ports(names: list[str], base: int | None = None) -> dict[str, int]:
+    """Give each process its ``/metrics`` port: ``base``, ``base + 1``, ... in order, or free ones picked now.
+
+    Free ports are found by binding them all at once on 127.0.0.1 (port 0), then letting them go;
+    another program could take one before the child binds it (the child then exits with the error,
+    and ``dio up`` shows it).
+    """
+    if base is not None:
+        return {name: base + i for i, name in enumerate(names)}
+    sockets = []
+    try:
+        for _ in names:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return {name: sock.getsockname()[1] for name, sock in zip(names, sockets, strict=True)}
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 now (another program could take it before it is bound)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class Child:
     """One process of the cluster, as ``supervise`` tracks it."""
@@ -101,6 +133,11 @@ class LocalCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
     one_worker_process: bool = False  # host every worker in one process (dio worker --cluster)
+    batch_runner: bool = False  # also run one `dio batch-runner` (named BATCH_RUNNER_NAME), as `dio up` does
+    batch_runner_args: list[str] = field(default_factory=list)  # its options (--concurrency N, ...)
+    gateway_port: int | None = None  # also run `dio gateway` on 127.0.0.1 at this port (0: a free one); None: none
+    # Child name ("dispatcher", a worker id, or "workers") -> its Prometheus /metrics port (none: not served).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     # Where the children connect: user, password and TLS files (its URL and prefix are redis_url and
     # key_prefix above). None: CommonSettings from this process's DIO_* environment.
     connection: CommonSettings | None = None
@@ -115,6 +152,7 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         """Return the children's environment: this one's, ``extra_env``, then every connection setting."""
         env = dict(os.environ)
+        env.pop("DIO_METRICS_PORT", None)  # one port cannot serve every child: each gets its own, or none
         env.update(self.extra_env)
         connection = self.connection_settings()
         for name in CONNECTION_FIELDS:
@@ -137,15 +175,32 @@ class LocalCluster:
         return subprocess.Popen([sys.executable, "-m", "dio.ops.cli", *args], env=self.env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
+    def child_names(self) -> list[str]:
+        """Return the names of the processes ``start`` runs, in order: the dispatcher, then the workers."""
+        workers = ["workers"] if self.one_worker_process else [wid for _, wid in worker_ids(self.workers)]
+        return ["dispatcher", *workers]
+
+    def _metrics_args(self, name: str) -> list[str]:
+        port = self.metrics_ports.get(name)
+        return [] if port is None else ["--metrics-port", str(port)]
+
     def start(self) -> None:
         """Start the dispatcher and every worker, and wait until all workers registered."""
-        self._spawn("dispatcher", ["dispatcher", "--policy", self.policy, "--predictor", self.predictor])
+        self._spawn("dispatcher", ["dispatcher", "--policy", self.policy, "--predictor", self.predictor,
+                                   *self._metrics_args("dispatcher")])
         common = ["--engine", self.engine, "--model", self.model, "--time-scale", str(self.time_scale)]
         if self.one_worker_process:
-            self._spawn("workers", ["worker", *common, "--cluster", format_workers(self.workers), *self.worker_args])
+            self._spawn("workers", ["worker", *common, "--cluster", format_workers(self.workers), *self.worker_args,
+                                    *self._metrics_args("workers")])
         else:
             for profile, worker_id in worker_ids(self.workers):
-                self._spawn(worker_id, ["worker", *common, "--profile", profile, "--id", worker_id, *self.worker_args])
+                self._spawn(worker_id, ["worker", *common, "--profile", profile, "--id", worker_id, *self.worker_args,
+                                        *self._metrics_args(worker_id)])
+        if self.gateway_port is not None:
+            self.gateway_port = self.gateway_port or free_port()
+            self._spawn(GATEWAY_NAME, ["gateway", "--host", "127.0.0.1", "--port", str(self.gateway_port)])
+        if self.batch_runner:  # restarted under its name, it takes its batches over at once
+            self._spawn(BATCH_RUNNER_NAME, ["batch-runner", "--name", BATCH_RUNNER_NAME, *self.batch_runner_args])
         self.wait_ready()
 
     @property
@@ -156,7 +211,14 @@ class LocalCluster:
     @property
     def worker_pids(self) -> list[int]:
         """Return the worker processes' ids."""
-        return [proc.pid for proc in self.processes[1:]]
+        return [proc.pid for proc, child in zip(self.processes, self.children, strict=False)
+                if child.name not in ("dispatcher", BATCH_RUNNER_NAME, GATEWAY_NAME)]
+
+    @property
+    def batch_runner_pid(self) -> int | None:
+        """Return the batch runner's process id (None when this cluster runs none)."""
+        return next((proc.pid for proc, child in zip(self.processes, self.children, strict=False)
+                     if child.name == BATCH_RUNNER_NAME), None)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         keys = Keys(self.key_prefix)
@@ -167,12 +229,27 @@ class LocalCluster:
             while time.monotonic() < deadline:
                 self._check_alive()
                 registered = client.smembers(keys.workers)
-                if expected <= registered and client.get(keys.lease):
+                if expected <= registered and client.get(keys.lease) and self._gateway_answers():
                     return
                 time.sleep(0.1)
         finally:
             client.close()
         raise TimeoutError(f"the local cluster did not come up within {timeout_s:.0f} s")
+
+    @property
+    def gateway_url(self) -> str | None:
+        """Return the gateway's URL (None when this cluster runs none); OpenAI's base_url is this + /v1."""
+        return None if self.gateway_port is None else f"http://127.0.0.1:{self.gateway_port}"
+
+    def _gateway_answers(self) -> bool:
+        if self.gateway_url is None:
+            return True
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never a proxy
+            with opener.open(f"{self.gateway_url}/health", timeout=1.0) as reply:
+                return reply.status == 200
+        except OSError:  # not listening yet
+            return False
 
     def _check_alive(self) -> None:
         for proc in self.processes:

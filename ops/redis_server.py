@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import redis
 
+from dio.protocol.connection import CLUSTER_SCHEMES, server_url
+
 SERVER_BIN_ENV = "DIO_REDIS_SERVER_BIN"
 DEFAULT_PORT = 6379
 LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
@@ -33,6 +35,8 @@ START_TIMEOUT_S = 10.0  # how long a private server may take to answer its first
 STOP_TIMEOUT_S = 5.0  # SIGTERM, then SIGKILL after this long
 START_ATTEMPTS = 3  # a free port can be taken between choosing it and binding it
 LOG_TAIL_CHARS = 2000
+CLUSTER_NODES = 3  # a private Redis Cluster's primaries (the fewest ``redis-cli --cluster create`` accepts)
+CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")
 
 
 class RedisServerError(RuntimeError):
@@ -81,11 +85,12 @@ def ensure_redis(
     """Return a handle on the Redis at ``url``, starting a private one if none answers locally.
 
     Args:
-        url: redis://, rediss:// or unix:// URL; credentials and TLS in it are used for the PING.
+        url: redis://, rediss:// or unix:// URL (or redis+cluster://: a cluster is never started here);
+            credentials and TLS in it are used for the PING.
         allow_start: if False, raise instead of starting a server.
         client_options: extra redis-py options for the PING (e.g. ``ssl_ca_certs``).
     """
-    error = _ping_error(url, ping_timeout_s, **client_options)
+    error = _ping_error(server_url(url), ping_timeout_s, **client_options)  # a cluster: its seed node
     if error is None:
         return RedisHandle(url=url)
     where = _redacted(url)
@@ -93,6 +98,8 @@ def ensure_redis(
         raise RedisServerError(f"the Redis at {where} refuses DIO: {error}") from error
     if _listening(url, ping_timeout_s):
         raise RedisServerError(f"something at {where} accepts connections but fails PING: {error}") from error
+    if urlsplit(url).scheme in CLUSTER_SCHEMES:
+        raise RedisServerError(f"no Redis Cluster answers at {where} (`dio demo --redis-cluster` starts a private one)")
     if not allow_start:
         raise RedisServerError(f"no Redis answers at {where} (and starting one is not allowed)")
     if not is_local(url):
@@ -100,13 +107,97 @@ def ensure_redis(
     return start_private_server(db=_db(url))
 
 
-def start_private_server(*, db: int = 0, timeout_s: float = START_TIMEOUT_S) -> RedisHandle:
-    """Start a redis-server on a free 127.0.0.1 port and wait until it answers."""
+def start_private_server(*, db: int = 0, timeout_s: float = START_TIMEOUT_S,
+                         extra_args: tuple[str, ...] = ()) -> RedisHandle:
+    """Start a redis-server on a free 127.0.0.1 port and wait until it answers.
+
+    Args:
+        extra_args: more redis-server options, e.g. ``("--aclfile", path)`` or cluster mode.
+    """
     binary = find_redis_server()
     for _ in range(START_ATTEMPTS - 1):
         with contextlib.suppress(_ServerExited):
-            return _start_once(binary, db, timeout_s)
-    return _start_once(binary, db, timeout_s)
+            return _start_once(binary, db, timeout_s, extra_args)
+    return _start_once(binary, db, timeout_s, extra_args)
+
+
+@dataclass
+class ClusterHandle:
+    """A private Redis Cluster of ``nodes`` (primaries, no replicas); ``url`` names its first node."""
+
+    nodes: list[RedisHandle]
+
+    @property
+    def url(self) -> str:
+        """Return a ``redis+cluster://`` URL: DIO's processes open a RedisCluster client on it."""
+        port = urlsplit(self.nodes[0].url).port
+        return f"redis+cluster://127.0.0.1:{port}/0"
+
+    @property
+    def owned(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        """Stop every node and delete its directory."""
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> ClusterHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def start_private_cluster(nodes: int = CLUSTER_NODES, timeout_s: float = START_TIMEOUT_S) -> ClusterHandle:
+    """Start ``nodes`` cluster-enabled redis-servers on free ports and join them (``redis-cli --cluster create``).
+
+    The 16384 slots are split evenly, so keys under different hash tags land on different nodes.
+    Returns once every node reports ``cluster_state:ok``.
+    """
+    cli = find_redis_cli()
+    cluster = ClusterHandle([])
+    try:
+        for _ in range(nodes):
+            cluster.nodes.append(start_private_server(extra_args=CLUSTER_ARGS, timeout_s=timeout_s))
+        addresses = [f"127.0.0.1:{urlsplit(node.url).port}" for node in cluster.nodes]
+        created = subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                                 capture_output=True, text=True, timeout=timeout_s, check=False)
+        if created.returncode != 0:
+            shown = (created.stdout + created.stderr)[-LOG_TAIL_CHARS:]
+            raise RedisServerError(f"redis-cli --cluster create failed: {shown}")
+        _wait_until_cluster_ok(cluster, timeout_s)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def find_redis_cli() -> str:
+    """Return a redis-cli binary: beside the redis-server that ``find_redis_server`` finds, else on PATH."""
+    beside = Path(find_redis_server()).with_name("redis-cli")
+    found = str(beside) if _executable(beside) else shutil.which("redis-cli")
+    if found is None:
+        raise RedisServerError("no redis-cli binary found (needed to create a Redis Cluster): install redis-tools")
+    return found
+
+
+def _wait_until_cluster_ok(cluster: ClusterHandle, timeout_s: float) -> None:
+    """Poll CLUSTER INFO on every node until each says its cluster is ok (slots assigned, nodes agree)."""
+    deadline = time.monotonic() + timeout_s
+    pending = [node.url for node in cluster.nodes]
+    while pending and time.monotonic() < deadline:
+        client = redis.Redis.from_url(pending[0], socket_timeout=PING_TIMEOUT_S)
+        try:
+            state = client.cluster("INFO").get("cluster_state")
+        finally:
+            client.close()
+        if state == "ok":
+            pending.pop(0)
+        else:
+            time.sleep(0.05)
+    if pending:
+        raise RedisServerError(f"the private Redis Cluster did not reach cluster_state:ok within {timeout_s:g} s")
 
 
 def find_redis_server() -> str:
@@ -125,6 +216,20 @@ def find_redis_server() -> str:
     return found
 
 
+def server_version(binary: str) -> tuple[int, ...]:
+    """Return a redis-server binary's version, e.g. (7, 0, 15) (the ACL file needs 7.0: ``%R~`` key rules)."""
+    shown = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    version = next((word[2:] for word in shown.split() if word.startswith("v=")), "0")
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def server_has_tls(binary: str) -> bool:
+    """Return True when the binary was built with TLS (one without refuses ``--tls-port`` as a bad directive)."""
+    probe = subprocess.run([binary, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=10,
+                           check=False)
+    return "Bad directive" not in probe.stdout + probe.stderr
+
+
 def is_local(url: str) -> bool:
     """Return True when the URL names this machine (loopback, unspecified, or a unix socket)."""
     parts = urlsplit(url)
@@ -135,14 +240,14 @@ class _ServerExited(RedisServerError):
     """The private server exited before answering, most likely because its port was taken."""
 
 
-def _start_once(binary: str, db: int, timeout_s: float) -> RedisHandle:
-    """Start one server on a fresh port; raise _ServerExited if it exits before answering."""
+def _start_once(binary: str, db: int, timeout_s: float, extra_args: tuple[str, ...] = ()) -> RedisHandle:
+    """Start one server on a fresh port (with more redis-server options); raise _ServerExited if it exits early."""
     port = _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="dio-redis-"))
     log = workdir / "redis.log"
     try:
         process = subprocess.Popen(
-            _server_args(binary, port, workdir, log),
+            [*_server_args(binary, port, workdir, log), *extra_args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -181,8 +286,9 @@ def _wait_until_answers(handle: RedisHandle, log: Path, timeout_s: float) -> Non
     while time.monotonic() < deadline:
         if handle.process.poll() is not None:
             raise _ServerExited(f"redis-server exited with {handle.process.returncode}: {_tail(log)}")
-        if _ping_error(handle.url, PING_TIMEOUT_S) is None:
-            return
+        error = _ping_error(handle.url, PING_TIMEOUT_S)
+        if error is None or isinstance(error, redis.AuthenticationError | redis.ResponseError):
+            return  # it answers (an ACL file may turn the default user off: NOAUTH is an answer too)
         time.sleep(0.02)
     raise RedisServerError(f"redis-server did not answer within {timeout_s:g} s: {_tail(log)}")
 

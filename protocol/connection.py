@@ -1,15 +1,41 @@
-"""Open Redis connections from settings (URL, ACL user/password, TLS)."""
+"""Open Redis connections from settings (URL, ACL user/password, TLS, Redis Cluster).
+
+A Redis Cluster is named by a ``redis+cluster://`` (or ``rediss+cluster://``) URL, or by
+``DIO_REDIS_CLUSTER=true`` with a plain one: every process then opens a ``RedisCluster`` client,
+which finds the other nodes from the one the URL names. DIO needs nothing else from a cluster:
+every key of a deployment shares one hash tag (``dio.protocol.keys``), so each multi-key script,
+pipeline and XREADGROUP stays in one slot.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
 
+from dio.protocol.cluster import AsyncRedisCluster, LazyRedisCluster
 from dio.protocol.keys import Keys
 from dio.protocol.settings import CommonSettings
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # -> the scheme redis-py parses
+
+
+def is_cluster(settings: CommonSettings) -> bool:
+    """Return True when the settings name a Redis Cluster (the URL's scheme, or ``redis_cluster``)."""
+    return settings.redis_cluster or urlsplit(settings.redis_url).scheme in CLUSTER_SCHEMES
+
+
+def server_url(url: str) -> str:
+    """Return ``url`` with a ``+cluster`` scheme replaced by the plain one (``redis``, ``rediss``)."""
+    parts = urlsplit(url)
+    plain = CLUSTER_SCHEMES.get(parts.scheme)
+    return url if plain is None else parts._replace(scheme=plain).geturl()
+
+
+def _is_tls(url: str) -> bool:
+    return urlsplit(url).scheme in ("rediss", "rediss+cluster")
 
 
 def _options(settings: CommonSettings) -> dict[str, Any]:
@@ -29,7 +55,7 @@ def connection_options(settings: CommonSettings) -> dict[str, Any]:
         options["username"] = settings.redis_username
     if settings.redis_password:
         options["password"] = settings.redis_password
-    if settings.redis_url.startswith("rediss://"):
+    if _is_tls(settings.redis_url):
         if settings.redis_ca_certs:
             options["ssl_ca_certs"] = settings.redis_ca_certs
         if settings.redis_certfile:
@@ -55,14 +81,41 @@ def redact_url(url: str) -> str:
     return parts.geturl()
 
 
-def connect(settings: CommonSettings) -> redis.Redis:
-    """Open a client that decodes replies to str (bytes that are not UTF-8 as lone surrogates)."""
-    return redis.Redis.from_url(settings.redis_url, **_options(settings))
+def _cluster_url(settings: CommonSettings) -> str:
+    """Return the plain URL of a cluster's seed node; refuse a database other than 0 (a cluster has one)."""
+    url = server_url(settings.redis_url)
+    db = urlsplit(url).path.strip("/")
+    if db not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only database 0; the URL names database {db}: {redact_url(url)}")
+    return url
 
 
-def connect_async(settings: CommonSettings) -> aioredis.Redis:
-    """Open an asyncio client that decodes replies to str (bytes that are not UTF-8 as lone surrogates)."""
-    return aioredis.Redis.from_url(settings.redis_url, **_options(settings))
+def connect(settings: CommonSettings, *, client_name: str | None = None) -> redis.Redis:
+    """Open a client that decodes replies to str (bytes that are not UTF-8 as lone surrogates).
+
+    On a cluster it is a ``redis.RedisCluster``, made on first use (``dio.protocol.cluster``: an
+    unreachable cluster is a ``redis.ConnectionError``), typed as ``redis.Redis``: it has every
+    command and pipeline DIO uses (all keys in one slot), so callers need not tell the two apart.
+
+    Args:
+        client_name: the name CLIENT LIST shows for each of its connections.
+    """
+    options = _options(settings)
+    if client_name is not None:
+        options["client_name"] = client_name
+    if is_cluster(settings):
+        return cast(redis.Redis, LazyRedisCluster(_cluster_url(settings), options))
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def connect_async(settings: CommonSettings, *, client_name: str | None = None) -> aioredis.Redis:
+    """Open an asyncio client, like ``connect`` (on a cluster an asyncio ``RedisCluster``, typed as Redis)."""
+    options = _options(settings)
+    if client_name is not None:
+        options["client_name"] = client_name
+    if is_cluster(settings):
+        return cast(aioredis.Redis, AsyncRedisCluster.from_url(_cluster_url(settings), **options))
+    return aioredis.Redis.from_url(settings.redis_url, **options)
 
 
 def delete_keys(client: redis.Redis, keys: Keys, batch: int = 500) -> int:

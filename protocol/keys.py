@@ -1,7 +1,9 @@
 """Every Redis key, stream and group name DIO uses.
 
 All keys share one prefix. The default, ``{dio}:``, is a Redis Cluster hash tag: every key lands
-in the same slot, so the Lua scripts that touch several keys run unchanged on a Cluster.
+in the same slot, so the Lua scripts that touch several keys run unchanged on a Cluster. That slot
+is the deployment's hot spot: all of its traffic goes to the one node that owns it. Deployments
+with different prefixes (one per model pool, say) land on different slots, most likely other nodes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ JOB_FIELD = "job"  # queue entries: the job id
 COMPLETION_FIELD = "c"  # completions entries: the Completion JSON
 RESULT_FIELD = "r"  # reply entries: the JobResult JSON (the job's terminal state)
 WAKE_FIELD = "wake"  # reply entries with only this field wake a blocked reader up (on close)
+
+# Token stream entries (``Keys.tokens``): one run of a job (each attempt has its own run id) appends
+# deltas ``run``, ``o``, ``t``, ``n``; its end is one entry with ``run`` and ``end``.
+TOKEN_RUN_FIELD = "run"  # the id of the run (one attempt of the job) that wrote the entry
+TOKEN_OFFSET_FIELD = "o"  # characters of this run's text before this delta
+TOKEN_TEXT_FIELD = "t"  # the delta: text generated since the run's previous entry (may be empty)
+TOKEN_COUNT_FIELD = "n"  # output tokens of this run so far (cumulative)
+TOKEN_END_FIELD = "end"  # the run ended: the job's status as its worker saw it (the job hash has the result)
 
 # Request metadata read by the simulated engine only (never by the dispatcher): where the simulated
 # model emits EOS, in output tokens, so a benchmark can replay a trace's true output lengths while
@@ -53,8 +63,17 @@ class Keys:
     P completions                   stream  every terminal job of a worker (field ``c``)
     P predictor                     hash    worker id -> predictor state JSON
     P dispatcher:lease              string  the active dispatcher's name, with a TTL
+    P dispatcher:stats              hash    the active dispatcher's counters and backlog, each second (``dio top``)
     P deadletter                    stream  intake entries that could not even be parsed; poisoned jobs
-    P batch:<id>                    hash    an offline batch job's progress
+    P batch:<id>                    hash    an offline batch job's progress (a Batch API batch: its BatchObject)
+    P batch:<id>:lease              string  the batch runner running it (JSON), with a TTL
+    P batch:<id>:inflight           hash    job id -> custom_id of its jobs in flight (a new runner cancels them)
+    P batches                       zset    Batch API batch ids by creation time (``dio batch list``)
+    P batches:active                set     Batch API batches not ended yet (what batch runners look for)
+    P batches:submitted             string  requests every batch runner ever submitted (their pacing's counter)
+    P file:<id>                     hash    a Batch API file's metadata (FileObject fields)
+    P file:<id>:data                string  its content (a batch's output and error files grow by APPEND)
+    P tokens:<job id>               stream  a streaming job's text deltas and end marker; MAXLEN-bounded, expires
     ==============================  ======  ==========================================================
     """
 
@@ -81,6 +100,10 @@ class Keys:
         return f"{self.prefix}dispatcher:lease"
 
     @property
+    def dispatcher_stats(self) -> str:
+        return f"{self.prefix}dispatcher:stats"
+
+    @property
     def deadletter(self) -> str:
         return f"{self.prefix}deadletter"
 
@@ -104,6 +127,34 @@ class Keys:
 
     def batch(self, batch_id: str) -> str:
         return f"{self.prefix}batch:{batch_id}"
+
+    def batch_lease(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}:lease"
+
+    def batch_inflight(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}:inflight"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}batches"
+
+    @property
+    def active_batches(self) -> str:
+        return f"{self.prefix}batches:active"
+
+    @property
+    def batch_submitted(self) -> str:
+        return f"{self.prefix}batches:submitted"
+
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}"
+
+    def file_data(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}:data"
+
+    def tokens(self, job_id: str) -> str:
+        """The token stream of a job submitted with ``stream=True`` (no other job has one)."""
+        return f"{self.prefix}tokens:{job_id}"
 
     def all_keys_pattern(self) -> str:
         """Glob matching every key under this prefix (for cleanup in tests and `dio reset`)."""

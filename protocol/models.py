@@ -86,6 +86,14 @@ class Request(Strict):
     # Hashes of the prompt's leading blocks (equal hashes = reusable KV prefix), for prefix affinity.
     prefix_hashes: list[int] | None = Field(default=None, max_length=d.MAX_PREFIX_HASHES)
     metadata: dict[str, str] | None = Field(default=None, max_length=d.MAX_METADATA_ITEMS)
+    # Publish the output as it is generated, on the job's token stream (``Keys.tokens``); requests
+    # that do not stream cost no per-token work anywhere.
+    stream: bool = False
+    # Stop sequences: the answer ends before the first one it contains (OpenAI's ``stop``). Engines
+    # that can stop on them do (vLLM); the batch runner and the gateway cut the text at the first one.
+    stop: list[Annotated[str, Field(min_length=1, max_length=d.MAX_STOP_CHARS)]] | None = Field(
+        default=None, max_length=d.MAX_STOP_SEQUENCES
+    )
 
     @field_validator("v")
     @classmethod
@@ -156,6 +164,11 @@ class JobResult(Strict):
     preemptions: int | None = None
 
     @property
+    def text(self) -> str | None:
+        """The output text (``output``'s other name, as streaming speaks of text)."""
+        return self.output
+
+    @property
     def latency_s(self) -> float | None:
         if self.finished_at is None or self.submitted_at is None:
             return None
@@ -201,6 +214,10 @@ class WorkerInfo(Strict):
     peak_flops: float = Field(default=0.0, ge=0)  # the GPU's dense bf16 FLOP/s per its datasheet (0: unknown)
     mem_bandwidth: float = Field(default=0.0, ge=0)  # its memory bandwidth, bytes/s (0: unknown)
     time_scale: float = 1.0  # simulated engines: simulated seconds per wall second
+    # The tokenizer's chat template (jinja2) and end-of-sequence text, for the gateway to render chat
+    # messages with (``dio.protocol.openai``); None: no tokenizer, or a template over the bound.
+    chat_template: str | None = Field(default=None, max_length=d.MAX_CHAT_TEMPLATE_CHARS)
+    eos_token: str | None = Field(default=None, max_length=d.MAX_SPECIAL_TOKEN_CHARS)
     host: str = ""
     pid: int = 0
     started_at: float = Field(default_factory=time.time)

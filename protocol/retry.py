@@ -41,7 +41,9 @@ class Outage:
         self._rng = rng
         self._lock = threading.Lock()
         self.since: float | None = None  # when the outage began (None: Redis answers)
-        self.failures = 0
+        self.failures = 0  # failed calls in the current outage
+        self.errors = 0  # failed calls since the process started (metrics)
+        self.recoveries = 0  # outages that ended since the process started: Redis reconnects (metrics)
 
     @property
     def lost(self) -> bool:
@@ -51,6 +53,7 @@ class Outage:
         """Record a failed Redis call; return how long to wait before the next try, in seconds."""
         with self._lock:
             self.failures += 1
+            self.errors += 1
             if self.since is None:
                 self.since = self._clock()
                 self.log.warning("%s lost Redis (%s: %s); retrying with backoff", self.who, type(exc).__name__, exc)
@@ -68,3 +71,4 @@ class Outage:
             self.log.info("%s: Redis is back after %.1f s (%d failed attempts)", self.who,
                           self._clock() - self.since, self.failures)
             self.since, self.failures = None, 0
+            self.recoveries += 1

@@ -27,10 +27,12 @@ from __future__ import annotations
 import time
 from collections.abc import Coroutine
 from importlib import resources
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
+import redis.cluster
 
 from dio.protocol import defaults as d
 from dio.protocol.keys import (
@@ -95,12 +97,31 @@ def _load(name: str) -> str:
 
 
 SCRIPT_NAMES = ("submit", "handoff", "finish", "start", "requeue", "lease", "heartbeat", "release")
+# The batch runner's own scripts (its lease, its lease-checked writes), registered by dio.client.batch_lease
+# and dio.client.stored_batch with ``script_source``.
+BATCH_SCRIPT_NAMES = ("batch_lease", "batch_write")
+
+
+def script_source(name: str) -> str:
+    """One of ``BATCH_SCRIPT_NAMES``' source, the prelude in front (as every script DIO runs)."""
+    if name not in BATCH_SCRIPT_NAMES:
+        raise ValueError(f"unknown batch script {name!r}")
+    return _load(name)
 
 # What a transition is run on: a client, or a pipeline that queues it (the reply is then the pipeline's).
 SyncRunner: TypeAlias = "redis.Redis | redis.client.Pipeline"
 AsyncRunner: TypeAlias = "aioredis.Redis | aioredis.client.Pipeline"
 RunnerT = TypeVar("RunnerT")
 ReplyT = TypeVar("ReplyT")
+
+
+def _queue_eval(pipe: Any, source: str, keys: list[str], args: list[Any]) -> object:
+    """Queue an EVAL on a cluster pipeline; an asyncio one's queueing is awaited, like its scripts'."""
+    if isinstance(pipe, aiocluster.ClusterPipeline):
+        async def queued() -> object:
+            return pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+        return queued()
+    return pipe.execute_command("EVAL", source, len(keys), *keys, *args)
 
 
 HANDOFF_WORKER_GONE = -2  # handoff.lua: the worker is not alive and registered; the entry stays pending
@@ -114,7 +135,12 @@ class _Transitions(Generic[RunnerT, ReplyT]):
         self._scripts = {name: client.register_script(_load(name)) for name in SCRIPT_NAMES}
 
     def _run(self, runner: RunnerT, name: str, keys: list[str], args: list[Any]) -> ReplyT:
-        reply: ReplyT = self._scripts[name](keys=keys, args=args, client=runner)
+        script = self._scripts[name]
+        if isinstance(runner, redis.cluster.ClusterPipeline | aiocluster.ClusterPipeline):
+            # redis-py refuses EVALSHA in a cluster pipeline (it could not reload a script a node
+            # lost mid-pipeline): EVAL sends the source (2-4 KB), which runs on any node, always.
+            return cast(ReplyT, _queue_eval(runner, script.script, keys, args))
+        reply: ReplyT = script(keys=keys, args=args, client=runner)
         return reply
 
     def lease(self, runner: RunnerT, name: str, ttl_ms: int) -> ReplyT:

@@ -6,11 +6,19 @@ that extends this one; every field can be set by an environment variable ``DIO_<
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from pydantic import ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dio.protocol.keys import DEFAULT_PREFIX, Keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _database(url: str) -> str:
+    """Return the database a redis:// URL's path names ("" for none)."""
+    return urlsplit(url).path.strip("/")
 
 
 class CommonSettings(BaseSettings):
@@ -25,7 +33,25 @@ class CommonSettings(BaseSettings):
     redis_ca_certs: str | None = None
     redis_certfile: str | None = None
     redis_keyfile: str | None = None
+    # A Redis Cluster (a RedisCluster client, seeded by the URL's node); a redis+cluster:// or
+    # rediss+cluster:// URL says the same.
+    redis_cluster: bool = False
     key_prefix: str = DEFAULT_PREFIX
+
+    @field_validator("redis_url")
+    @classmethod
+    def _cluster_url_names_database_0(cls, url: str) -> str:
+        if urlsplit(url).scheme.endswith("+cluster") and _database(url) not in ("", "0"):
+            raise ValueError(f"a Redis Cluster has only database 0, not {_database(url)}")
+        return url
+
+    @field_validator("redis_cluster")
+    @classmethod
+    def _cluster_has_database_0(cls, on: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("redis_url", "")
+        if on and _database(url) not in ("", "0"):
+            raise ValueError(f"a Redis Cluster has only database 0; DIO_REDIS_URL names database {_database(url)}")
+        return on
 
     @property
     def keys(self) -> Keys:

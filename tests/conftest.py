@@ -142,3 +142,26 @@ def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
     if server.process is not None and server.process.poll() is None:
         server.process.kill()
         server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A private three-node Redis Cluster for the session: the ``redis+cluster://`` URL of its first node."""
+    from dio.ops.redis_server import start_private_cluster
+
+    with start_private_cluster() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+def cluster_prefix(redis_cluster_url: str) -> Iterator[str]:
+    """Yield a unique key prefix (one hash tag) on the private cluster; delete its keys after the test."""
+    from dio.protocol.connection import connect
+
+    prefix = f"{{t{uuid.uuid4().hex[:8]}}}:"
+    yield prefix
+    conn = connect(CommonSettings(redis_url=redis_cluster_url))
+    try:
+        delete_keys(conn, Keys(prefix))
+    finally:
+        conn.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from dio.client.batch import (
     request_cancel,
     run_batch,
 )
+from dio.client.batch_lease import Holder
 from dio.client.testing import EchoBackend, echo_decide
 from dio.protocol.keys import STATUS_FIELD
 
@@ -176,12 +178,27 @@ def test_rate_limit_spaces_submissions(backend, client, input_file, tmp_path):
     assert time.monotonic() - start >= 0.19
 
 
-def test_a_live_runner_holds_its_batch(client):
-    claim_batch(client, "b5", {"status": "running", "updated_at": repr(time.time())})
+def test_a_live_runner_holds_its_batch_and_a_dead_ones_is_taken_at_once(client):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = Holder("run_batch-elsewhere", socket.gethostname(), other.pid, "t0")
+        client.redis.set(client.keys.batch_lease("b5"), holder.to_json(), px=60_000)
+        with pytest.raises(BatchBusy, match=f"run_batch-elsewhere.*pid {other.pid}.*--force"):
+            claim_batch(client, "b5", {"status": "running"})
+    finally:
+        other.kill()
+        other.wait()
+    lease = claim_batch(client, "b5", {"status": "running"})  # its process is gone: taken over at once
+    assert lease.held_by(client.keys.batch_lease("b5")) == lease.holder
+
+
+def test_force_takes_a_batch_from_a_live_runner(client):
+    holder = Holder("run_batch-other-host", "another-host", 1, "t0")
+    client.redis.set(client.keys.batch_lease("b7"), holder.to_json(), px=60_000)
     with pytest.raises(BatchBusy):
-        claim_batch(client, "b5", {"status": "running"})
-    client.redis.hset(client.keys.batch("b5"), "updated_at", repr(time.time() - 3600))
-    claim_batch(client, "b5", {"status": "running"})  # a stale heartbeat: taken over
+        claim_batch(client, "b7", {"status": "running"})
+    lease = claim_batch(client, "b7", {"status": "running"}, force=True)
+    assert lease.held_by(client.keys.batch_lease("b7")) == lease.holder
 
 
 def test_rq_runs_a_batch_with_the_json_serializer(backend, client_settings, input_file, tmp_path, redis_url):
@@ -281,3 +298,14 @@ def test_a_batch_rides_out_a_redis_restart_and_loses_nothing(restartable_redis, 
     records = read_output(output)
     assert len(records) == LINES  # every line answered once
     assert_complete(records)
+
+
+def test_a_rerun_cancels_the_jobs_a_killed_run_left_in_flight(client_settings, client, input_file, tmp_path):
+    with EchoBackend(client_settings, lambda req: None):  # the killed run's job: it would run on and on
+        orphan = client.submit("question 3", max_tokens=16)
+    client.redis.hset(client.keys.batch_inflight("b8"), orphan.id, "req-3")  # what the killed run recorded
+    with EchoBackend(client_settings):
+        progress = run_batch(input_file, tmp_path / "out.jsonl", client, batch_id="b8")
+    assert progress.status == "completed" and client.status(orphan.id).value == "cancelled"
+    assert not client.redis.exists(client.keys.batch_inflight("b8"))
+    assert_complete(read_output(tmp_path / "out.jsonl"))

@@ -19,6 +19,7 @@ import redis
 from dio.client import Client, JobRejected
 from dio.ops.local_cluster import LocalCluster, WorkerSpec
 from dio.protocol.keys import REQUEST_FIELD, SIM_EOS_METADATA, Keys
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -114,7 +115,13 @@ def test_a_killed_worker_loses_nothing(redis_url: str, redis_prefix: str):
         with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
             handles = dio.submit_many([{"prompt": "x", "num_prompt_tokens": 300, "max_tokens": 1000}
                                        for _ in range(40)])
-            time.sleep(1.0)
+            # Kill the L4 once it holds some of them (under load its registration can lag the burst).
+            conn = redis.Redis.from_url(redis_url, decode_responses=True)
+            keys = Keys(redis_prefix)
+            wait_for(lambda: any(conn.hget(keys.job(h.id), "worker") == "L4-1" for h in handles),
+                     timeout_s=20, what="a job on the L4")
+            conn.close()
+            time.sleep(0.3)
             victim = running.processes[1]  # the L4 worker, mid-run
             os.killpg(victim.pid, signal.SIGKILL)
             results = dio.wait_all(handles, timeout=90)

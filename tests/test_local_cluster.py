@@ -57,12 +57,12 @@ def test_every_connection_setting_reaches_the_children_through_their_environment
     monkeypatch.delenv("DIO_REDIS_PASSWORD", raising=False)
     connection = CommonSettings(redis_url="rediss://redis.example:6380/0", redis_username="dio",
                                 redis_password=PASSWORD, redis_ca_certs="/ca.pem", redis_certfile="/c.pem",
-                                redis_keyfile="/k.pem", key_prefix="{p}:")
+                                redis_keyfile="/k.pem", redis_cluster=True, key_prefix="{p}:")
     env = LocalCluster(connection.redis_url, [WorkerSpec("L4", 1)], key_prefix="{p}:", connection=connection).env()
     assert {k: env[k] for k in env if k.startswith("DIO_REDIS") or k == "DIO_KEY_PREFIX"} == {
         "DIO_REDIS_URL": "rediss://redis.example:6380/0", "DIO_REDIS_USERNAME": "dio", "DIO_REDIS_PASSWORD": PASSWORD,
         "DIO_REDIS_CA_CERTS": "/ca.pem", "DIO_REDIS_CERTFILE": "/c.pem", "DIO_REDIS_KEYFILE": "/k.pem",
-        "DIO_KEY_PREFIX": "{p}:"}
+        "DIO_REDIS_CLUSTER": "True", "DIO_KEY_PREFIX": "{p}:"}
 
 
 @pytest.mark.integration

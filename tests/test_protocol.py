@@ -72,7 +72,7 @@ def test_job_results_round_trip_through_the_one_codec():
     back = from_hash(JobResult, {k: v for k, v in fields.items() if k != "id"}, id="j1")  # the id is in the key
     assert isinstance(back, JobResult) and back == result  # text stays text, even when it looks like JSON
     assert hash_json_fields(JobResult) == {"output_token_ids"}
-    assert hash_json_fields(Request) == {"prompt_token_ids", "prefix_hashes", "metadata"}
+    assert hash_json_fields(Request) == {"prompt_token_ids", "prefix_hashes", "metadata", "stop"}
 
 
 def test_intake_entries_without_an_id_are_dead_lettered_others_rejected():

@@ -10,7 +10,7 @@ import redis
 
 from dio.protocol import keys
 from dio.protocol.models import SCHEMA_VERSION, JobResult, JobStatus
-from dio.protocol.scripts import _load, prelude
+from dio.protocol.scripts import BATCH_SCRIPT_NAMES, SCRIPT_NAMES, _load, prelude
 
 SCRIPTS = sorted(p.name.removesuffix(".lua") for p in resources.files("dio.protocol").joinpath("lua").iterdir()
                  if p.name.endswith(".lua"))
@@ -38,7 +38,8 @@ def run_prelude(conn: redis.Redis, body: str):
 
 
 def test_the_scripts_are_the_ones_scripts_py_loads():
-    assert SCRIPTS == ["finish", "handoff", "heartbeat", "lease", "release", "requeue", "start", "submit"]
+    assert SCRIPTS == sorted(SCRIPT_NAMES + BATCH_SCRIPT_NAMES)
+    assert SCRIPT_NAMES == ("submit", "handoff", "finish", "start", "requeue", "lease", "heartbeat", "release")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -101,7 +101,7 @@ async def test_capacity_comes_from_the_engine_config(engine: VllmEngine) -> None
 @module_loop
 async def test_token_prompt_streams_cumulative_outputs(engine: VllmEngine) -> None:
     t0 = time.time()
-    outs = await _collect(engine, _request("cumulative", n_prompt=32, max_tokens=16))
+    outs = await _collect(engine, _request("cumulative", n_prompt=32, max_tokens=16, stream=True))
     counts = [o.output_tokens for o in outs]
     final = outs[-1]
     assert counts == sorted(counts) and all(not o.finished for o in outs[:-1])
@@ -140,7 +140,7 @@ async def test_concurrent_requests_finish_and_show_in_telemetry(engine: VllmEngi
 @module_loop
 async def test_abort_ends_the_stream_with_abort(engine: VllmEngine) -> None:
     outs = []
-    async for out in engine.stream(_request("abort-me", max_tokens=900)):
+    async for out in engine.stream(_request("abort-me", max_tokens=900, stream=True)):
         outs.append(out)
         if len(outs) == 3:
             await engine.abort("abort-me")

@@ -3,7 +3,9 @@
 One asyncio task per engine drives the scheduler: it sleeps until the next scheduler event in wall
 time (simulated time / time_scale), wakes early when a request arrives or leaves, and hands each
 request's events to its stream. Between events it costs nothing, so one process can host many
-simulated GPUs on one event loop.
+simulated GPUs on one event loop. A request that streams (``EngineRequest.stream``) also gets its
+progress every ``stream_interval_s`` of wall time while it decodes, with the text of its new tokens
+(``dio.gpu_worker.sim.text``: a word per token id); the others get their first token and their end.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ from dio.gpu_worker.sim.scheduler import (
     SchedulerEvent,
     SimRequest,
 )
+from dio.gpu_worker.sim.text import token_text
 from dio.protocol.defaults import DEFAULT_MODEL, PREFIX_BLOCK_TOKENS
 
 log = logging.getLogger(__name__)
+
+STREAM_INTERVAL_S = 0.01  # wall seconds between progress outputs of a streaming request
 
 
 @dataclass
@@ -48,6 +53,7 @@ class _Stream:
     queue: asyncio.Queue[EngineOutput | EngineError] = field(default_factory=asyncio.Queue)
     first_token_at: float | None = None
     output_tokens: int = 0
+    sent_tokens: int = 0  # streaming: tokens whose text was handed out
 
 
 class SimEngine(Engine):
@@ -68,6 +74,7 @@ class SimEngine(Engine):
         kv_capacity_tokens: int | None = None,
         prefix_block_tokens: int = PREFIX_BLOCK_TOKENS,
         seed: int = 0,
+        stream_interval_s: float = STREAM_INTERVAL_S,
     ) -> None:
         """Build the simulated GPU; ``time_scale`` is simulated seconds per wall second.
 
@@ -80,6 +87,7 @@ class SimEngine(Engine):
         self.profile, self.shape = get_profile(gpu), get_model(model)
         self.time_scale = float(time_scale)
         self.seed = seed
+        self.stream_interval_s = stream_interval_s
         self.scheduler = BatchScheduler(
             self.profile,
             self.shape,
@@ -91,6 +99,7 @@ class SimEngine(Engine):
             prefix_block_tokens=prefix_block_tokens,
         )
         self._streams: dict[str, _Stream] = {}
+        self._streaming: dict[str, _Stream] = {}  # the streams of requests that stream their progress
         self._wake = asyncio.Event()
         self._timer_fired = False
         self._task: asyncio.Task[None] | None = None
@@ -140,6 +149,8 @@ class SimEngine(Engine):
         )
         self.scheduler.add(sim_request, self._sim_now())  # RequestRejected reaches the caller
         stream = self._streams[request.id] = _Stream(request)
+        if request.stream:
+            self._streaming[request.id] = stream
         self._wake.set()
         try:
             while True:
@@ -150,14 +161,14 @@ class SimEngine(Engine):
                 if item.finished:
                     return
         finally:
-            if self._streams.pop(request.id, None) is not None:
+            if self._forget(request.id) is not None:
                 # The consumer left early (cancelled or closed): free the simulated KV at once.
                 self.scheduler.abort(request.id, self._sim_now())
                 self._wake.set()
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with ``finish_reason='abort'``."""
-        stream = self._streams.pop(request_id, None)
+        stream = self._forget(request_id)
         if stream is None:
             return
         request = self.scheduler.abort(request_id, self._sim_now())
@@ -229,7 +240,11 @@ class SimEngine(Engine):
             if self._timer_fired and target is not None:
                 now = max(now, target)  # asyncio may fire a timer a clock tick early
             self._dispatch(self.scheduler.advance_to(now))
+            self._publish_progress()
             target = self.scheduler.next_event_time()
+            if self._streaming:  # wake to hand the streaming requests their new tokens
+                tick = now + self.stream_interval_s * self.time_scale
+                target = tick if target is None else min(target, tick)
             self._wake.clear()
             self._timer_fired = False
             timer = None
@@ -253,7 +268,7 @@ class SimEngine(Engine):
                 stream.first_token_at = self._wall_epoch(event.time)
                 stream.queue.put_nowait(self._event_output(stream, event))
                 continue
-            del self._streams[event.request_id]
+            self._forget(event.request_id)
             if event.kind is EventKind.failed:
                 stream.queue.put_nowait(OutOfMemory(event.error or "KV cache exhausted"))
             else:
@@ -282,10 +297,17 @@ class SimEngine(Engine):
     ) -> EngineOutput:
         stream.output_tokens = tokens
         request = stream.request
+        seed = self.seed if request.seed is None else request.seed
+        delta = None
+        if request.stream:  # the text of the tokens since the last output
+            delta = token_text(synthetic_token_ids(request.id, seed, tokens, stream.sent_tokens))
+            stream.sent_tokens = max(stream.sent_tokens, tokens)
+        ids = synthetic_token_ids(request.id, seed, tokens) if finished or not request.stream else None
         return EngineOutput(
             output_tokens=tokens,
-            text=f"[sim: {tokens} tokens]" if finished else None,
-            token_ids=self._token_ids(request, tokens),
+            text=token_text(ids) if finished and ids is not None else None,
+            text_delta=delta,
+            token_ids=ids,
             finished=finished,
             finish_reason=reason if finished else None,
             prompt_tokens=request.prompt_tokens,
@@ -294,11 +316,19 @@ class SimEngine(Engine):
             preemptions=preemptions,
         )
 
-    def _token_ids(self, request: EngineRequest, count: int) -> list[int]:
-        seed = self.seed if request.seed is None else request.seed
-        return synthetic_token_ids(request.id, seed, count)
+    def _publish_progress(self) -> None:
+        """Hand each streaming request that decoded since its last output its new tokens."""
+        for request_id, stream in self._streaming.items():
+            tokens = self.scheduler.progress(request_id)
+            if tokens > stream.output_tokens:
+                stream.queue.put_nowait(self._output(stream, tokens))
+
+    def _forget(self, request_id: str) -> _Stream | None:
+        """Drop a request's stream (it ended, or its consumer left); return it, None if it was gone."""
+        self._streaming.pop(request_id, None)
+        return self._streams.pop(request_id, None)
 
     def _fail_all(self, error: EngineError) -> None:
-        streams, self._streams = self._streams, {}
+        streams, self._streams, self._streaming = self._streams, {}, {}
         for stream in streams.values():
             stream.queue.put_nowait(error)

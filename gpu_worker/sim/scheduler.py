@@ -280,6 +280,13 @@ class BatchScheduler:
             events.append(self._pending.popleft())
         return events
 
+    def progress(self, request_id: str) -> int:
+        """Return a request's output tokens as of the scheduler's clock (0 when it is not here)."""
+        r = self._requests.get(request_id)
+        if r is None:
+            return 0
+        return r.output_tokens + (self._tick - r.tick0 if r.phase is Phase.decode else 0)
+
     def stats(self) -> SchedulerStats:
         """Return the state at the scheduler's clock (``self.now``)."""
         return SchedulerStats(

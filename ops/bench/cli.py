@@ -64,7 +64,8 @@ def _predictor(given: str | None) -> str:
 def replay(
     ctx: typer.Context,
     trace: str = typer.Option(..., help="trace file, or a bundled name: azure-code, azure-conv, arxiv, mooncake"),
-    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", help="simulated GPUs: PROFILE:COUNT,..."),
+    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", "--workers", "--cluster",
+                                help="simulated GPUs: PROFILE:COUNT,..."),
     model: str = typer.Option(DEFAULT_MODEL, help="model shape the GPUs serve"),
     load: list[float] = typer.Option([0.7, 0.9], help="offered load(s), fractions of capacity: --load 0.7 0.9"),
     policies: str = typer.Option(ALL_POLICIES, help="comma-separated policies"),
@@ -105,7 +106,8 @@ def replay(
 @bench_app.command()
 def goodput(
     trace: str = typer.Option(..., help="trace file, or a bundled name: azure-code, azure-conv, arxiv, mooncake"),
-    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", help="simulated GPUs: PROFILE:COUNT,..."),
+    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", "--workers", "--cluster",
+                                help="simulated GPUs: PROFILE:COUNT,..."),
     model: str = typer.Option(DEFAULT_MODEL, help="model shape the GPUs serve"),
     slo: str = typer.Option(None, help="chat | summarization | long-context | interactive, or TTFT_MS:TPOT_MS "
                             "(default: the trace's preset: summarization for arXiv, long-context for Mooncake, "
@@ -180,7 +182,8 @@ def pipeline(
 def overload(
     ctx: typer.Context,
     trace: str = typer.Option("azure-conv", help="trace file, or a bundled name"),
-    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", help="simulated GPUs: PROFILE:COUNT,..."),
+    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", "--workers", "--cluster",
+                                help="simulated GPUs: PROFILE:COUNT,..."),
     model: str = typer.Option(DEFAULT_MODEL),
     load: list[float] = typer.Option([1.0, 1.5, 2.0, 3.0], help="offered loads, multiples of capacity: --load 1 2 3"),
     duration_s: float = typer.Option(20.0, help="simulated seconds each load is offered"),
@@ -208,6 +211,37 @@ def overload(
     _run(run_overload, config, as_json)
 
 
+@bench_app.command("batch-interference")
+def batch_interference(
+    cluster: str = typer.Option("H100:1,A100-40GB:1,L4:1,T4:1", "--workers", "--cluster",
+                                help="simulated GPUs: PROFILE:COUNT,..."),
+    trace: str = typer.Option("azure-conv", help="the interactive trace (bundled name or file)"),
+    requests: int = typer.Option(1000, help="interactive requests"),
+    load: float = typer.Option(0.5, help="their rate, as a fraction of the cluster's estimated capacity"),
+    batch_lines: int = typer.Option(10_000, help="lines of the batch that runs beside them"),
+    batch_prompt_tokens: int = typer.Option(512, help="each batch line's prompt, in tokens"),
+    batch_max_tokens: int = typer.Option(128, help="each batch line's max_tokens"),
+    concurrency: int = typer.Option(256, help="the batch runner's requests in flight, at most"),
+    min_in_flight: int = typer.Option(2, help="...and while interactive work arrives"),
+    compare_greedy: bool = typer.Option(True, help="also run the batch with the runner's pacing off (--greedy)"),
+    repeats: int = typer.Option(2, help="runs of each mode, interleaved (percentiles pool their requests)"),
+    time_scale: float = typer.Option(2.0, help="simulated seconds per wall second"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(None, help="results folder (default ops/bench/results)"),
+    name: str = typer.Option("batch-interference", help="result file stem"),
+    as_json: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
+) -> None:
+    """Interactive TTFT on one cluster with and without a big batch running (target: p99 at most 10% worse)."""
+    from dio.ops.bench.batch_interference import InterferenceConfig, run_interference
+
+    config = InterferenceConfig(workers=cluster, trace=trace, requests=requests, load=load, batch_lines=batch_lines,
+                                batch_prompt_tokens=batch_prompt_tokens, batch_max_tokens=batch_max_tokens,
+                                concurrency=concurrency, min_in_flight=min_in_flight, compare_greedy=compare_greedy,
+                                repeats=repeats,
+                                time_scale=time_scale, seed=seed, out_dir=out, name=name)
+    _run(run_interference, config, as_json)
+
+
 @bench_app.command()
 def convergence(
     trace: str = typer.Option("azure-conv", help="trace whose request lengths (and, for tokens, arrivals) to use"),
@@ -222,7 +256,8 @@ def convergence(
     slowdown: float = typer.Option(2.0, help="drift: the GPU's compute and bandwidth are divided by this"),
     repeats: int = typer.Option(20, help="predictors: runs (seeds) per GPU; curves are medians over them"),
     threshold_ms: float = typer.Option(50.0, help="predictors: error target (simulated ms)"),
-    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", help="tokens: the simulated GPUs DIO routes over"),
+    cluster: str = typer.Option("H100:1,A100-40GB:2,L4:2,T4:3", "--workers", "--cluster",
+                                help="tokens: the simulated GPUs DIO routes over"),
     rate: float = typer.Option(40.0, help="tokens: arrivals, requests per simulated second (the trace's bursts kept)"),
     requests: int = typer.Option(16000, help="tokens: requests per run; the slowdown comes at the middle arrival"),
     drift_worker: str = typer.Option("H100-1", help="tokens: the worker that slows down (ids PROFILE-N, N from 1)"),
@@ -314,7 +349,8 @@ def sim_server(
     time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
     max_num_seqs: int = typer.Option(None, help="sequences the engine runs at once"),
     kv_capacity_tokens: int = typer.Option(None, help="override the KV capacity in tokens"),
-    cluster: str = typer.Option(None, help="serve several GPUs from this process, e.g. H100:1,L4:2"),
+    cluster: str = typer.Option(None, "--workers", "--cluster",
+                                help="serve several GPUs from this process, e.g. H100:1,L4:2"),
     load_format: str = typer.Option("vllm-router", help="/get_load's shape: vllm-router | sglang"),
     ports_file: str = typer.Option(None, help="write the ports served (a JSON list) to this file when ready"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
