@@ -183,6 +183,9 @@ def test_workers_and_gateways_stay_in_their_lanes(acl_server: AclServer, pipelin
     assert gateway.smembers(KEYS.workers) == {"H100-1"}  # the gateway reads the model list...
     with pytest.raises(redis.exceptions.NoPermissionError):
         gateway.hset(KEYS.worker("H100-1"), "model", "other")  # ...and cannot change it
+    assert gateway.get(KEYS.lease)  # its /ready reads who holds the dispatcher lease...
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        gateway.set(KEYS.lease, "me")  # ...and cannot take it
     admin = acl_server.as_role("dio-admin")
     assert admin.hget(KEYS.worker("H100-1"), "gpu")  # the operator reads every DIO key
     with pytest.raises(redis.exceptions.NoPermissionError):
