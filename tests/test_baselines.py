@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from dio.dispatcher import policies, scorers
 from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.config import DispatcherSettings
 from dio.dispatcher.filters import PrefixAffinity, prefill_rate_tokens_s
@@ -15,7 +16,7 @@ from dio.dispatcher.policies import make_policy
 from dio.dispatcher.policy import Ask
 from dio.dispatcher.prefix import PrefixIndex
 from dio.dispatcher.router import Router
-from dio.dispatcher.scorers import KvBlockCost, TokenLoad, WeightedConnections, capacity_weight
+from dio.dispatcher.scorers import CapacityShare, KvBlockCost, TokenLoad, WeightedConnections, capacity_weight
 from dio.gpu_worker.sim.engine import SimEngine
 from dio.protocol.models import Request, WorkerInfo, WorkerTelemetry
 
@@ -99,6 +100,27 @@ def test_weighted_connections_recomputes_weights_when_a_worker_reregisters():
     assert scorer.cost(ask, cluster, rows, 0.0) == pytest.approx([1 / 2.0, 1 / (0.7 * 300e9 / 6.4e9)])
     cluster.upsert(bare_info("l"))  # the L4 worker came back without a datasheet
     assert scorer.cost(ask, cluster, rows, 0.0) == pytest.approx([1 / 2.0, 1.0])
+
+
+def test_capacity_share_is_weighted_connections_over_the_most_loaded_candidate():
+    cluster = cluster_of(sim_info("h", "H100"), sim_info("l", "L4"))
+    ask, rows = Ask(request(), cluster), np.arange(2)
+    h100, l4 = 0.7 * 3.35e12 / 6.4e9, 0.7 * 300e9 / 6.4e9  # datasheet decode rates (tokens/s)
+    # Idle: the L4's single share is the largest (it is 11x slower), so it costs 1 and the H100 l4/h100.
+    assert CapacityShare().cost(ask, cluster, rows, 0.0) == pytest.approx([l4 / h100, 1.0])
+    load(cluster, "h", jobs=5)  # 6 shares of the H100 weigh less than 1 of the L4 (each 11x larger)
+    assert CapacityShare().cost(ask, cluster, rows, 0.0) == pytest.approx([(6 / h100) / (1 / l4), 1.0])
+    load(cluster, "h", jobs=15)  # 21 on the H100: now it is the most loaded for its speed
+    assert CapacityShare().cost(ask, cluster, rows, 0.0) == pytest.approx([1.0, (1 / l4) / (21 / h100)])
+
+
+def test_dio_weighs_live_state_and_capacity_share_above_a_predicted_miss():
+    dio = make_policy("dio")
+    weights = {type(s.inner).__name__: w for s, w in dio.scorers if isinstance(s, scorers.WithSlo)}
+    assert weights == {"QueueAndKv": policies.LIVE_STATE_WEIGHT_MS, "CapacityShare": policies.CAPACITY_SHARE_WEIGHT_MS}
+    # A fully loaded worker (queue 1 + KV 1 + share 1) outweighs one predicted miss; a tenth-loaded one does not.
+    full = 2 * policies.LIVE_STATE_WEIGHT_MS + policies.CAPACITY_SHARE_WEIGHT_MS
+    assert full > scorers.INFEASIBLE_MS > 0.1 * full
 
 
 # --- llm-d: prefix affinity until saturated, then token load ----------------------------------------
