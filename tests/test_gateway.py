@@ -320,15 +320,29 @@ def test_413_too_large(cluster: LocalCluster, gateway: RunningGateway, redis_url
         small.close()
 
 
+SHED_ATTEMPTS = 5  # on a loaded machine the shed can reach the gateway after the 200 ms deadline (a 504): try again
+
+
 def test_429_with_retry_after_when_dio_sheds(gateway: RunningGateway):
-    shed = call(gateway.url, "POST", "/v1/chat/completions", {
-        "model": MODEL, "messages": HI, "max_tokens": 4000, "deadline_ms": 200, "sheddable": True})
+    body = {"model": MODEL, "messages": HI, "max_tokens": 4000, "deadline_ms": 200, "sheddable": True}
+    for _ in range(SHED_ATTEMPTS):
+        shed = call(gateway.url, "POST", "/v1/chat/completions", body)
+        if shed.status_code != 504:
+            break
     assert shed.status_code == 429, shed.content
     assert error_of(shed)["code"] == "shed" and int(shed.headers["retry-after"]) >= 1
     assert int(shed.headers["retry-after-ms"]) > 0
-    with pytest.raises(openai.RateLimitError):  # the same through the package, also when streaming
-        gateway.openai().chat.completions.create(model=MODEL, messages=HI, max_tokens=4000, stream=True,
-                                                 extra_body={"deadline_ms": 200, "sheddable": True})
+    for attempt in range(SHED_ATTEMPTS):  # the same through the package, also when streaming
+        try:
+            gateway.openai().chat.completions.create(model=MODEL, messages=HI, max_tokens=4000, stream=True,
+                                                     extra_body={"deadline_ms": 200, "sheddable": True})
+        except openai.RateLimitError:
+            break
+        except openai.InternalServerError as late:
+            if late.status_code != 504 or attempt == SHED_ATTEMPTS - 1:
+                raise
+        else:
+            pytest.fail("a request DIO sheds was answered")
 
 
 def test_503_when_no_live_worker_serves_the_model(redis_url: str, redis_prefix: str):
