@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,18 +27,11 @@ from dio.ops.redis_server import find_redis_server
 from dio.protocol.connection import redact_url
 from dio.protocol.keys import Keys
 from dio.protocol.settings import CommonSettings
+from tests.dio_up import running_dio_up
+from tests.waiting import wait_for
 
 PASSWORD = "s3cret-Pa55"  # noqa: S105 - the private test server's, and what must never be printed
 FAST_HEARTBEATS = {"DIO_HEARTBEAT_TTL_S": "1", "DIO_HEARTBEAT_INTERVAL_S": "0.2"}
-
-
-def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize(("url", "shown"), [
@@ -80,10 +72,10 @@ def test_a_killed_child_of_a_supervised_cluster_comes_back_and_serves(redis_url,
         for index in (1, 0):  # the worker, then the dispatcher
             victim = cluster.processes[index]
             os.killpg(victim.pid, signal.SIGKILL)
-            wait_for(lambda i=index, v=victim: cluster.processes[i].pid != v.pid, what="the restart")
+            wait_for(lambda i=index, v=victim: cluster.processes[i].pid != v.pid, 10, "the restart")
             if index == 1:
                 wait_for(lambda v=victim: raw.hget(keys.worker("H100-1"), "pid") not in (None, str(v.pid)),
-                         what="the restarted worker to register")
+                         10, "the restarted worker to register")
             with Client(redis_url=redis_url, key_prefix=redis_prefix) as dio:
                 assert dio.submit("after a restart", max_tokens=4).result(timeout=20).status.value == "completed"
         restarts = [r.getMessage() for r in caplog.records if "restarting" in r.getMessage()]
@@ -127,7 +119,7 @@ def protected_redis(tmp_path: Path) -> Iterator[int]:
                                "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", PASSWORD],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: _answers(port), what="the private redis-server")
+        wait_for(lambda: _answers(port), 10, "the private redis-server")
         yield port
     finally:
         server.kill()
@@ -155,33 +147,22 @@ def test_dio_up_serves_from_a_password_protected_redis_and_never_prints_the_pass
         env["DIO_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         env["DIO_REDIS_PASSWORD"] = PASSWORD
     logs = tmp_path / "logs"
-    up = subprocess.Popen([sys.executable, "-m", "dio.ops.cli", "up", "--workers", "H100:1", "--time-scale", "100",
-                           "--log-dir", str(logs)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(up.stdout or []), daemon=True)
-    reader.start()
     settings = ClientSettings(redis_url=f"redis://127.0.0.1:{port}/0", redis_password=PASSWORD, key_prefix=prefix)
     conn = redis.Redis(port=port, password=PASSWORD, decode_responses=True)
     try:
-        wait_for(lambda: any("Ctrl-C" in line for line in output) or up.poll() is not None, timeout_s=30,
-                 what="dio up to come up")
-        assert up.poll() is None, "".join(output)
-        with Client(settings) as dio:
-            assert dio.submit("through the password", max_tokens=4).result(timeout=20).status.value == "completed"
-            worker_pid = int(conn.hget(Keys(prefix).worker("H100-1"), "pid"))
-            os.kill(worker_pid, signal.SIGKILL)  # a child dies: it is restarted, the cluster stays up
-            wait_for(lambda: conn.hget(Keys(prefix).worker("H100-1"), "pid") != str(worker_pid), timeout_s=15,
-                     what="the worker's restart")
-            assert dio.submit("after the restart", max_tokens=4).result(timeout=20).status.value == "completed"
+        args = ["--workers", "H100:1", "--time-scale", "100", "--log-dir", str(logs)]
+        with running_dio_up(args, env) as (up, output):
+            wait_for(lambda: any("Ctrl-C" in line for line in output) or up.poll() is not None, timeout_s=30,
+                     what="dio up to come up")
+            assert up.poll() is None, "".join(output)
+            with Client(settings) as dio:
+                assert dio.submit("through the password", max_tokens=4).result(timeout=20).status.value == "completed"
+                worker_pid = int(conn.hget(Keys(prefix).worker("H100-1"), "pid"))
+                os.kill(worker_pid, signal.SIGKILL)  # a child dies: it is restarted, the cluster stays up
+                wait_for(lambda: conn.hget(Keys(prefix).worker("H100-1"), "pid") != str(worker_pid), timeout_s=15,
+                         what="the worker's restart")
+                assert dio.submit("after the restart", max_tokens=4).result(timeout=20).status.value == "completed"
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(30)
-        finally:
-            if up.poll() is None:
-                up.kill()
-        reader.join(5)
         conn.close()
     text = "".join(output)
     assert f"export DIO_REDIS_URL=redis://{':***@' if where == 'url' else ''}127.0.0.1:{port}/0" in text, text

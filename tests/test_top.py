@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import pytest
 
 from dio.client import Client
 from dio.ops.top import Snapshot, rates
+from tests.dio_up import running_dio_up
 from tests.waiting import wait_for
 
 WIDTH = 100
@@ -54,24 +54,11 @@ def up(redis_url: str, redis_prefix: str):
     """``dio up`` with two simulated GPUs; yields (its environment for other commands, its output lines)."""
     env = {**os.environ, "DIO_REDIS_URL": redis_url, "DIO_KEY_PREFIX": redis_prefix, "PYTHONUNBUFFERED": "1",
            "COLUMNS": str(WIDTH)}
-    args = ["up", "--workers", "H100:1,T4:1", "--time-scale", "10", "--gateway-port", "0"]
-    proc = subprocess.Popen([sys.executable, "-m", "dio.ops.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
-    reader.start()
-    try:
+    args = ["--workers", "H100:1,T4:1", "--time-scale", "10", "--gateway-port", "0"]
+    with running_dio_up(args, env) as (proc, output):
         wait_for(lambda: any("Ctrl-C" in line for line in output) or proc.poll() is not None, 30, "dio up")
         assert proc.poll() is None, "".join(output)
         yield env, output
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        reader.join(5)
 
 
 @pytest.mark.integration
