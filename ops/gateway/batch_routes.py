@@ -54,6 +54,14 @@ def _not_found(what: str, ident: str) -> ApiError:
     return ApiError(404, f"no {what} with id {ident!r}", "invalid_request_error", f"{what}_not_found")
 
 
+async def _lookup(request: Request, fn: Callable[..., T | None], what: str, ident: str) -> T:
+    """Run a Batch API lookup by id (``fn(client, ident)``); a 404 when it finds nothing."""
+    found = await _call(request, fn, ident)
+    if found is None:
+        raise _not_found(what, ident)
+    return found
+
+
 @router.post("/v1/files")
 async def create_file(request: Request) -> JSONResponse:
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
@@ -69,17 +77,13 @@ async def create_file(request: Request) -> JSONResponse:
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(request: Request, file_id: str) -> JSONResponse:
-    file = await _call(request, get_file, file_id)
-    if file is None:
-        raise _not_found("file", file_id)
+    file = await _lookup(request, get_file, "file", file_id)
     return JSONResponse(file.model_dump(mode="json"))
 
 
 @router.get("/v1/files/{file_id}/content")
 async def retrieve_file_content(request: Request, file_id: str) -> Response:
-    content = await _call(request, file_content, file_id)
-    if content is None:
-        raise _not_found("file", file_id)
+    content = await _lookup(request, file_content, "file", file_id)
     return Response(content, media_type="application/octet-stream")
 
 
@@ -97,9 +101,7 @@ async def create(request: Request) -> JSONResponse:
 
 @router.get("/v1/batches/{batch_id}")
 async def retrieve(request: Request, batch_id: str) -> JSONResponse:
-    batch = await _call(request, get_batch, batch_id)
-    if batch is None:
-        raise _not_found("batch", batch_id)
+    batch = await _lookup(request, get_batch, "batch", batch_id)
     return JSONResponse(batch.model_dump(mode="json"))
 
 
@@ -115,7 +117,5 @@ async def listing(request: Request, limit: int = 20, after: str | None = None) -
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel(request: Request, batch_id: str) -> JSONResponse:
-    batch = await _call(request, cancel_batch, batch_id)
-    if batch is None:
-        raise _not_found("batch", batch_id)
+    batch = await _lookup(request, cancel_batch, "batch", batch_id)
     return JSONResponse(batch.model_dump(mode="json"))
