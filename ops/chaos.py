@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from dio.client.mailbox import Mailbox
 from dio.ops.capacity import capacity_rps
 from dio.ops.local_cluster import parse_workers, worker_ids
 from dio.ops.openloop import request_fields
-from dio.ops.redis_server import find_redis_server
+from dio.ops.redis_server import find_redis_server, free_port
 from dio.ops.stats import reason_key
 from dio.ops.traces import TraceRequest
 from dio.protocol.defaults import DEFAULT_MODEL
@@ -180,13 +179,6 @@ class DurableRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def through_outages(call: Callable[[], T], stop: threading.Event | None = None) -> T:

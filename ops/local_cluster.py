@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dio.ops.redis_server import free_port
 from dio.protocol.connection import connect
 from dio.protocol.defaults import DEFAULT_MODEL
 from dio.protocol.keys import Keys
@@ -99,13 +100,6 @@ def assign_metrics_ports(names: list[str], base: int | None = None) -> dict[str,
     finally:
         for sock in sockets:
             sock.close()
-
-
-def free_port() -> int:
-    """Return a TCP port free on 127.0.0.1 now (another program could take it before it is bound)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -242,7 +243,7 @@ class _ServerExited(RedisServerError):
 
 def _start_once(binary: str, db: int, timeout_s: float, extra_args: tuple[str, ...] = ()) -> RedisHandle:
     """Start one server on a fresh port (with more redis-server options); raise _ServerExited if it exits early."""
-    port = _free_port()
+    port = free_port(cluster_bus="--cluster-enabled" in extra_args)
     workdir = Path(tempfile.mkdtemp(prefix="dio-redis-"))
     log = workdir / "redis.log"
     try:
@@ -351,11 +352,34 @@ def _executable(path: str | Path) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-def _free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+LISTEN_PORTS = (20_000, 32_000)  # free_port's range: below Linux's ephemeral ports, which clients are given
+CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on its port + 10,000 (so its port must be <= 55,535)
+
+
+def free_port(host: str = "127.0.0.1", *, cluster_bus: bool = False) -> int:
+    """Return a TCP port free on ``host`` now, below the ephemeral range (so no client takes it next).
+
+    ``cluster_bus``: the port + 10,000 must be free too (a Redis Cluster node's bus port).
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*LISTEN_PORTS)
+        if _bindable(host, port) and (not cluster_bus or _bindable(host, port + CLUSTER_BUS_OFFSET)):
+            return port
+    if cluster_bus:
+        raise RedisServerError(f"no free port pair (port, port + {CLUSTER_BUS_OFFSET}) for a cluster node")
+    with socket.socket() as sock:  # a crowded range: let the OS choose
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _db(url: str) -> int:

@@ -12,7 +12,6 @@ import pytest
 
 from dio.ops.bench.peers import (
     LOAD_FORMAT,
-    free_port,
     peer_command,
     prompt_text_for,
     prompt_token_ids_for,
@@ -21,6 +20,7 @@ from dio.ops.bench.peers import (
     start_sim_servers,
     stop_processes,
 )
+from dio.ops.redis_server import free_port
 from dio.ops.traces import TraceRequest, bundled, load_trace, rescale_arrivals
 
 MODEL = "llama-3.2-3b"

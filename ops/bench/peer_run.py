@@ -22,12 +22,12 @@ from dio.ops.bench.peers import (
     PEER_POLICIES,
     as_outcomes,
     cluster_profiles,
-    free_port,
     replay_http,
     start_peer,
     start_sim_servers,
     stop_processes,
 )
+from dio.ops.redis_server import free_port
 from dio.ops.traces import Trace
 
 SUCCESS = re.compile(r'^vllm:request_success_total\{[^}]*\}\s+([0-9.eE+-]+)$', re.MULTILINE)

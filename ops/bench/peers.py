@@ -18,10 +18,8 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ import numpy as np
 from dio.gpu_worker.instant import SYNTHETIC_VOCAB
 from dio.ops.bench.sim_server import EOS_FIELD, token_text
 from dio.ops.local_cluster import parse_workers
+from dio.ops.redis_server import free_port
 from dio.ops.traces import TraceRequest
 from dio.protocol.defaults import PREFIX_BLOCK_TOKENS
 
@@ -51,27 +50,10 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.1
 REJECTED_HTTP = (400, 404, 413, 422)
-LISTEN_PORTS = (20_000, 32_000)  # free_port's range: below the ephemeral ports clients are given
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 # --- processes ------------------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port free on ``host`` now, below Linux's ephemeral range (so no client takes it next)."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(*LISTEN_PORTS)
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as sock:  # a crowded range: let the OS choose
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _http_status(url: str, timeout_s: float = 2.0) -> int | None:
