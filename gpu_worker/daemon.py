@@ -321,9 +321,9 @@ class WorkerDaemon:
     async def heartbeat(self) -> Beat:
         """Refresh telemetry and the alive key, if this process owns the worker id (``heartbeat.lua``)."""
         assert self.info is not None
-        fields = {**to_hash(self.info), **to_hash(self.telemetry())}
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        reply = await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms, fields)
+        reply = await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms,
+                                             to_hash(self.info), to_hash(self.telemetry()))
         assert isinstance(reply, int), reply  # the script returns 0, 1 or 2
         return Beat(reply)
 

@@ -157,12 +157,17 @@ class _Transitions(Generic[RunnerT, ReplyT]):
         return self._run(runner, "submit", [k.job(job_id), k.intake], [request_json, *pairs])
 
     def heartbeat(self, runner: RunnerT, worker_id: str, token: str, ttl_ms: int,
-                  worker_fields: dict[str, str]) -> ReplyT:
-        """Renew (or take) a worker's alive key and write its hash (1 renewed, 2 registered anew, 0 not ours)."""
+                  capabilities: dict[str, str], telemetry: dict[str, str]) -> ReplyT:
+        """Renew (or take) a worker's alive key and write its hash (1 renewed, 2 registered anew, 0 not ours).
+
+        ``capabilities`` are written only when the worker registers (or its hash is gone), ``telemetry``
+        on every call.
+        """
         k = self.keys
-        pairs = [item for pair in worker_fields.items() for item in pair]
+        capability_pairs = [item for pair in capabilities.items() for item in pair]
+        telemetry_pairs = [item for pair in telemetry.items() for item in pair]
         return self._run(runner, "heartbeat", [k.alive(worker_id), k.workers, k.worker(worker_id)],
-                         [token, ttl_ms, worker_id, *pairs])
+                         [token, ttl_ms, worker_id, len(capability_pairs), *capability_pairs, *telemetry_pairs])
 
     def handoff(self, runner: RunnerT, entry_id: str, job_id: str, worker_id: str, request_json: str,
                 kv_tokens: int, now: float | None = None) -> ReplyT:

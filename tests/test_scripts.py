@@ -79,3 +79,22 @@ def test_job_hash_constants_are_job_result_fields():
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_compiles_with_its_prelude(conn, name):
     assert re.fullmatch(r"[0-9a-f]{40}", conn.script_load(_load(name)))
+
+
+def test_a_heartbeat_writes_capabilities_when_registering_and_only_telemetry_after(conn, redis_prefix):
+    from dio.protocol.keys import Keys
+    from dio.protocol.scripts import Scripts
+
+    keys = Keys(redis_prefix)
+    scripts = Scripts(conn, keys)
+    capabilities = {"model": "m", "chat_template": "{{ messages }}" * 100}
+    assert scripts.heartbeat(conn, "w1", "tok", 5000, capabilities, {"running": "1"}) == 2
+    assert conn.hgetall(keys.worker("w1")) == {**capabilities, "running": "1"}
+    conn.hset(keys.worker("w1"), "model", "edited")  # a renewal must not rewrite it
+    assert scripts.heartbeat(conn, "w1", "tok", 5000, capabilities, {"running": "2"}) == 1
+    assert conn.hmget(keys.worker("w1"), ["model", "running"]) == ["edited", "2"]
+    conn.srem(keys.workers, "w1")  # taken out of the set (its heartbeat lapsed): registers anew
+    assert scripts.heartbeat(conn, "w1", "tok", 5000, capabilities, {"running": "3"}) == 2
+    assert conn.hmget(keys.worker("w1"), ["model", "running"]) == ["m", "3"]
+    assert scripts.heartbeat(conn, "w1", "other", 5000, capabilities, {"running": "4"}) == 0
+    assert conn.hget(keys.worker("w1"), "running") == "3"

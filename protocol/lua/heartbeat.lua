@@ -4,9 +4,12 @@
 -- the dispatcher took its jobs back and removed it from the worker set. Then the worker is
 -- registered anew, its hash rewritten from scratch and its id put back in the set, so it gets
 -- work again. A key holding another token is another live process's: nothing is written.
+-- The capabilities (WorkerInfo: up to a chat template of many KB) are written only when the worker
+-- registers (or its hash lost them); each renewal writes only the telemetry.
 -- KEYS[1] alive key   KEYS[2] worker set   KEYS[3] worker hash
 -- ARGV[1] this process's token   ARGV[2] alive TTL in milliseconds   ARGV[3] worker id
--- ARGV[4..] field, value pairs of the worker hash (capabilities and telemetry)
+-- ARGV[4] n: how many of the next arguments are capability field, value pairs (an even number)
+-- ARGV[5 .. 4+n] capability pairs; ARGV[5+n ..] telemetry field, value pairs
 -- Returns 1 renewed, 2 registered anew (the alive key or the set membership was missing),
 -- 0 another process owns the worker id.
 local holder = redis.call('GET', KEYS[1])
@@ -17,10 +20,17 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
 if not holder then
   redis.call('DEL', KEYS[3])  -- fields of a previous life are not this one's
 end
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[3], unpack(fields))
 local added = redis.call('SADD', KEYS[2], ARGV[3])
+local n = tonumber(ARGV[4])
+local fields = {}
+local first = 5 + n
+if not holder or added == 1 or redis.call('EXISTS', KEYS[3]) == 0 then
+  first = 5
+end
+for i = first, #ARGV do fields[#fields + 1] = ARGV[i] end
+if #fields > 0 then
+  redis.call('HSET', KEYS[3], unpack(fields))
+end
 if holder and added == 0 then
   return 1
 end
