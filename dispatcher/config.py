@@ -32,6 +32,9 @@ class DispatcherSettings(CommonSettings):
     # Reject at once an interactive request that the backlog ahead of it, at the cluster's recent
     # drain rate, would keep waiting past its deadline (or max_wait_s): it would only expire there.
     admit_by_drain: bool = True
+    # Interactive requests already past their TTFT limit wait behind those that can still be on time
+    # (``dio.dispatcher.backlog``); False: one FIFO line.
+    late_last: bool = True
     max_wait_s: float = 60.0  # an interactive request without a deadline waits at most this long
     batch_age_s: float = 30.0  # a batch request waiting this long is served like an interactive one
     # dio policy: reject (with retry-after) a sheddable request (Request.sheddable) predicted to miss

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from dio.dispatcher.backlog import Backlog, DrainRate, Pending, expired
+from dio.dispatcher.backlog import Backlog, DrainRate, Lateness, Pending, expired
 from dio.dispatcher.cluster import Cluster
 from dio.dispatcher.config import DispatcherSettings
 from dio.dispatcher.policies import make_policy
@@ -68,7 +68,8 @@ class Router:
                                           shed_late=settings.shed_late, shed_margin=settings.shed_margin,
                                           weights=settings.policy_weights,
                                           ttft_penalty_s=settings.affinity_ttft_penalty_s)
-        self.backlog = Backlog(settings.batch_age_s)
+        self.backlog = Backlog(settings.batch_age_s, settings.late_last)
+        self.lateness = Lateness()
         self.drain = DrainRate()
         self.rng = random.Random(settings.seed)
 
@@ -110,7 +111,7 @@ class Router:
 
     def forget_backlog(self) -> None:
         """Drop every waiting request (this dispatcher lost the lease: another one routes them now)."""
-        self.backlog = Backlog(self.settings.batch_age_s)
+        self.backlog = Backlog(self.settings.batch_age_s, self.settings.late_last)
 
     def withdraw(self, entry_ids: set[str]) -> list[Pending]:
         """Take requests out of the backlog without a decision (they ended elsewhere: cancelled); return them."""
@@ -119,7 +120,8 @@ class Router:
     def route(self, now: float) -> list[Action]:
         """Decide every backlog item that can be decided now; the rest keep waiting, each with its reason.
 
-        Interactive requests go first, then batch (aged batch requests promoted). Once
+        Interactive requests go first — those that can still be on time, then the late ones
+        (``Lateness``) — then batch (aged batch requests promoted). Once
         ``MAX_WAITS_PER_ROUTE`` requests in a row found no worker, the cluster is full: the rest are
         only checked for expiry, and for a deadline the requests ahead of them cannot drain before
         (``admit_by_drain``), so a long backlog costs little while nothing can move.
@@ -128,6 +130,7 @@ class Router:
         if not len(self.backlog):
             return []
         self.backlog.promote_aged(now)
+        self.backlog.demote_late(now, self.lateness.fraction)
         actions: list[Action] = []
         waits_in_a_row = 0
         last_wait = "no worker could take it"
@@ -208,6 +211,7 @@ class Router:
     def _dispatch(self, item: Pending, decision: Decision, now: float) -> Dispatch:
         row = decision.row
         assert row is not None
+        self.lateness.dispatched(item.request, now)
         self.cluster.dispatched(row, item.request, decision.kv_tokens, now, decision.ceiling, decision.prompt_tokens)
         return Dispatch(item, row, self.cluster.ids[row], decision)
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from dio.client import Client, ClientSettings
-from dio.dispatcher.backlog import Pending
+from dio.dispatcher.backlog import Lateness, Pending
 from dio.dispatcher.config import DispatcherSettings
 from dio.dispatcher.router import Reject, Router
 from dio.dispatcher.service import Dispatcher
@@ -142,3 +142,41 @@ def test_the_router_promotes_aged_batch_requests_ahead_of_later_interactive_ones
     later = Request(id="later", model=DEFAULT_MODEL, prompt="x", max_tokens=8)
     router.accept(Pending(entry_id="i", request=later, request_json="", received_at=7.0))
     assert [p.entry_id for p in router.backlog.interactive] == ["b", "i"]  # served before later interactive work
+
+
+def _waiting(router: Router, name: str, submitted_at: float, ttft_slo_ms: float | None = 1000.0) -> None:
+    request = Request(id=name, model=DEFAULT_MODEL, prompt="x", max_tokens=8, ttft_slo_ms=ttft_slo_ms,
+                      submitted_at=submitted_at)
+    assert router.accept(Pending(entry_id=name, request=request, request_json="", received_at=submitted_at)) is None
+
+
+def test_requests_past_their_ttft_limit_wait_behind_those_that_can_still_be_on_time() -> None:
+    router = Router(_settings(True))  # no worker: everything waits, in the order it would be served
+    _waiting(router, "old", 0.0)
+    _waiting(router, "no-slo", 0.1, ttft_slo_ms=None)  # without a TTFT limit it is never late
+    _waiting(router, "new", 1.5)
+    assert router.route(now=1.6) == []  # "old" waited 1.6 s of its 1 s limit
+    assert [p.entry_id for p in router.backlog.in_order()] == ["no-slo", "new", "old"]
+    assert router.route(now=2.7) == []  # "new" is late now too: the late keep their arrival order
+    assert [p.entry_id for p in router.backlog.in_order()] == ["no-slo", "old", "new"]
+
+
+def test_one_fifo_line_when_late_last_is_off() -> None:
+    router = Router(_settings(True, late_last=False))
+    _waiting(router, "old", 0.0)
+    _waiting(router, "new", 1.5)
+    assert router.route(now=1.6) == []
+    assert [p.entry_id for p in router.backlog.in_order()] == ["old", "new"]
+
+
+def test_an_overloaded_cluster_counts_a_request_late_at_half_its_ttft_limit() -> None:
+    lateness = Lateness()
+    assert lateness.fraction == 1.0
+    for i in range(200):  # dispatched after waiting 95% of their limit: the line's head starts too late
+        lateness.dispatched(Request(id=f"r{i}", model=DEFAULT_MODEL, prompt="x", max_tokens=8, ttft_slo_ms=1000.0,
+                                    submitted_at=0.0), now=0.95)
+    assert lateness.fraction == Lateness.OVERLOADED_FRACTION
+    for i in range(200):  # then straight away again: the overload is over
+        lateness.dispatched(Request(id=f"s{i}", model=DEFAULT_MODEL, prompt="x", max_tokens=8, ttft_slo_ms=1000.0,
+                                    submitted_at=10.0), now=10.1)
+    assert lateness.fraction == 1.0
