@@ -69,7 +69,7 @@ class Lateness:
     head of the line start so close to their limit that their prefill makes them late too, and
     FIFO would go on sending them at the expense of those who can still be on time. Measured
     (``dio bench goodput``, virtual, 3 seeds, Azure conversation, chat SLO; see the README): at
-    1.5x DIO's goodput attainment 0.32 with one FIFO line, 0.40 with "late = past the limit", 0.56
+    1.5x DIO's goodput attainment 0.32 with one FIFO line, 0.40 with "late = past the limit", 0.54
     with this rule; on arXiv (15 s TTFT, a long backlog that drains in time) the rule never fires
     at its goodput, where "late = half the limit" always would cost 6 points.
     """
