@@ -28,6 +28,7 @@ from dio.client.jobs import (
     SUBMISSION_FIELDS,
     build_request,
     cancelled_result,
+    check_pool,
     check_unique,
     is_terminal,
     made_by,
@@ -113,7 +114,12 @@ class AsyncClient:
     def __init__(self, settings: ClientSettings | None = None, *, redis_url: str | None = None,
                  key_prefix: str | None = None) -> None:
         self.settings = resolve_settings(settings, redis_url, key_prefix)
-        self.keys = self.settings.keys
+        # Sharded by model, a client serves the pool of its settings' model: its jobs, its reply
+        # stream and the scripts that write both stay in that pool's slot. The Batch API's keys stay
+        # the deployment's (``base_keys``).
+        self.pool = self.settings.model if self.settings.shard_by_model else None
+        self.keys = self.settings.keys_for(self.settings.model)
+        self.base_keys = self.settings.keys
         self.client_id = uuid.uuid4().hex
         self.reply_stream = self.keys.reply(self.client_id)
         self.redis = connect_async(self.settings, client_name=CLIENT_NAME_PREFIX + self.client_id)
@@ -194,6 +200,7 @@ class AsyncClient:
         """Submit many requests, ``submit_chunk`` per round trip; same contract as the sync one."""
         reqs = [build_request(self.settings, self.client_id, item) for item in requests]
         check_unique(reqs)
+        check_pool(self.pool, reqs)
         self._ensure_reader()
         handles: list[AsyncJobHandle] = []
         step = self.settings.submit_chunk

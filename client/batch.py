@@ -61,10 +61,12 @@ from dio.client.openai_batch import (
     parse_line,
     result_record,
 )
+from dio.client.pools import ClientPools
 from dio.client.settings import BATCH_CONCURRENCY, BATCH_HASH_TTL_S, BATCH_JOB_TIMEOUT_S, MAX_BATCH_LINE_BYTES
 from dio.protocol.batches import RUNNER_FIELD
+from dio.protocol.keys import pool_keys
 from dio.protocol.models import JobResult, JobStatus, Request, Tier, describe_validation_error
-from dio.protocol.served_models import ServedModel, read_served
+from dio.protocol.served_models import ServedModel, read_served_in
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +111,12 @@ def count_lines(input_path: str | Path, max_line_bytes: int = MAX_BATCH_LINE_BYT
 
 def get_progress(client: Client, batch_id: str) -> dict[str, str] | None:
     """Read a batch's hash (None when there is no such batch)."""
-    return client.redis.hgetall(client.keys.batch(batch_id)) or None
+    return client.redis.hgetall(client.base_keys.batch(batch_id)) or None
 
 
 def request_cancel(client: Client, batch_id: str) -> None:
     """Ask the runner of a batch to stop; a batch not started yet stops as soon as it starts."""
-    client.redis.hset(client.keys.batch(batch_id), "cancel_requested", "1")
+    client.redis.hset(client.base_keys.batch(batch_id), "cancel_requested", "1")
 
 
 def runner_lease(client: Client, runner: str | None = None) -> BatchLease:
@@ -131,9 +133,9 @@ def claim_batch(client: Client, batch_id: str, fields: dict[str, Any], *, lease:
     anyone. Retried through a Redis outage.
     """
     lease = lease or runner_lease(client)
-    key = client.keys.batch(batch_id)
+    key = client.base_keys.batch(batch_id)
     try:
-        taken_from = client._retrying("claim batch", lambda _: lease.acquire(client.keys.batch_lease(batch_id),
+        taken_from = client._retrying("claim batch", lambda _: lease.acquire(client.base_keys.batch_lease(batch_id),
                                                                               force=force))
     except BatchBusy as exc:
         raise BatchBusy(f"batch {batch_id} is {exc}") from None
@@ -161,8 +163,9 @@ class ServedTemplates:
     through a Redis outage the last answer read is kept.
     """
 
-    def __init__(self, client: Client, ttl_s: float = TEMPLATES_TTL_S) -> None:
+    def __init__(self, client: Client, pools: ClientPools, ttl_s: float = TEMPLATES_TTL_S) -> None:
         self.client = client
+        self.pools = pools
         self.ttl_s = ttl_s
         self._models: dict[str, ServedModel] = {}
         self._read_at = -math.inf
@@ -170,7 +173,7 @@ class ServedTemplates:
     def __call__(self, model: str | None) -> tuple[str | None, str | None]:
         if time.monotonic() - self._read_at >= self.ttl_s:
             try:
-                self._models = read_served(self.client.redis, self.client.keys)
+                self._models = read_served_in(self.client.redis, self.client.base_keys, self.pools.registered())
             except TRANSIENT_ERRORS as exc:
                 self.client.outage.failed(exc)
             self._read_at = time.monotonic()
@@ -189,11 +192,13 @@ class BatchRunner:
     def __init__(self, client: Client, batch_id: str, output: AnswerIndex, progress: BatchProgress, *,
                  concurrency: int, rate_limit: float | None, progress_cb: ProgressCallback | None,
                  max_line_bytes: int, lease: BatchLease | None = None, adaptive: bool = True,
-                 min_in_flight: int = MIN_IN_FLIGHT) -> None:
-        self.client = client
+                 min_in_flight: int = MIN_IN_FLIGHT, pools: ClientPools | None = None) -> None:
+        self.client = client  # the batch's own keys (base_keys); its jobs go through their pools' clients
+        # Not sharded by model, the one client for every line (nothing is made, nothing to close).
+        self.pools = pools if pools is not None else ClientPools(client=client)
         self.lease = lease
         self.lease_check = True  # off once the batch ended (its final save must not raise)
-        self.chat_templates = ServedTemplates(client)
+        self.chat_templates = ServedTemplates(client, self.pools)
         self.pacer = Pacer(concurrency, min_in_flight, adaptive)
         self.arrivals = OtherArrivals()
         self._last_pace = -math.inf
@@ -262,6 +267,10 @@ class BatchRunner:
         self._seen.add(line.custom_id)
         if self.output.has_custom_id(line.custom_id):
             return False
+        if not self.client._retrying("read the pool registry", lambda _: self.pools.serves(self._model(line))):
+            self._write(error_record(line_record_id(line_no), line.custom_id, "model_not_found",
+                                     f"line {line_no}: no DIO worker pool serves the model {self._model(line)!r}"))
+            return True
         try:
             request = self._request(line)
         except ValidationError as exc:
@@ -271,10 +280,18 @@ class BatchRunner:
         self._group.append((line, request))
         return True
 
+    def _model(self, line: BatchLine) -> str:
+        return str(line.fields.get("model") or self.client.settings.model)
+
+    def _client_for(self, line: BatchLine) -> Client:
+        """The client of the line's pool (not sharded: the one client): its job's reply comes to it."""
+        return self.pools.for_model(self._model(line))
+
     def _request(self, line: BatchLine) -> Request:
         metadata = {"custom_id": line.custom_id, "batch_id": self.batch_id}
         data = {**line.fields, "tier": Tier.batch, "metadata": metadata}
-        return build_request(self.client.settings, self.client.client_id, data)
+        client = self._client_for(line)
+        return build_request(client.settings, client.client_id, data)
 
     def _submit_group(self) -> None:
         """Submit the queued lines once there is room (and the rate limit allows)."""
@@ -289,7 +306,7 @@ class BatchRunner:
             if self.cancelled:
                 return
             self.before_submit(part)
-            handles = self.client.submit_many([req for _line, req in part])
+            handles = self._submit([req for _line, req in part])
             self._count_submitted(len(part))
             for (line, req), handle in zip(part, handles, strict=True):
                 self._in_flight[handle.id] = (line, req, handle)
@@ -297,17 +314,23 @@ class BatchRunner:
             self._group = rest
             self.progress.in_flight = len(self._in_flight)
 
+    def _submit(self, requests: list[Request]) -> list[JobHandle]:
+        """Submit each request through its pool's client; return the handles in the requests' order."""
+        if not self.pools.sharded:
+            return self.client.submit_many(requests)  # the client given, whatever its model
+        return self.pools.submit_many(requests)
+
     def _count_submitted(self, count: int) -> None:
         """Add submissions to every runner's counter, so that pacing tells them from interactive arrivals."""
         try:
-            self.client.redis.incrby(self.client.keys.batch_submitted, count)
+            self.client.redis.incrby(self.client.base_keys.batch_submitted, count)
         except TRANSIENT_ERRORS as exc:  # other runners then count these as interactive for one read
             self.client.outage.failed(exc)
 
     def before_submit(self, group: list[tuple[BatchLine, Request]]) -> None:
         """Record the jobs about to be submitted in the batch's in-flight hash (a successor cancels them)."""
         mapping = {req.id: line.custom_id for line, req in group}
-        key = self.client.keys.batch_inflight(self.batch_id)
+        key = self.client.base_keys.batch_inflight(self.batch_id)
         self.client._retrying("record jobs in flight", lambda _: self.client.redis.hset(key, mapping=mapping))
 
     def _pace(self, count: int) -> None:
@@ -346,7 +369,9 @@ class BatchRunner:
             return
         self._last_pace = time.monotonic()
         try:
-            others = self.arrivals.read(self.client.redis, self.client.keys)
+            pools = self.pools.registered()
+            intakes = None if pools is None else [pool_keys(self.client.base_keys, m).intake for m in pools]
+            others = self.arrivals.read(self.client.redis, self.client.base_keys, intakes)
         except TRANSIENT_ERRORS as exc:
             self.client.outage.failed(exc)
             return
@@ -363,7 +388,7 @@ class BatchRunner:
         newest = list(self._in_flight)[-count:]
         try:
             for job_id in reversed(newest):
-                if self.client.cancel(job_id):
+                if self._in_flight[job_id][2].cancel():  # through the client of its pool
                     self._preempted.add(job_id)
         except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("batch %s: could not hold jobs back (%s); they keep running", self.batch_id, exc)
@@ -380,14 +405,22 @@ class BatchRunner:
         self._last_tick = time.monotonic()
         try:
             if self._in_flight:
-                self.client.poll([h for _line, _req, h in self._in_flight.values()])
+                self._poll([h for _line, _req, h in self._in_flight.values()])
             self.cancelled = self.cancelled or self.client.redis.hget(
-                self.client.keys.batch(self.batch_id), "cancel_requested") == "1"
+                self.client.base_keys.batch(self.batch_id), "cancel_requested") == "1"
         except TRANSIENT_ERRORS as exc:
             self.client.outage.failed(exc)
             return
         self.client.outage.ok()
         self.save()
+
+    def _poll(self, handles: list[JobHandle]) -> None:
+        """Poll each handle's job through the client that submitted it (its pool's)."""
+        by_client: dict[int, list[JobHandle]] = {}
+        for handle in handles:
+            by_client.setdefault(id(handle.client), []).append(handle)
+        for group in by_client.values():
+            group[0].client.poll(group)
 
     def _write_result(self, handle: JobHandle) -> None:
         entry = self._in_flight.pop(handle.id, None)
@@ -429,7 +462,7 @@ class BatchRunner:
             self._collect(self.client.settings.poll_interval_s)
 
     def _cancel_requested(self) -> bool:
-        key = self.client.keys.batch(self.batch_id)
+        key = self.client.base_keys.batch(self.batch_id)
         flag = self.client._retrying("batch cancel check", lambda _: self.client.redis.hget(key, "cancel_requested"))
         return flag == "1"
 
@@ -442,7 +475,7 @@ class BatchRunner:
         if self.lease is None or not self.lease_check or time.monotonic() - self._last_renew < RENEW_INTERVAL_S:
             return
         try:
-            held = self.lease.renew(self.client.keys.batch_lease(self.batch_id))
+            held = self.lease.renew(self.client.base_keys.batch_lease(self.batch_id))
         except TRANSIENT_ERRORS as exc:
             self.client.outage.failed(exc)
             return
@@ -458,7 +491,7 @@ class BatchRunner:
         """
         self.renew_lease()
         fields = {**self.progress.as_dict(), "updated_at": repr(time.time()), **extra}
-        key = self.client.keys.batch(self.batch_id)
+        key = self.client.base_keys.batch(self.batch_id)
         try:
             if retry:
                 self.client._retrying("save batch progress", lambda _: self.client.redis.hset(key, mapping=fields))
@@ -517,11 +550,12 @@ def run_batch(
     except BaseException:
         output.close()
         raise
+    pools = ClientPools(client=client)  # sharded by model: a client per pool the lines name, closed at the end
     runner = BatchRunner(client, batch_id, output, progress, concurrency=concurrency, rate_limit=rate_limit,
                          progress_cb=progress_cb, max_line_bytes=max_line_bytes, lease=lease, adaptive=adaptive,
-                         min_in_flight=min_in_flight)
+                         min_in_flight=min_in_flight, pools=pools)
     try:
-        cancel_orphans(client, batch_id)
+        cancel_orphans(client, batch_id, pools)
         runner.run(iter_raw_lines(input_path, max_line_bytes), limit)
         progress.status = final_status(runner, progress)
     except BaseException:
@@ -531,18 +565,21 @@ def run_batch(
     finally:
         output.close()
         _finish(client, runner, progress)
+        pools.close()
     return progress
 
 
-def cancel_orphans(client: Client, batch_id: str) -> int:
+def cancel_orphans(client: Client, batch_id: str, pools: ClientPools | None = None) -> int:
     """Cancel the jobs an earlier run of this batch left in flight (it was killed); return how many.
 
     Their lines have no output yet, so this run submits them again; a job that had ended is left
-    as it is (its line goes again too: the output file is what counts).
+    as it is (its line goes again too: the output file is what counts). Sharded by model, each job
+    is cancelled in the pool that holds it (``pools.find``).
     """
-    key = client.keys.batch_inflight(batch_id)
+    pools = pools if pools is not None else ClientPools(client=client)
+    key = client.base_keys.batch_inflight(batch_id)
     job_ids = client._retrying("read jobs in flight", lambda _: client.redis.hkeys(key))
-    cancelled = sum(1 for job_id in job_ids if client.cancel(job_id))
+    cancelled = sum(1 for job_id in job_ids if cancel_in_pool(client, pools, job_id))
     client._retrying("forget jobs in flight", lambda _: client.redis.delete(key))
     if job_ids:
         log.info("batch %s: cancelled %d of the %d jobs an earlier run left in flight", batch_id, cancelled,
@@ -550,11 +587,17 @@ def cancel_orphans(client: Client, batch_id: str) -> int:
     return cancelled
 
 
+def cancel_in_pool(client: Client, pools: ClientPools, job_id: str) -> bool:
+    """Cancel ``job_id`` through the client of the pool that holds it; False when none does (or it had ended)."""
+    owner = client._retrying("find a job's pool", lambda _: pools.find(job_id))
+    return owner is not None and owner.cancel(job_id)
+
+
 def _release(client: Client, runner: BatchRunner) -> None:
     if runner.lease is None:
         return
     try:
-        runner.lease.release(client.keys.batch_lease(runner.batch_id))
+        runner.lease.release(client.base_keys.batch_lease(runner.batch_id))
     except redis.RedisError as exc:  # it runs out on its own within LEASE_TTL_MS
         log.warning("batch %s: could not release its lease: %s", runner.batch_id, exc)
 
@@ -577,14 +620,14 @@ def _abandon(runner: BatchRunner) -> None:
 def _finish(client: Client, runner: BatchRunner, progress: BatchProgress) -> None:
     """Record the final state; a cancel request is consumed so that a rerun resumes the batch."""
     progress.in_flight = 0
-    key = client.keys.batch(runner.batch_id)
+    key = client.base_keys.batch(runner.batch_id)
 
     def record(_: int) -> None:
         pipe = client.redis.pipeline(transaction=False)
         if runner.cancelled:
             pipe.hdel(key, "cancel_requested")
         pipe.expire(key, BATCH_HASH_TTL_S)
-        pipe.delete(client.keys.batch_inflight(runner.batch_id))  # every job of this run has ended or was cancelled
+        pipe.delete(client.base_keys.batch_inflight(runner.batch_id))  # every job of this run ended or was cancelled
         pipe.execute()
 
     runner.lease_check = False

@@ -43,18 +43,24 @@ class OtherArrivals:
     def __init__(self) -> None:
         self._last: tuple[int, int] | None = None
 
-    def read(self, conn: redis.Redis, keys: Keys) -> int | None:
-        """Return the other requests added since the last read (None: the first read, or not knowable)."""
+    def read(self, conn: redis.Redis, keys: Keys, intakes: list[str] | None = None) -> int | None:
+        """Return the other requests added since the last read (None: the first read, or not knowable).
+
+        ``intakes``: the streams to count (sharded by model: every pool's intake); None: ``keys.intake``.
+        """
+        streams = [keys.intake] if intakes is None else intakes
         pipe = conn.pipeline(transaction=False)
         pipe.get(keys.batch_submitted)
-        pipe.xinfo_stream(keys.intake)
-        submitted_raw, info = pipe.execute(raise_on_error=False)
+        for stream in streams:
+            pipe.xinfo_stream(stream)
+        submitted_raw, *infos = pipe.execute(raise_on_error=False)
         if isinstance(submitted_raw, redis.ConnectionError | redis.TimeoutError):
             raise submitted_raw
-        added = info.get("entries-added") if isinstance(info, dict) else 0  # no intake yet: nothing added
-        if added is None:
+        # An intake not made yet counts nothing added.
+        counts = [info.get("entries-added") if isinstance(info, dict) else 0 for info in infos]
+        if any(count is None for count in counts):
             return None  # a Redis before 7.0
-        now = (int(added), int(submitted_raw or 0))
+        now = (sum(int(count or 0) for count in counts), int(submitted_raw or 0))
         last, self._last = self._last, now
         if last is None:
             return None

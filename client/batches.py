@@ -103,7 +103,7 @@ def upload_file(client: Client, data: bytes, filename: str, purpose: str = "batc
 
 def store_file(client: Client, file: FileObject, text: str) -> None:
     """Write a file's metadata and content (both expiring after BATCH_FILE_TTL_S)."""
-    keys = client.keys
+    keys = client.base_keys
 
     def write(_: int) -> None:
         pipe = client.redis.pipeline(transaction=True)
@@ -118,7 +118,7 @@ def store_file(client: Client, file: FileObject, text: str) -> None:
 
 def get_file(client: Client, file_id: str) -> FileObject | None:
     """Return a file's FileObject (None when there is no such file)."""
-    fields = client._retrying("get file", lambda _: client.redis.hgetall(client.keys.file(file_id)))
+    fields = client._retrying("get file", lambda _: client.redis.hgetall(client.base_keys.file(file_id)))
     return file_from_hash(fields) if fields.get("id") else None  # a hash without an id: a file half gone
 
 
@@ -126,7 +126,7 @@ def file_content(client: Client, file_id: str) -> bytes | None:
     """Return a file's bytes (None when there is no such file)."""
     if get_file(client, file_id) is None:
         return None
-    text = client._retrying("read file", lambda _: client.redis.get(client.keys.file_data(file_id)))
+    text = client._retrying("read file", lambda _: client.redis.get(client.base_keys.file_data(file_id)))
     return (text or "").encode("utf-8", "surrogateescape")
 
 
@@ -198,7 +198,7 @@ def create_batch(client: Client, input_file_id: str, endpoint: str, completion_w
                         completion_window=completion_window, status=BatchStatus.validating, created_at=now,
                         expires_at=now + int(COMPLETION_WINDOWS[completion_window]), metadata=metadata)
     batch.request_counts.total = total
-    keys = client.keys
+    keys = client.base_keys
 
     def write(_: int) -> None:
         pipe = client.redis.pipeline(transaction=True)
@@ -225,14 +225,14 @@ def _check_metadata(metadata: Any) -> None:
 
 def get_batch(client: Client, batch_id: str) -> BatchObject | None:
     """Return a batch's BatchObject (None when there is no such batch)."""
-    fields = client._retrying("get batch", lambda _: client.redis.hgetall(client.keys.batch(batch_id)))
+    fields = client._retrying("get batch", lambda _: client.redis.hgetall(client.base_keys.batch(batch_id)))
     return batch_from_hash(fields) if fields.get("endpoint") else None  # run_batch's hashes have none
 
 
 def list_batches(client: Client, limit: int = 20, after: str | None = None) -> list[BatchObject]:
     """Return up to ``limit`` batches, newest first; ``after``: those created before that batch."""
     limit = max(1, min(limit, MAX_LISTED))
-    keys = client.keys
+    keys = client.base_keys
 
     def page(_: int) -> list[BatchObject]:
         start = 0
@@ -264,7 +264,7 @@ def cancel_batch(client: Client, batch_id: str) -> BatchObject | None:
     A batch no runner started yet is ``cancelled`` at once; an ended batch is returned as it is.
     None when there is no such batch.
     """
-    keys = client.keys
+    keys = client.base_keys
 
     def cancel(_: int) -> BatchObject | None:
         with client.redis.pipeline(transaction=True) as pipe:

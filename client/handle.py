@@ -29,6 +29,11 @@ class JobHandle:
     def id(self) -> str:
         return self.request.id
 
+    @property
+    def client(self) -> Client:
+        """The client that submitted the job (sharded by model: the client of its pool)."""
+        return self._client
+
     def __repr__(self) -> str:
         state = "done" if self.future.done() else "pending"
         return f"<JobHandle {self.id} {state}>"

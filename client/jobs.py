@@ -56,6 +56,20 @@ def check_unique(requests: list[Request]) -> None:
         seen.add(req.id)
 
 
+def check_pool(pool: str | None, requests: list[Request]) -> None:
+    """Refuse a request for another model than the client's pool (``pool`` None: not sharded, any model).
+
+    Its job would be written in this pool's slot, where no dispatcher routes its model.
+    """
+    if pool is None:
+        return
+    for req in requests:
+        if req.model != pool:
+            raise ValueError(f"request {req.id} is for the model {req.model!r}, but this client serves the pool of "
+                             f"{pool!r} (DIO_SHARD_BY_MODEL is on): submit it through a client of its own pool, "
+                             f"e.g. dio.client.pools.ClientPools.for_model({req.model!r})")
+
+
 def new_job_fields(req: Request) -> dict[str, str]:
     """Return the fields a submission writes in a new job hash (``Scripts.submit`` writes them once)."""
     fields = {STATUS_FIELD: JobStatus.queued.value, "submitted_at": repr(req.submitted_at), "tier": req.tier.value}

@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from dio.client.batch import BatchProgress, BatchRunner
+from dio.client.batch import BatchProgress, BatchRunner, cancel_in_pool
 from dio.client.batch_lease import BatchLease, LeaseLost
 from dio.client.batch_output import AnswerIndex
 from dio.client.batch_pacing import MIN_IN_FLIGHT
@@ -41,6 +41,7 @@ from dio.client.client import TRANSIENT_ERRORS, Client
 from dio.client.exceptions import JobNotFound
 from dio.client.jobs import build_request
 from dio.client.openai_batch import BatchLine, BatchLineError, error_record, parse_line, result_record
+from dio.client.pools import ClientPools
 from dio.client.settings import BATCH_CONCURRENCY, BATCH_FILE_TTL_S, MAX_BATCH_LINE_BYTES
 from dio.protocol.batches import (
     CANCEL_FIELD,
@@ -71,7 +72,7 @@ class StoredOutput(AnswerIndex):
     def __init__(self, client: Client, batch_id: str, lease: BatchLease, output_id: str, error_id: str) -> None:
         super().__init__()
         self.client = client
-        self.keys = client.keys
+        self.keys = client.base_keys
         self.batch_id = batch_id
         self.lease = lease
         self.output_id, self.error_id = output_id, error_id
@@ -100,19 +101,19 @@ class StoredRunner(BatchRunner):
 
     def __init__(self, client: Client, batch_id: str, output: StoredOutput, progress: BatchProgress, *,
                  lease: BatchLease, expires_at: float | None, stopping: threading.Event, concurrency: int,
-                 rate_limit: float | None, adaptive: bool, min_in_flight: int) -> None:
+                 rate_limit: float | None, adaptive: bool, min_in_flight: int, pools: ClientPools) -> None:
         super().__init__(client, batch_id, output, progress, concurrency=concurrency, rate_limit=rate_limit,
                          progress_cb=None, max_line_bytes=MAX_BATCH_LINE_BYTES, lease=lease, adaptive=adaptive,
-                         min_in_flight=min_in_flight)
+                         min_in_flight=min_in_flight, pools=pools)
         self.expires_at = expires_at
         self.stopping = stopping
         self.expired = False
 
     def _request(self, line: BatchLine) -> Request:
-        return batch_request(self.client, self.batch_id, line)
+        return batch_request(self._client_for(line), self.batch_id, line)
 
     def after_preempt(self, job_id: str) -> None:
-        key = self.client.keys.batch_inflight(self.batch_id)
+        key = self.client.base_keys.batch_inflight(self.batch_id)
         self.client._retrying("record jobs in flight", lambda _: self.client.redis.hdel(key, job_id))
 
     def save(self, *, retry: bool = False, **extra: Any) -> None:
@@ -123,7 +124,7 @@ class StoredRunner(BatchRunner):
             self.cancelled = True
         self.renew_lease()
         try:
-            self.client.redis.hset(self.client.keys.batch(self.batch_id), "in_flight", str(len(self._in_flight)))
+            self.client.redis.hset(self.client.base_keys.batch(self.batch_id), "in_flight", str(len(self._in_flight)))
         except TRANSIENT_ERRORS as exc:
             self.client.outage.failed(exc)
             return
@@ -144,11 +145,13 @@ class StoredBatch:
 
     def __init__(self, client: Client, batch_id: str, lease: BatchLease, *, stopping: threading.Event,
                  concurrency: int = BATCH_CONCURRENCY, rate_limit: float | None = None, adaptive: bool = True,
-                 min_in_flight: int = MIN_IN_FLIGHT) -> None:
-        self.client = client
+                 min_in_flight: int = MIN_IN_FLIGHT, pools: ClientPools | None = None) -> None:
+        self.client = client  # the batch's and its files' keys (base_keys)
+        # Sharded by model: each line's job goes through its pool's client (the runner's pools, shared).
+        self.pools = pools if pools is not None else ClientPools(client=client)
         self.adaptive = adaptive
         self.min_in_flight = min_in_flight
-        self.keys = client.keys
+        self.keys = client.base_keys
         self.batch_id = batch_id
         self.lease = lease
         self.stopping = stopping
@@ -211,7 +214,7 @@ class StoredBatch:
                                  failed=output.failed)
         runner = StoredRunner(self.client, self.batch_id, output, progress, lease=self.lease, expires_at=expires_at,
                               stopping=self.stopping, concurrency=self.concurrency, rate_limit=self.rate_limit,
-                              adaptive=self.adaptive, min_in_flight=self.min_in_flight)
+                              adaptive=self.adaptive, min_in_flight=self.min_in_flight, pools=self.pools)
         try:
             runner.run(iter_text_lines(text))
         except BaseException:
@@ -249,7 +252,7 @@ class StoredBatch:
         cancelled = 0
         for job_id, custom_id in inflight.items():
             if not output.has_custom_id(custom_id):
-                if self.client.cancel(job_id):
+                if cancel_in_pool(self.client, self.pools, job_id):  # in the pool that holds the job
                     cancelled += 1
                 else:  # it had ended: its result is the answer
                     self._write_orphan(output, job_id, lines.get(custom_id))
@@ -258,10 +261,12 @@ class StoredBatch:
                  self.batch_id, len(inflight), cancelled, len(inflight) - cancelled)
 
     def _write_orphan(self, output: StoredOutput, job_id: str, line: BatchLine | None) -> None:
-        result = self.client.get(job_id)
+        owner = self.client._retrying("find a job's pool", lambda _: self.pools.find(job_id))
+        result = owner.get(job_id) if owner is not None else None
         if line is None or result is None or result.status is JobStatus.cancelled or not result.status.terminal:
             return  # gone, cancelled, or not a line of this batch: the line is submitted again
-        request = batch_request(self.client, self.batch_id, line, job_id)
+        assert owner is not None
+        request = batch_request(owner, self.batch_id, line, job_id)
         output.write(result_record(line, request, result))
 
     def _abandon(self, runner: StoredRunner) -> None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field, PositiveFloat
+from pydantic import Field, PositiveFloat, ValidationInfo, field_validator
 
 from dio.protocol import defaults as d
+from dio.protocol.keys import Keys, check_model_name
 from dio.protocol.metrics import DEFAULT_METRICS_ADDR
 from dio.protocol.settings import CommonSettings
 
 
 class DispatcherSettings(CommonSettings):
+    # Sharded by model (DIO_SHARD_BY_MODEL), a dispatcher serves one model's pool: this one (DIO_MODEL,
+    # as for that pool's workers; `dio dispatcher --model`). Not sharded, it is not read.
+    model: str | None = Field(default=None, validate_default=True)
     # dio | round-robin | random | least-loaded | power-of-two | queue-kv | weighted-least-connections
     # | token-load-prefix | kv-cost (see dispatcher/policies.py)
     policy: str = "dio"
@@ -51,3 +55,18 @@ class DispatcherSettings(CommonSettings):
     # Prometheus: serve /metrics on this port (None: not served; 0: any free port) and address.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_addr: str = DEFAULT_METRICS_ADDR
+
+    @field_validator("model")
+    @classmethod
+    def _sharded_dispatcher_names_its_pool(cls, model: str | None, info: ValidationInfo) -> str | None:
+        if not info.data.get("shard_by_model"):
+            return model
+        if model is None:
+            raise ValueError("DIO_SHARD_BY_MODEL is on, so a dispatcher serves one model's pool: name it with "
+                             "--model or DIO_MODEL")
+        return check_model_name(model)
+
+    @property
+    def pool_keys(self) -> Keys:
+        """The keys this dispatcher routes in: its model's pool's when sharded, else the deployment's."""
+        return self.keys_for(self.model) if self.shard_by_model and self.model else self.keys

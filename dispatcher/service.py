@@ -68,7 +68,7 @@ class Dispatcher:
     def __init__(self, settings: DispatcherSettings, client: redis.Redis | None = None,
                  metrics: DispatcherMetrics | None = None) -> None:
         self.settings = settings
-        self.keys = settings.keys
+        self.keys = settings.pool_keys  # sharded by model: its pool's lease, intake, workers, predictors, stats
         self.redis = client or connect(settings)
         self.scripts = Scripts(self.redis, self.keys)
         self.name = settings.dispatcher_name

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from dio.protocol import defaults as d
+from dio.protocol.keys import check_model_name
 from dio.protocol.metrics import DEFAULT_METRICS_ADDR
 from dio.protocol.settings import CommonSettings
 
@@ -39,3 +40,8 @@ class WorkerSettings(CommonSettings):
     # endpoint per process: the workers it hosts are told apart by the ``worker`` label.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_addr: str = DEFAULT_METRICS_ADDR
+
+    @field_validator("model")
+    @classmethod
+    def _model_names_a_pool(cls, model: str, info: ValidationInfo) -> str:
+        return check_model_name(model) if info.data.get("shard_by_model") else model

@@ -149,7 +149,11 @@ class WorkerDaemon:
                  client: aioredis.Redis | None = None, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.engine = engine
-        self.keys = settings.keys
+        # Sharded by model, this worker's keys (its queue, the jobs it runs, its clients' reply streams)
+        # are its model's pool's; the registry that names the pools is the deployment's.
+        self.keys = settings.keys_for(settings.model)
+        self.base_keys = settings.keys
+        self._pool_registered = False  # sharded: this worker's model is in the pool registry
         self.redis = client or connect_async(settings)
         self.scripts = AsyncScripts(self.redis, self.keys)
         self.worker_id = worker_id or settings.worker_id or ""
@@ -325,7 +329,20 @@ class WorkerDaemon:
         reply = await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms,
                                              to_hash(self.info), to_hash(self.telemetry()))
         assert isinstance(reply, int), reply  # the script returns 0, 1 or 2
+        if self.settings.shard_by_model and (reply == Beat.registered or not self._pool_registered):
+            await self._register_pool()
         return Beat(reply)
+
+    async def _register_pool(self) -> None:
+        """Name this worker's model in the pool registry (a single-key SADD in the base slot).
+
+        After ``heartbeat.lua`` registered the worker: its own pool's keys cannot be written in the
+        same script (another slot). Done at every registration, so a registry deleted meanwhile (a
+        ``dio reset``, a Redis that came back empty) is written again.
+        """
+        self._pool_registered = False  # a failed SADD is tried again at the next beat
+        await self.redis.sadd(self.base_keys.pools, self.settings.model)
+        self._pool_registered = True
 
     async def _heartbeat_loop(self) -> None:
         while not self._closing:

@@ -147,7 +147,7 @@ def status(batch_id: str = typer.Argument(...), as_json: bool = typer.Option(Fal
         batch = get_batch(client, batch_id)
         if batch is None:
             _fail(f"no batch {batch_id!r}")
-        holder = describe_holder(client.redis.get(client.keys.batch_lease(batch_id)))
+        holder = describe_holder(client.redis.get(client.base_keys.batch_lease(batch_id)))
     if as_json:
         typer.echo(json.dumps(batch.model_dump(mode="json")))
         return

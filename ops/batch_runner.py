@@ -19,7 +19,7 @@ import redis
 
 from dio.client.batch_lease import BatchBusy, BatchLease, Holder, LeaseLost
 from dio.client.batch_pacing import MIN_IN_FLIGHT
-from dio.client.client import Client
+from dio.client.pools import ClientPools
 from dio.client.settings import BATCH_CONCURRENCY, ClientSettings
 from dio.client.stored_batch import StoredBatch, runnable
 from dio.protocol.keys import STATUS_FIELD
@@ -41,7 +41,9 @@ class BatchRunnerDaemon:
                  min_in_flight: int = MIN_IN_FLIGHT) -> None:
         self.adaptive = adaptive
         self.min_in_flight = min_in_flight
-        self.client = Client(settings)
+        # Sharded by model: a client per pool its batches' lines name (the home one also reads the batches).
+        self.pools = ClientPools(settings)
+        self.client = self.pools.home
         self.name = name
         self.max_batches = max_batches
         self.concurrency = concurrency
@@ -68,7 +70,7 @@ class BatchRunnerDaemon:
             pause = self.scan_interval_s
         for thread in list(self.running.values()):
             thread.join()
-        self.client.close()
+        self.pools.close()
         log.info("batch runner %s stopped", self.name)
 
     def stop(self) -> None:
@@ -84,7 +86,7 @@ class BatchRunnerDaemon:
             if batch_id in self.running:
                 continue
             try:
-                taken_from = self.lease.acquire(self.client.keys.batch_lease(batch_id), force=self.force)
+                taken_from = self.lease.acquire(self.client.base_keys.batch_lease(batch_id), force=self.force)
             except BatchBusy:
                 continue  # a live runner has it
             if taken_from is not None:
@@ -98,7 +100,7 @@ class BatchRunnerDaemon:
 
     def _waiting(self) -> list[str]:
         """The active batches in a runnable status, oldest first (the ended ones leave the set)."""
-        keys = self.client.keys
+        keys = self.client.base_keys
         ids = list(self.client.redis.srandmember(keys.active_batches, MAX_SCANNED) or [])
         pipe = self.client.redis.pipeline(transaction=False)
         for batch_id in ids:
@@ -119,7 +121,8 @@ class BatchRunnerDaemon:
     def _run_one(self, batch_id: str) -> None:
         """Run one batch under the lease just taken; whatever happens, let the lease go at the end."""
         batch = StoredBatch(self.client, batch_id, self.lease, stopping=self.stopping, concurrency=self.concurrency,
-                            rate_limit=self.rate_limit, adaptive=self.adaptive, min_in_flight=self.min_in_flight)
+                            rate_limit=self.rate_limit, adaptive=self.adaptive, min_in_flight=self.min_in_flight,
+                            pools=self.pools)
         try:
             status = batch.run()
             log.info("batch %s: %s", batch_id, status.value if status else "left for the next runner")
@@ -132,6 +135,6 @@ class BatchRunnerDaemon:
         except Exception:  # a bug must not take the daemon down: logged, retried at the next scan
             log.exception("batch %s: the run failed; it is retried at the next scan", batch_id)
         try:
-            self.lease.release(self.client.keys.batch_lease(batch_id))
+            self.lease.release(self.client.base_keys.batch_lease(batch_id))
         except redis.RedisError as exc:
             log.warning("batch %s: could not give its lease up (%s); it runs out on its own", batch_id, exc)

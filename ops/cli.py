@@ -62,6 +62,8 @@ def dispatcher(
     policy: str = typer.Option(None, help=POLICY_HELP),
     predictor: str = typer.Option(None, help="seed | vector | rls"),
     name: str = typer.Option(None, help="consumer name (default: dispatcher-<host>-<pid>)"),
+    model: str | None = typer.Option(None, help="with DIO_SHARD_BY_MODEL: the model whose pool this dispatcher "
+                                                "serves [DIO_MODEL]"),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help=METRICS_PORT_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -72,7 +74,8 @@ def dispatcher(
     from dio.dispatcher.service import Dispatcher
 
     _logging(verbose)
-    overrides = {k: v for k, v in (("policy", policy), ("predictor", predictor), ("dispatcher_name", name)) if v}
+    overrides = {k: v for k, v in (("policy", policy), ("predictor", predictor), ("dispatcher_name", name),
+                                   ("model", model)) if v}
     if metrics_port is not None:
         overrides["metrics_port"] = metrics_port
     settings = DispatcherSettings(**overrides)
@@ -81,6 +84,9 @@ def dispatcher(
     metrics = DispatcherMetrics()
     _serve_metrics(metrics.registry, settings.metrics_port, settings.metrics_addr, "dispatcher")
     _warn_if_unreachable(settings)
+    if settings.shard_by_model:
+        logging.getLogger("dio.ops").info("sharded by model: this dispatcher serves the pool of %s (keys %s)",
+                                          settings.model, settings.pool_keys.prefix)
     service = Dispatcher(settings, metrics=metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
@@ -181,6 +187,12 @@ def up(
     policy: str = typer.Option("dio"),
     predictor: str = typer.Option("vector"),
     model: str = typer.Option(DEFAULT_MODEL),
+    pools: str | None = typer.Option(None, "--pools", help="several models, each on its own GPUs: "
+                                     "'llama-3.2-3b=H100:1,L4:1;llama-3.1-8b=A100-40GB:1' (instead of --workers "
+                                     "and --model)"),
+    shard_by_model: bool | None = typer.Option(None, "--shard-by-model/--no-shard-by-model",
+                                               help="each model's keys under their own hash tag, one dispatcher "
+                                                    "per pool [DIO_SHARD_BY_MODEL]"),
     time_scale: float = typer.Option(1.0, help="simulated seconds per wall second"),
     log_dir: str = typer.Option(None, help="write each process's log here"),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="Prometheus /metrics ports from this "
@@ -199,16 +211,20 @@ def up(
     from pathlib import Path
 
     from dio.gpu_worker.sim.profiles import get_profile
-    from dio.ops.local_cluster import LocalCluster, assign_metrics_ports, parse_workers
+    from dio.ops.local_cluster import LocalCluster, assign_metrics_ports, format_workers, parse_pools, parse_workers
     from dio.ops.redis_server import RedisServerError, ensure_redis
     from dio.protocol.connection import connection_options, redact_url
     from dio.protocol.settings import CommonSettings
 
     _logging(False)
-    settings = CommonSettings()
+    overrides = {} if shard_by_model is None else {"shard_by_model": shard_by_model}
+    settings = CommonSettings(**overrides)  # a bad prefix for sharding is one error line (cli_edge)
     try:
         specs = parse_workers(workers)
-        for spec in specs:
+        pool_list = parse_pools(pools) if pools else None
+        for pool in pool_list or []:
+            settings.keys_for(pool.model)  # a model that cannot name a pool fails here
+        for spec in [s for pool in pool_list or [] for s in pool.workers] or specs:
             get_profile(spec.profile)  # a GPU no profile has fails here, not in a worker process; H100 = H100-80GB
     except ValueError as exc:
         _fail(str(exc))
@@ -229,7 +245,8 @@ def up(
         cluster = LocalCluster(server.url, specs, key_prefix=settings.key_prefix, policy=policy, predictor=predictor,
                                model=model, time_scale=time_scale, log_dir=Path(log_dir) if log_dir else None,
                                connection=connection, batch_runner=True,
-                               gateway_port=_up_gateway_port(gateway_port, no_gateway))
+                               gateway_port=_up_gateway_port(gateway_port, no_gateway), pools=pool_list,
+                               shard_by_model=settings.shard_by_model)
         if not no_metrics:
             cluster.metrics_ports = assign_metrics_ports(cluster.child_names(), metrics_port)
         stop = threading.Event()
@@ -240,7 +257,12 @@ def up(
                 cluster.start()
             except (RuntimeError, TimeoutError) as exc:  # a process exited early, or the workers never registered
                 _fail(f"{exc} (--log-dir DIR keeps each process's log)")
-            typer.echo(f"DIO is up: {workers} ({model}, policy {policy}, time scale {time_scale})")
+            shown = f"{workers} ({model}, " if pool_list is None else "; ".join(
+                f"{p.model}={format_workers(list(p.workers))}" for p in pool_list) + " ("
+            sharding = ", sharded by model: one dispatcher per pool" if settings.shard_by_model else ""
+            typer.echo(f"DIO is up: {shown}policy {policy}, time scale {time_scale}{sharding})")
+            if settings.shard_by_model:
+                typer.echo("export DIO_SHARD_BY_MODEL=true")
             typer.echo(f"export DIO_REDIS_URL={redact_url(server.url)}")
             if connection.redis_password or redact_url(server.url) != server.url:
                 typer.echo("(the password is not shown: put it in DIO_REDIS_URL or DIO_REDIS_PASSWORD yourself)")
@@ -306,12 +328,12 @@ def submit(
     stream: bool = typer.Option(False, "--stream", help="print the answer as it is generated"),
 ) -> None:
     """Submit one request and print its result."""
-    from dio.client import Client, DIOError, RedisUnavailable
+    from dio.client import Client, ClientSettings, DIOError, RedisUnavailable
     from dio.ops.cli_edge import error_line
 
     # The client's own warnings (Redis lost, retrying) would only repeat the one error line below.
     _logging(False, default_level="ERROR")
-    with Client() as dio:
+    with Client(ClientSettings(model=model)) as dio:  # sharded by model: a client of that model's pool
         try:
             handle = dio.submit(prompt, max_tokens=max_tokens, model=model, tier=tier, deadline_ms=deadline_ms,
                                 ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, sheddable=sheddable or None,
@@ -398,13 +420,15 @@ def demo(
     seed: int = typer.Option(0),
     redis_cluster: bool = typer.Option(False, "--redis-cluster",
                                        help="run on a private three-node Redis Cluster (started and stopped here)"),
+    pools: int = typer.Option(1, "--pools", help="model pools (1-3): more than one shards the deployment by "
+                                                 "model, one dispatcher per pool, each on --workers"),
     as_json: bool = typer.Option(False, "--json", help="also print the summary as JSON on the last line"),
 ) -> None:
     """Run DIO end to end on a simulated heterogeneous cluster and print a summary."""
     from dio.ops.demo import DemoConfig, run_demo
 
     config = DemoConfig(requests=requests, policy=policy, workers=workers, trace=trace, load=load,
-                        time_scale=time_scale, slo_k=slo_k, seed=seed, redis_cluster=redis_cluster)
+                        time_scale=time_scale, slo_k=slo_k, seed=seed, redis_cluster=redis_cluster, pools=pools)
     try:
         summary = run_demo(config)
     except (ValueError, RuntimeError, TimeoutError) as exc:
@@ -461,17 +485,18 @@ def chaos(
 
 @app.command()
 def reset(yes: bool = typer.Option(False, "--yes", help="really delete")) -> None:
-    """Delete every DIO key under the configured prefix."""
-    from dio.protocol.connection import connect, delete_keys
+    """Delete every DIO key under the configured prefix (and its model pools', when sharded by model)."""
+    from dio.protocol.connection import connect
+    from dio.protocol.pools import count_deployment_keys, delete_deployment
     from dio.protocol.settings import CommonSettings
 
     settings = CommonSettings()
     client = connect(settings)
-    if not yes:
-        found = sum(1 for _ in client.scan_iter(match=settings.keys.all_keys_pattern(), count=1000))
-        typer.echo(f"{found} keys under {settings.key_prefix!r}; add --yes to delete them")
+    if not yes:  # sharded by model, each registered pool's keys too
+        found = count_deployment_keys(client, settings.keys)
+        typer.echo(f"{found} keys under {settings.key_prefix!r} (and its model pools'); add --yes to delete them")
         return
-    typer.echo(f"deleted {delete_keys(client, settings.keys)} keys")
+    typer.echo(f"deleted {delete_deployment(client, settings.keys)} keys")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from dio.protocol.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 from dio.protocol.models import M, WorkerInfo, WorkerTelemetry, from_hash
+from dio.protocol.pools import pool_key_sets
 
 # The capabilities shown of a worker, with what is shown when its hash is gone.
 INFO_UNKNOWN: dict[str, Any] = {"gpu": None, "model": None, "engine": None, "kv_capacity_tokens": 0}
@@ -57,7 +58,21 @@ def _worker_state(fields: dict[str, str]) -> dict[str, Any]:
 
 
 def collect(client: redis.Redis, keys: Keys) -> dict[str, Any]:
-    """Read workers, queues, intake, predictors and the lease into one dict."""
+    """Read workers, queues, intake, predictors and the lease into one dict.
+
+    Sharded by model (the pool registry names pools): ``pools`` holds each pool's facts by model,
+    and ``workers`` every pool's workers, each with its ``pool``.
+    """
+    pools = pool_key_sets(client, keys)
+    if not pools:
+        return collect_pool(client, keys)
+    facts = {model: collect_pool(client, space) for model, space in pools.items()}
+    workers = [{**w, "pool": model} for model, pool in facts.items() for w in pool["workers"]]
+    return {"prefix": keys.prefix, "pools": facts, "workers": workers}
+
+
+def collect_pool(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Read one key space's workers, queues, intake, predictors and lease (a deployment's, or one pool's)."""
     workers = []
     predictors = {wid: json.loads(raw) for wid, raw in client.hgetall(keys.predictor).items()}
     for worker_id in sorted(client.smembers(keys.workers)):
@@ -102,8 +117,20 @@ def _hints(prefix: str) -> list[str]:
 
 
 def render(facts: dict[str, Any], console: Console | None = None) -> None:
-    """Print the facts; the table fits a 100-column terminal (the model, shared by most clusters, is above it)."""
+    """Print the facts, one pool after another when sharded by model."""
     console = console or Console()
+    if "pools" not in facts:
+        render_pool(facts, console)
+        return
+    console.print(f"[bold]DIO[/] sharded by model under [cyan]{escape(facts['prefix'])}[/]: "
+                  f"{len(facts['pools'])} pools")
+    for pool in facts["pools"].values():
+        console.print("")
+        render_pool(pool, console)
+
+
+def render_pool(facts: dict[str, Any], console: Console) -> None:
+    """Print one key space's facts; the table fits a 100-column terminal (the model is above it)."""
     intake, prefix = facts["intake"], facts["prefix"]
     console.print(f"[bold]DIO[/] keys under [cyan]{escape(prefix)}[/]; active dispatcher: "
                   f"{escape(facts['lease']) if facts['lease'] else '[red]none[/]'}")

@@ -9,6 +9,10 @@ Every connection setting (URL, ACL user and password, TLS files, key prefix) rea
 through their environment (``DIO_REDIS_*``, ``DIO_KEY_PREFIX``), never their command line. ``dio up``
 supervises its children (``supervise``): one that exits is started again after a capped,
 doubling backoff, with a log line; the rest of the cluster keeps serving meanwhile.
+
+Several model pools (``pools``: each a model and its GPUs) run in one deployment; with
+``shard_by_model`` (``DIO_SHARD_BY_MODEL``) each pool's keys have their own hash tag and the pool
+its own dispatcher (``dio dispatcher --model M``), else one dispatcher routes every model.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dio.ops.redis_server import free_port
 from dio.protocol.connection import connect
@@ -42,7 +47,8 @@ BATCH_RUNNER_NAME = "batch-runner-1"  # the batch runner's child name and runner
 GATEWAY_NAME = "gateway"  # the gateway's child name
 # CommonSettings fields the children read from their environment, as DIO_<FIELD>.
 CONNECTION_FIELDS = ("redis_url", "redis_username", "redis_password", "redis_ca_certs", "redis_certfile",
-                     "redis_keyfile", "redis_cluster", "key_prefix")
+                     "redis_keyfile", "redis_cluster", "shard_by_model", "key_prefix")
+DISPATCHER_NAME = "dispatcher"  # the dispatcher's child name; sharded by model, one per pool: dispatcher-<model>
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,32 @@ def parse_workers(spec: str) -> list[WorkerSpec]:
     if not out:
         raise ValueError("no workers given: expected e.g. H100:1,L4:2")
     return out
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One model and the simulated GPUs that serve it."""
+
+    model: str
+    workers: tuple[WorkerSpec, ...]
+
+
+def parse_pools(spec: str) -> list[Pool]:
+    """Parse ``llama-3.2-3b=H100:1,L4:1;llama-3.1-8b=A100-40GB:1`` (each model's GPUs, as ``--workers`` spells them)."""
+    pools = []
+    for part in spec.split(";"):
+        if not part.strip():
+            continue
+        model, eq, workers = part.partition("=")
+        if not eq or not model.strip():
+            raise ValueError(f"bad pool spec {part.strip()!r}: expected MODEL=PROFILE:COUNT,..., e.g. "
+                             "llama-3.1-8b=H100:1,L4:1")
+        pools.append(Pool(model.strip(), tuple(parse_workers(workers))))
+    if not pools:
+        raise ValueError("no pools given: expected e.g. llama-3.2-3b=H100:1;llama-3.1-8b=L4:2")
+    if len({p.model for p in pools}) < len(pools):
+        raise ValueError(f"a model appears twice in the pool spec {spec!r}")
+    return pools
 
 
 def format_workers(specs: list[WorkerSpec]) -> str:
@@ -135,13 +167,32 @@ class LocalCluster:
     # Where the children connect: user, password and TLS files (its URL and prefix are redis_url and
     # key_prefix above). None: CommonSettings from this process's DIO_* environment.
     connection: CommonSettings | None = None
+    # Several model pools (None: one, ``model`` on ``workers``); their worker ids start with the model.
+    pools: list[Pool] | None = None
+    shard_by_model: bool = False  # each pool its own keys (hash tag) and dispatcher
     processes: list[subprocess.Popen] = field(default_factory=list)
     children: list[Child] = field(default_factory=list)  # one per process this cluster started
+
+    def pool_list(self) -> list[Pool]:
+        """The pools this cluster runs (one, ``model`` on ``workers``, unless ``pools`` says otherwise)."""
+        return self.pools or [Pool(self.model, tuple(self.workers))]
+
+    def pool_workers(self, pool: Pool) -> list[tuple[str, str]]:
+        """(profile, worker id) of a pool's workers: ``L4-1``, or ``<model>-L4-1`` with several pools."""
+        prefix = f"{pool.model}-" if self.pools and len(self.pools) > 1 else ""
+        return [(profile, prefix + worker_id) for profile, worker_id in worker_ids(list(pool.workers))]
+
+    def dispatcher_names(self) -> list[str]:
+        """One dispatcher, or one per pool (``dispatcher-<model>``) when sharded by model."""
+        if not self.shard_by_model:
+            return [DISPATCHER_NAME]
+        return [f"{DISPATCHER_NAME}-{pool.model}" for pool in self.pool_list()]
 
     def connection_settings(self) -> CommonSettings:
         """Return the settings the children connect with (``redis_url`` and ``key_prefix`` win)."""
         base = self.connection if self.connection is not None else CommonSettings()
-        return base.model_copy(update={"redis_url": self.redis_url, "key_prefix": self.key_prefix})
+        return base.model_copy(update={"redis_url": self.redis_url, "key_prefix": self.key_prefix,
+                                       "shard_by_model": self.shard_by_model})
 
     def env(self) -> dict[str, str]:
         """Return the children's environment: this one's, ``extra_env``, then every connection setting."""
@@ -170,32 +221,41 @@ class LocalCluster:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def child_names(self) -> list[str]:
-        """Return the names of the processes ``start`` runs, in order: the dispatcher, then the workers."""
-        workers = ["workers"] if self.one_worker_process else [wid for _, wid in worker_ids(self.workers)]
-        return ["dispatcher", *workers]
+        """Return the names of the processes ``start`` runs, in order: the dispatchers, then the workers."""
+        workers = ["workers"] if self.one_worker_process else [
+            wid for pool in self.pool_list() for _, wid in self.pool_workers(pool)]
+        return [*self.dispatcher_names(), *workers]
 
     def _metrics_args(self, name: str) -> list[str]:
         port = self.metrics_ports.get(name)
         return [] if port is None else ["--metrics-port", str(port)]
 
     def start(self) -> None:
-        """Start the dispatcher and every worker, and wait until all workers registered."""
-        self._spawn("dispatcher", ["dispatcher", "--policy", self.policy, "--predictor", self.predictor,
-                                   *self._metrics_args("dispatcher")])
-        common = ["--engine", self.engine, "--model", self.model, "--time-scale", str(self.time_scale)]
-        if self.one_worker_process:
-            self._spawn("workers", ["worker", *common, "--cluster", format_workers(self.workers), *self.worker_args,
-                                    *self._metrics_args("workers")])
-        else:
-            for profile, worker_id in worker_ids(self.workers):
-                self._spawn(worker_id, ["worker", *common, "--profile", profile, "--id", worker_id, *self.worker_args,
-                                        *self._metrics_args(worker_id)])
+        """Start the dispatcher(s) and every worker, and wait until all workers registered."""
+        for name, pool in zip(self.dispatcher_names(), self.pool_list(), strict=False):
+            serves = ["--model", pool.model] if self.shard_by_model else []
+            self._spawn(name, ["dispatcher", "--policy", self.policy, "--predictor", self.predictor, *serves,
+                               *self._metrics_args(name)])
+        for pool in self.pool_list():
+            self._start_workers(pool)
         if self.gateway_port is not None:
             self.gateway_port = self.gateway_port or free_port()
             self._spawn(GATEWAY_NAME, ["gateway", "--host", "127.0.0.1", "--port", str(self.gateway_port)])
         if self.batch_runner:  # restarted under its name, it takes its batches over at once
             self._spawn(BATCH_RUNNER_NAME, ["batch-runner", "--name", BATCH_RUNNER_NAME, *self.batch_runner_args])
         self.wait_ready()
+
+    def _start_workers(self, pool: Pool) -> None:
+        common = ["--engine", self.engine, "--model", pool.model, "--time-scale", str(self.time_scale)]
+        if self.one_worker_process:
+            if len(self.pool_list()) > 1:  # dio worker --cluster names its workers L4-1, ... in every pool
+                raise ValueError("one_worker_process runs one pool only")
+            self._spawn("workers", ["worker", *common, "--cluster", format_workers(list(pool.workers)),
+                                    *self.worker_args, *self._metrics_args("workers")])
+            return
+        for profile, worker_id in self.pool_workers(pool):
+            self._spawn(worker_id, ["worker", *common, "--profile", profile, "--id", worker_id, *self.worker_args,
+                                    *self._metrics_args(worker_id)])
 
     @property
     def dispatcher_pid(self) -> int | None:
@@ -206,7 +266,7 @@ class LocalCluster:
     def worker_pids(self) -> list[int]:
         """Return the worker processes' ids."""
         return [proc.pid for proc, child in zip(self.processes, self.children, strict=False)
-                if child.name not in ("dispatcher", BATCH_RUNNER_NAME, GATEWAY_NAME)]
+                if child.name not in (*self.dispatcher_names(), BATCH_RUNNER_NAME, GATEWAY_NAME)]
 
     @property
     def batch_runner_pid(self) -> int | None:
@@ -215,20 +275,24 @@ class LocalCluster:
                      if child.name == BATCH_RUNNER_NAME), None)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        keys = Keys(self.key_prefix)
-        client = connect(self.connection_settings())
-        expected = {wid for _, wid in worker_ids(self.workers)}
+        settings = self.connection_settings()
+        client = connect(settings)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
                 self._check_alive()
-                registered = client.smembers(keys.workers)
-                if expected <= registered and client.get(keys.lease) and self._gateway_answers():
+                if all(self._pool_ready(client, settings.keys_for(p.model), p) for p in self.pool_list()) \
+                        and self._gateway_answers():
                     return
                 time.sleep(0.1)
         finally:
             client.close()
         raise TimeoutError(f"the local cluster did not come up within {timeout_s:.0f} s")
+
+    def _pool_ready(self, client: Any, keys: Keys, pool: Pool) -> bool:
+        """Every worker of the pool registered, and a dispatcher holds the lease it routes under."""
+        expected = {wid for _, wid in self.pool_workers(pool)}
+        return expected <= client.smembers(keys.workers) and bool(client.get(keys.lease))
 
     @property
     def gateway_url(self) -> str | None:

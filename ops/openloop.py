@@ -14,6 +14,7 @@ from typing import Any
 
 from dio.client import Client, ResultTimeout
 from dio.client.handle import JobHandle
+from dio.client.pools import ClientPools
 from dio.ops.traces import Trace, TraceRequest
 from dio.protocol.keys import SIM_EOS_METADATA
 from dio.protocol.models import JobResult, JobStatus
@@ -57,9 +58,13 @@ def request_fields(request: TraceRequest, index: int, model: str, deadline_wall_
     return fields
 
 
-def submit_on_schedule(client: Client, trace: Trace, time_scale: float, fields: Callable[[int, TraceRequest], dict],
+def submit_on_schedule(client: Client | ClientPools, trace: Trace, time_scale: float,
+                       fields: Callable[[int, TraceRequest], dict],
                        on_submit: Callable[[int], None] | None = None) -> list[JobHandle]:
-    """Submit each request at its scaled arrival time (open loop); return the handles in trace order."""
+    """Submit each request at its scaled arrival time (open loop); return the handles in trace order.
+
+    ``client`` may be ``ClientPools`` (sharded by model): each request goes to its model's pool.
+    """
     handles: list[JobHandle] = []
     start = time.monotonic()
     i = 0

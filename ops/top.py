@@ -23,6 +23,7 @@ from rich.text import Text
 
 from dio.protocol.keys import DISPATCHER_GROUP, Keys
 from dio.protocol.models import WorkerInfo, WorkerTelemetry, from_hash
+from dio.protocol.pools import key_spaces
 
 STALE_BEAT_S = 2.0  # a heartbeat older than this is shown in yellow (the TTL is 3 s by default)
 COLUMNS = ("worker", "gpu", "state", "KV", "run", "wait", "queue", "done/s", "done", "fail", "preempt", "err p50",
@@ -173,12 +174,26 @@ def render(cur: Snapshot, r: dict[str, Any]) -> Group:
     return Group(head, queues, flow, Text(""), table)
 
 
+def read_snapshots(client: redis.Redis, keys: Keys) -> list[Snapshot]:
+    """One snapshot per model pool when sharded by model (the pool registry names them), else the one."""
+    return [read_snapshot(client, space) for space in key_spaces(client, keys).values()]
+
+
+def render_all(current: list[Snapshot], previous: list[Snapshot] | None) -> Group:
+    """One frame: each pool's view (one pool, or one deployment unsharded: just its view), rates per pool."""
+    before = {snap.prefix: snap for snap in previous or []}
+    views = [render(snap, rates(before.get(snap.prefix), snap)) for snap in current]
+    if len(views) == 1:
+        return views[0]
+    return Group(*(part for view in views for part in (view, Text(""))))
+
+
 def frame(client: redis.Redis, keys: Keys, interval_s: float) -> Group:
     """Read twice, ``interval_s`` apart, and render the second read with the rates between them."""
-    first = read_snapshot(client, keys)
+    first = read_snapshots(client, keys)
     time.sleep(interval_s)
-    second = read_snapshot(client, keys)
-    return render(second, rates(first, second))
+    second = read_snapshots(client, keys)
+    return render_all(second, first)
 
 
 def run_top(client: redis.Redis, keys: Keys, interval_s: float = 1.0, once: bool = False,
@@ -188,16 +203,16 @@ def run_top(client: redis.Redis, keys: Keys, interval_s: float = 1.0, once: bool
     if once:
         console.print(frame(client, keys, interval_s))
         return
-    first = read_snapshot(client, keys)  # no Redis at all: the caller says so and exits
-    prev: Snapshot | None = first
-    with Live(render(first, rates(None, first)), console=console, auto_refresh=False) as live:
+    first = read_snapshots(client, keys)  # no Redis at all: the caller says so and exits
+    prev: list[Snapshot] | None = first
+    with Live(render_all(first, None), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(interval_s)
             try:
-                cur = read_snapshot(client, keys)
+                cur = read_snapshots(client, keys)
             except redis.RedisError as exc:  # an outage while watching: say so, and keep trying
                 live.update(Text(f"Redis unreachable ({exc}); retrying every {interval_s:g} s"), refresh=True)
                 prev = None
                 continue
-            live.update(render(cur, rates(prev, cur)), refresh=True)
+            live.update(render_all(cur, prev), refresh=True)
             prev = cur

@@ -4,13 +4,24 @@ All keys share one prefix. The default, ``{dio}:``, is a Redis Cluster hash tag:
 in the same slot, so the Lua scripts that touch several keys run unchanged on a Cluster. That slot
 is the deployment's hot spot: all of its traffic goes to the one node that owns it. Deployments
 with different prefixes (one per model pool, say) land on different slots, most likely other nodes.
+
+Sharded by model (``DIO_SHARD_BY_MODEL``), one deployment keeps each model's jobs, workers and
+dispatcher under a pool prefix of its own, derived from the base prefix's hash tag (``pool_keys``:
+``{dio}:`` and ``llama-3.2-3b`` give ``{dio/llama-3.2-3b}:``): every script still touches one pool's
+keys only, and each pool has its own slot. The Batch API's keys and the pool registry
+(``Keys.pools``) stay under the base prefix.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "{dio}:"
+POOL_SEPARATOR = "/"  # between the base hash tag and the model in a pool's tag: {dio/llama-3.2-3b}
+# Characters that would end a hash tag early or make a pool's name ambiguous in logs and patterns.
+BAD_MODEL_NAME = re.compile(r"[{}\s]")
+_GLOB_SPECIAL = re.compile(r"([\\*?\[\]{}])")  # escaped in a SCAN/KEYS pattern (braces for clarity)
 
 # Consumer groups.
 DISPATCHER_GROUP = "dispatchers"  # the dispatchers' group, on the intake and the completions streams
@@ -74,7 +85,11 @@ class Keys:
     P file:<id>                     hash    a Batch API file's metadata (FileObject fields)
     P file:<id>:data                string  its content (a batch's output and error files grow by APPEND)
     P tokens:<job id>               stream  a streaming job's text deltas and end marker; MAXLEN-bounded, expires
+    P pools                         set     sharded by model: the models whose pools have registered workers
     ==============================  ======  ==========================================================
+
+    Sharded by model, the job, worker and dispatcher keys above (intake to tokens, not the batch
+    and file keys) live under each pool's prefix (``pool_keys``); ``pools`` is read under the base one.
     """
 
     prefix: str = DEFAULT_PREFIX
@@ -156,6 +171,41 @@ class Keys:
         """The token stream of a job submitted with ``stream=True`` (no other job has one)."""
         return f"{self.prefix}tokens:{job_id}"
 
+    @property
+    def pools(self) -> str:
+        """The pool registry (a set of model names), under the base prefix; written by workers as they register."""
+        return f"{self.prefix}pools"
+
     def all_keys_pattern(self) -> str:
         """Glob matching every key under this prefix (for cleanup in tests and `dio reset`)."""
-        return f"{self.prefix}*".replace("{", "\\{").replace("}", "\\}")
+        return _GLOB_SPECIAL.sub(r"\\\1", self.prefix) + "*"
+
+
+def check_model_name(model: str) -> str:
+    """Return ``model`` if it can name a pool; ValueError for an empty name, braces or whitespace.
+
+    A brace would end (or start) the pool's hash tag inside the name, so its keys would hash elsewhere.
+    """
+    if not model or BAD_MODEL_NAME.search(model):
+        raise ValueError(f"the model name {model!r} cannot name a key pool: it must be non-empty, without "
+                         "braces or whitespace")
+    return model
+
+
+def pool_prefix(base_prefix: str, model: str) -> str:
+    """The prefix of ``model``'s pool: the base prefix's hash tag with ``/<model>`` added.
+
+    ``{dio}:`` and ``llama-3.2-3b`` give ``{dio/llama-3.2-3b}:``. ValueError when the base prefix does
+    not begin with a hash tag (``{tag}``), or for a model name ``check_model_name`` refuses.
+    """
+    check_model_name(model)
+    end = base_prefix.find("}")
+    if not base_prefix.startswith("{") or end < 2:
+        raise ValueError(f"sharding by model needs a key prefix that begins with a hash tag such as "
+                         f"{DEFAULT_PREFIX!r}, not {base_prefix!r}")
+    return f"{base_prefix[:end]}{POOL_SEPARATOR}{model}{base_prefix[end:]}"
+
+
+def pool_keys(base: Keys, model: str) -> Keys:
+    """The keys of ``model``'s pool under the deployment's base keys (pure; see ``pool_prefix``)."""
+    return Keys(pool_prefix(base.prefix, model))

@@ -4,6 +4,7 @@ Readers that are not the dispatcher (the gateway's ``/v1/models`` and its model 
 runner's chat templates) need the registry's answer to "who serves model M, and is any of them
 alive?" without the dispatcher's routing state. One pipeline reads every registered worker's
 model fields and alive key; ``parse_served`` turns the replies into one ``ServedModel`` per model.
+Sharded by model, each pool has its own registry: ``read_served_in`` reads those of the pools named.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dio.protocol.keys import Keys
+from dio.protocol.keys import Keys, pool_keys
 
 # The worker-hash fields read per worker (WorkerInfo's and WorkerTelemetry's names).
 FIELDS = ("model", "chat_template", "eos_token", "max_model_len", "started_at", "draining")
@@ -81,3 +82,23 @@ async def read_served_async(client: Any, keys: Keys) -> dict[str, ServedModel]:
     pipe = client.pipeline(transaction=False)
     queue_reads(pipe, keys, worker_ids)
     return parse_served(worker_ids, await pipe.execute())
+
+
+def read_served_in(client: Any, base: Keys, pools: list[str] | None) -> dict[str, ServedModel]:
+    """Read the served models of an unsharded deployment (``pools`` None), or of each pool of a sharded one."""
+    if pools is None:
+        return read_served(client, base)
+    served: dict[str, ServedModel] = {}
+    for model in pools:  # a pool's workers serve its model only
+        served.update(read_served(client, pool_keys(base, model)))
+    return served
+
+
+async def read_served_in_async(client: Any, base: Keys, pools: list[str] | None) -> dict[str, ServedModel]:
+    """``read_served_in`` with an asyncio client."""
+    if pools is None:
+        return await read_served_async(client, base)
+    served: dict[str, ServedModel] = {}
+    for model in pools:
+        served.update(await read_served_async(client, pool_keys(base, model)))
+    return served

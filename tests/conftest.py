@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from dio.ops.redis_server import ensure_redis, find_redis_server
-from dio.protocol.connection import delete_keys
 from dio.protocol.keys import Keys
+from dio.protocol.pools import delete_deployment
 from dio.protocol.settings import CommonSettings
 
 TEST_REDIS_URL = os.environ.get("DIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -41,9 +41,9 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     """Yield a unique key prefix; delete every key under it after the test."""
     prefix = f"{{t{uuid.uuid4().hex[:8]}}}:"
     yield prefix
-    conn = redis.Redis.from_url(redis_url)
+    conn = redis.Redis.from_url(redis_url, decode_responses=True, encoding_errors="surrogateescape")
     try:
-        delete_keys(conn, Keys(prefix))
+        delete_deployment(conn, Keys(prefix))  # a sharded test's model pools too
     finally:
         conn.close()
 
@@ -162,6 +162,6 @@ def cluster_prefix(redis_cluster_url: str) -> Iterator[str]:
     yield prefix
     conn = connect(CommonSettings(redis_url=redis_cluster_url))
     try:
-        delete_keys(conn, Keys(prefix))
+        delete_deployment(conn, Keys(prefix))
     finally:
         conn.close()

@@ -89,7 +89,8 @@ def test_the_file_has_one_user_per_role_and_the_default_user_is_off():
     assert "off" in users["default"]
     for role in ROLES:
         assert "-@all" in users[role] and "~*" not in users[role]  # nothing unless granted; DIO's keys only
-        assert all(rule.startswith(("~{dio}:", "%R~{dio}:")) for rule in users[role] if "~" in rule)
+        assert all(rule.startswith(("~{dio}:", "%R~{dio}:", "~{dio/*}:", "%R~{dio/*}:"))  # the prefix, or a pool of it
+                   for rule in users[role] if "~" in rule)
 
 
 def test_every_kind_of_key_belongs_to_some_role():
@@ -281,3 +282,53 @@ def test_an_operator_resets_with_the_admin_user(acl_server: AclServer, pipeline:
 
 def test_the_file_is_shipped_with_the_package():
     assert Path(str(resources.files("dio.ops").joinpath("redis", "users.acl"))).is_file()
+
+
+def test_a_pool_sharded_by_model_runs_with_each_roles_user(acl_server: AclServer, tmp_path: Path):
+    """DIO_SHARD_BY_MODEL: a pool's keys are {dio/<model>}:..., the registry {dio}:pools; the file allows both."""
+    from dio.client.pools import ClientPools
+    from dio.protocol.keys import pool_keys
+    from dio.protocol.served_models import read_served_in
+
+    model, pool = "tiny-llama-1b", pool_keys(KEYS, "tiny-llama-1b")
+    sharded = {"DIO_SHARD_BY_MODEL": "true", "DIO_MODEL": model}
+    commands = {"dio-dispatcher": ["dispatcher"],
+                "dio-worker": ["worker", "--engine", "sim", "--profile", "L4", "--id", "L4-pool", "--time-scale",
+                               TIME_SCALE]}
+    processes = []
+    for role, args in commands.items():
+        with open(tmp_path / f"{role}.log", "wb") as log:
+            processes.append(subprocess.Popen([sys.executable, "-m", "dio.ops.cli", *args],
+                                              env={**acl_server.env(role), **sharded}, stdout=log,
+                                              stderr=subprocess.STDOUT))
+    acl_server.refusals()
+    try:
+        deadline = time.monotonic() + 30
+        while not (acl_server.admin.sismember(pool.workers, "L4-pool") and acl_server.admin.get(pool.lease)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), \
+                [(tmp_path / f"{r}.log").read_text()[-2000:] for r in commands]
+            time.sleep(0.05)
+        assert acl_server.admin.smembers(KEYS.pools) == {model}
+        with ClientPools(acl_server.settings("dio-client", shard_by_model=True)) as pools:
+            client = pools.for_model(model)
+            result = client.submit("hello", max_tokens=4).result(timeout=30)
+            assert pools.find(result.id) is client
+            slow = client.submit("long", max_tokens=1500)
+            assert slow.cancel()
+        with Client(acl_server.settings("dio-gateway", shard_by_model=True)) as gateway:
+            served = read_served_in(gateway.redis, KEYS, sorted(gateway.redis.smembers(KEYS.pools)))
+            assert served[model].live == ["L4-pool"] and gateway.redis.get(pool.lease)
+        shown = subprocess.run([sys.executable, "-m", "dio.ops.cli", "inspect", "--json"],
+                               env=acl_server.env("dio-admin"), capture_output=True, text=True, timeout=60, check=False)
+        assert shown.returncode == 0 and "L4-pool" in shown.stdout, shown.stderr[-2000:]
+        assert result.status.value == "completed" and result.worker == "L4-pool"
+        time.sleep(0.5)  # the worker and the dispatcher finish what the cancel left them
+        assert acl_server.refusals() == []
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(20)
+        for key in acl_server.admin.scan_iter(match=pool.all_keys_pattern()):
+            acl_server.admin.delete(key)
+        acl_server.admin.delete(KEYS.pools)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -20,6 +20,8 @@ from starlette.responses import Response
 
 from dio.client.aio import AsyncClient
 from dio.client.client import Client
+from dio.client.pools import AsyncClientPools
+from dio.client.settings import ClientSettings
 from dio.ops.gateway import batch_routes, completions, health
 from dio.ops.gateway.auth import check_api_key
 from dio.ops.gateway.catalog import ModelCatalog
@@ -41,17 +43,15 @@ def create_app(settings: GatewaySettings | None = None, hooks: GatewayHooks | No
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = AsyncClient(settings)
-        pool = getattr(client.redis, "connection_pool", None)  # a Redis Cluster client has one per node
-        if pool is not None:
-            pool.max_connections = settings.gateway_redis_connections
+        pools = AsyncClientPools(settings, make=_bounded(AsyncClient, settings.gateway_redis_connections))
+        client = pools.home
         sync_client = Client(settings)
-        app.state.gateway = Gateway(settings, client, sync_client, ModelCatalog(client.redis, client.keys,
-                                    settings.gateway_models_cache_s), hooks, settings.key_set())
+        catalog = ModelCatalog(client.redis, client.base_keys, settings.gateway_models_cache_s, settings.shard_by_model)
+        app.state.gateway = Gateway(settings, pools, sync_client, catalog, hooks, settings.key_set())
         try:
             yield
         finally:
-            await client.close()
+            await pools.close()
             sync_client.close()
 
     app = FastAPI(title="DIO gateway", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -68,6 +68,22 @@ def create_app(settings: GatewaySettings | None = None, hooks: GatewayHooks | No
     app.add_middleware(BodyLimit, limit_for=lambda path: _body_limit(settings, path))
     app.add_middleware(Observed, hooks=hooks)
     return app
+
+
+Factory = Callable[[ClientSettings], AsyncClient]
+
+
+def _bounded(make: Factory, connections: int) -> Factory:
+    """Wrap a client factory so that each client's connection pool holds at most ``connections``."""
+
+    def made(settings: ClientSettings) -> AsyncClient:
+        client = make(settings)
+        pool = getattr(client.redis, "connection_pool", None)  # a Redis Cluster client has one per node
+        if pool is not None:
+            pool.max_connections = connections
+        return client
+
+    return made
 
 
 def _serve_metrics(app: FastAPI, hooks: GatewayHooks) -> None:

@@ -3,7 +3,7 @@
 Read from Redis (``dio.protocol.served_models``) at most every ``DIO_GATEWAY_MODELS_CACHE_S``
 (1 s) per gateway process, so a request costs no registry read. A model no registered worker serves
 is unknown (404); one whose workers are all dead or draining, or a cluster with no worker at all,
-is unavailable (503).
+is unavailable (503). Sharded by model, the models are those of every registered pool.
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ import redis
 
 from dio.ops.gateway.errors import ApiError, redis_unavailable
 from dio.protocol.keys import Keys
-from dio.protocol.served_models import ServedModel, read_served_async
+from dio.protocol.pools import read_pools_async
+from dio.protocol.served_models import ServedModel, read_served_in_async
 
 
 class ModelCatalog:
     """A short-lived cache of the served models."""
 
-    def __init__(self, client: Any, keys: Keys, max_age_s: float) -> None:
+    def __init__(self, client: Any, keys: Keys, max_age_s: float, sharded: bool = False) -> None:
         self.redis = client
-        self.keys = keys
+        self.keys = keys  # the deployment's base keys
         self.max_age_s = max_age_s
+        self.sharded = sharded
         self._models: dict[str, ServedModel] = {}
         self._read_at = -float("inf")
         self._reading = asyncio.Lock()  # one read at a time: a burst of requests shares it
@@ -39,7 +41,8 @@ class ModelCatalog:
                 return self._models
             started = time.monotonic()
             try:
-                self._models = await read_served_async(self.redis, self.keys)
+                pools = await read_pools_async(self.redis, self.keys) if self.sharded else None
+                self._models = await read_served_in_async(self.redis, self.keys, pools)
             except redis.RedisError as exc:
                 raise redis_unavailable(f"reading the worker registry: {type(exc).__name__}") from None
             self._read_at = started

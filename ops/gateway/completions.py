@@ -40,19 +40,20 @@ async def _serve(request: Request, chat: bool) -> Response:
     served = await gw.catalog.require(parse_model(raw))
     ask = parse_chat(raw, served.chat_template, served.eos_token) if chat else parse_completion(raw)
     timing = Timing(arrived, min(ask.deadline_s or math.inf, gw.settings.gateway_timeout_s))
-    handles = await submit(gw.client, ask)
+    client = gw.pools.for_model(served.id)  # sharded by model: the client of its pool (its reply stream there)
+    handles = await submit(client, ask)
     route = CHAT if chat else COMPLETIONS
     gw.hooks.jobs_submitted(route, ask.model, len(handles))
     headers = {JOB_IDS_HEADER: ",".join(h.id for h in handles)}
     if ask.stream:
-        return await _stream(request, gw, ask, route, Stream(gw.client, ask, handles[0].id, handles, timing), headers)
+        return await _stream(request, gw, ask, route, Stream(client, ask, handles[0].id, handles, timing), headers)
     try:
-        gone, results = await race(wait_all(gw.client, handles, timing), lambda: wait_disconnect(request))
+        gone, results = await race(wait_all(client, handles, timing), lambda: wait_disconnect(request))
     except ApiError:
-        cancel_later(gw.client, handles)
+        cancel_later(client, handles)
         raise
     if gone:
-        gw.hooks.client_disconnected(route, cancel_later(gw.client, handles))
+        gw.hooks.client_disconnected(route, cancel_later(client, handles))
         return Response(status_code=CLIENT_CLOSED)
     assert isinstance(results, list)
     body = completion_body(ask, handles[0].id, handles, results)

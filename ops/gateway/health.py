@@ -23,20 +23,32 @@ async def health() -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: Redis answers, a dispatcher holds the lease, and some worker is alive; else 503 saying which."""
+    """Readiness: Redis answers, a dispatcher holds the lease, and some worker is alive; else 503 saying which.
+
+    Sharded by model, each pool with a live worker needs its own dispatcher (``dispatchers``: by model).
+    """
     gw = gateway_of(request)
+    client = gw.pools.home
     try:
-        await gw.client.redis.ping()
-        dispatcher = await gw.client.redis.get(gw.client.keys.lease)
+        await client.redis.ping()
+        models = await gw.catalog.models()
+        live = sorted(m.id for m in models.values() if m.available)
+        leases = [gw.settings.keys_for(model).lease for model in live] if gw.pools.sharded else [client.keys.lease]
+        holders = [await client.redis.get(lease) for lease in leases]
     except redis.RedisError as exc:
         raise ApiError(503, f"not ready: Redis is unreachable ({type(exc).__name__})", "service_unavailable",
                        "not_ready") from None
-    models = await gw.catalog.models()
-    live = sorted(m.id for m in models.values() if m.available)
-    missing = [what for what, ok in (("no dispatcher holds the lease", dispatcher), ("no live worker", live)) if not ok]
+    missing = []
+    if not (holders and all(holders)):
+        idle = [m for m, h in zip(live, holders, strict=True) if not h] if gw.pools.sharded else []
+        missing.append("no dispatcher holds the lease" + (f" of the pool of {', '.join(idle)}" if idle else ""))
+    if not live:
+        missing.append("no live worker")
     if missing:
         raise ApiError(503, f"not ready: {'; '.join(missing)}", "service_unavailable", "not_ready")
-    return JSONResponse({"status": "ready", "dispatcher": dispatcher, "models": live})
+    if gw.pools.sharded:
+        return JSONResponse({"status": "ready", "dispatchers": dict(zip(live, holders, strict=True)), "models": live})
+    return JSONResponse({"status": "ready", "dispatcher": holders[0], "models": live})
 
 
 @models_router.get("/v1/models")

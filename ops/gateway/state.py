@@ -12,8 +12,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from dio.client.aio import AsyncClient
 from dio.client.client import Client
+from dio.client.pools import AsyncClientPools
 from dio.ops.gateway.catalog import ModelCatalog
 from dio.ops.gateway.errors import bad_request
 from dio.ops.gateway.hooks import GatewayHooks
@@ -23,8 +23,10 @@ from dio.ops.gateway.settings import GatewaySettings
 @dataclass
 class Gateway:
     settings: GatewaySettings
-    client: AsyncClient  # completions: one reply stream for every request this process serves
-    sync_client: Client  # the Batch API functions, run in a thread pool
+    # Completions: one client (one reply stream) for every request this process serves; sharded by
+    # model, one per model pool, each made when the first request for its model comes.
+    pools: AsyncClientPools
+    sync_client: Client  # the Batch API functions, run in a thread pool (the deployment's keys only)
     catalog: ModelCatalog
     hooks: GatewayHooks
     api_keys: frozenset[str]
