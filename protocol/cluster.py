@@ -9,6 +9,11 @@ such an outage would escape those handlers and stop the process. Other ``RedisCl
 redis-py's sync cluster client also asks a node for the slot map as it is made, where a client of
 one Redis connects on first use. ``LazyRedisCluster`` makes it on first use instead, so a process
 started while no node answers waits for the cluster as it waits for a single Redis.
+
+redis-py finds the keys of a command with "movable" keys (XREAD, XREADGROUP, and EVAL/EVALSHA in
+a sync pipeline) by asking a node, ``COMMAND GETKEYS``: one more round trip before each blocking
+read and each pipelined script — the commands DIO runs most. ``command_keys`` reads them from the
+arguments instead, as the server would; other commands go the library's way.
 """
 
 from __future__ import annotations
@@ -21,11 +26,47 @@ from typing import Any
 import redis
 import redis.asyncio.cluster as aiocluster
 import redis.cluster
+from redis._parsers.commands import AsyncCommandsParser
 from redis.commands.core import Script
 from redis.connection import Encoder
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 UNREACHABLE = "Redis Cluster cannot be connected"  # how redis-py words "no node answered"
+SCRIPT_COMMANDS = ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO")  # name, script, numkeys, keys..., args...
+STREAM_READS = ("XREAD", "XREADGROUP")  # ... STREAMS key [key ...] id [id ...]
+
+
+def _upper(arg: Any) -> str:
+    return (arg.decode() if isinstance(arg, bytes) else str(arg)).upper()
+
+
+def command_keys(args: tuple[Any, ...]) -> list[Any] | None:
+    """The keys of a script or stream-read command (``args[0]`` is its name); None: another command."""
+    name = _upper(args[0]) if args else ""
+    if name in SCRIPT_COMMANDS and len(args) >= 3:
+        return list(args[3:3 + int(args[2])])
+    if name in STREAM_READS:
+        for at, arg in enumerate(args):
+            if isinstance(arg, (str, bytes)) and _upper(arg) == "STREAMS":
+                streams = args[at + 1:]
+                return list(streams[:len(streams) // 2])
+    return None
+
+
+class LocalKeys:
+    """Find the keys of scripts and stream reads locally (``command_keys``), not with ``COMMAND GETKEYS``."""
+
+    def _get_command_keys(self, *args: Any) -> Any:
+        keys = command_keys(args)
+        return keys if keys is not None else super()._get_command_keys(*args)  # type: ignore[misc]
+
+
+class AsyncLocalKeysParser(AsyncCommandsParser):
+    """The asyncio client's parser, finding the keys of stream reads locally (``command_keys``)."""
+
+    async def get_keys(self, *args: Any) -> Any:
+        keys = command_keys(args)
+        return keys if keys is not None else await super().get_keys(*args)
 
 
 @contextmanager
@@ -41,7 +82,7 @@ def unreachable_as_connection_error() -> Iterator[None]:
         raise redis.ConnectionError(f"no Redis Cluster node answers: {exc}") from exc
 
 
-class ClusterPipeline(redis.cluster.ClusterPipeline):
+class ClusterPipeline(LocalKeys, redis.cluster.ClusterPipeline):
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         with unreachable_as_connection_error():
             return super().execute(raise_on_error)
@@ -51,7 +92,7 @@ class ClusterPipeline(redis.cluster.ClusterPipeline):
             return super().execute_command(*args, **kwargs)
 
 
-class RedisCluster(redis.RedisCluster):
+class RedisCluster(LocalKeys, redis.RedisCluster):
     """A sync cluster client (see the module docstring); its pipelines are ``ClusterPipeline``s."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
@@ -72,6 +113,10 @@ class AsyncClusterPipeline(aiocluster.ClusterPipeline):
 
 class AsyncRedisCluster(aiocluster.RedisCluster):
     """An asyncio cluster client (see the module docstring); its pipelines are ``AsyncClusterPipeline``s."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = AsyncLocalKeysParser()  # made empty like the library's, filled as it connects
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         with unreachable_as_connection_error():

@@ -64,6 +64,40 @@ def test_a_cluster_url_or_setting_selects_a_cluster_client(redis_cluster_url: st
         connect(CommonSettings(redis_url=redis_cluster_url.replace("/0", "/15")))
 
 
+def getkeys_calls(conn: redis.Redis) -> int:
+    """How many COMMAND GETKEYS the cluster's primaries have answered."""
+    stats = conn.info("commandstats", target_nodes=redis.RedisCluster.PRIMARIES)  # type: ignore[call-arg]
+    return sum(node.get("cmdstat_command|getkeys", {}).get("calls", 0) for node in stats.values())
+
+
+def test_scripts_and_stream_reads_find_their_keys_without_asking_a_node(redis_cluster_url: str, cluster_prefix: str):
+    keys = Keys(cluster_prefix)
+    settings = CommonSettings(redis_url=redis_cluster_url)
+    conn = connect(settings)
+    try:
+        conn.xadd(keys.intake, {"req": "x"})
+        conn.xgroup_create(keys.intake, "g", id="0")
+        before = getkeys_calls(conn)
+        assert conn.xread({keys.intake: "0", keys.completions: "0"}, count=1)[0][0] == keys.intake
+        assert conn.xreadgroup("g", "c", {keys.intake: ">"}, count=1)
+        with conn.pipeline() as pipe:  # a pipelined script, as the dispatcher's hand-offs are
+            pipe.execute_command("EVAL", "return redis.call('XLEN', KEYS[1])", 1, keys.intake)
+            pipe.execute_command("EVAL", "return #KEYS", 2, keys.intake, keys.completions)
+            assert pipe.execute() == [1, 2]
+
+        async def read_async() -> list:
+            aconn = connect_async(settings)
+            try:
+                return await aconn.xread({keys.intake: "0"}, count=1)
+            finally:
+                await aconn.aclose()
+
+        assert asyncio.run(read_async())[0][0] == keys.intake
+        assert getkeys_calls(conn) == before
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def pipeline(redis_cluster_url: str, cluster_prefix: str):
     running = LocalCluster(redis_cluster_url, [WorkerSpec("H100", 1), WorkerSpec("T4", 1)], key_prefix=cluster_prefix,
