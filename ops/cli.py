@@ -416,7 +416,8 @@ def demo(
     trace: str = typer.Option("azure-conv", help="bundled trace (azure-conv, azure-code, arxiv, mooncake) or a path"),
     load: float = typer.Option(0.6, help="offered load as a fraction of the cluster's estimated capacity"),
     time_scale: float = typer.Option(10.0, help="simulated seconds per wall second"),
-    slo_k: float = typer.Option(5.0, help="SLO = k × the request's unloaded time on the fastest GPU"),
+    slo: str = typer.Option(None, help="the SLO attainment is measured against: a preset (chat, summarization, "
+                                       "long-context, interactive) or TTFT_MS:TPOT_MS (default: the trace's preset)"),
     seed: int = typer.Option(0),
     redis_cluster: bool = typer.Option(False, "--redis-cluster",
                                        help="run on a private three-node Redis Cluster (started and stopped here)"),
@@ -428,7 +429,7 @@ def demo(
     from dio.ops.demo import DemoConfig, run_demo
 
     config = DemoConfig(requests=requests, policy=policy, workers=workers, trace=trace, load=load,
-                        time_scale=time_scale, slo_k=slo_k, seed=seed, redis_cluster=redis_cluster, pools=pools)
+                        time_scale=time_scale, slo=slo, seed=seed, redis_cluster=redis_cluster, pools=pools)
     try:
         summary = run_demo(config)
     except (ValueError, RuntimeError, TimeoutError) as exc:

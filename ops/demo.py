@@ -3,7 +3,10 @@
 It uses the Redis at ``DIO_REDIS_URL`` (or starts a private one), starts a dispatcher and one
 process per simulated GPU, replays request lengths and arrivals from a real trace at a chosen
 fraction of the cluster's estimated capacity, waits for every result, and reports what the
-client saw. All keys live under a private prefix that is deleted afterwards.
+client saw. Requests are sent as the goodput benchmark sends them: each with the trace's
+``max_tokens`` cap (its true length known only to the simulated engine) and the TTFT/TPOT SLO of
+a preset (``chat`` for the Azure traces; ``dio.ops.slo``), against which attainment is reported.
+All keys live under a private prefix that is deleted afterwards.
 
 With ``pools`` > 1 the deployment is sharded by model (``DIO_SHARD_BY_MODEL``): one pool per model
 (``POOL_MODELS``), each on the same GPUs with its own dispatcher and hash tag, the requests dealt
@@ -26,10 +29,11 @@ from rich.table import Table
 from dio.client import Client, ClientSettings
 from dio.client.pools import ClientPools
 from dio.dispatcher.predictor_store import read_states
-from dio.ops.capacity import capacity_rps, deadline_ms
+from dio.ops.capacity import capacity_rps
 from dio.ops.local_cluster import LocalCluster, Pool, WorkerSpec, parse_workers, worker_ids
 from dio.ops.openloop import request_fields, submit_on_schedule
 from dio.ops.redis_server import ClusterHandle, RedisHandle, ensure_redis, start_private_cluster
+from dio.ops.slo import Slo, max_tokens_cap, meets, parse_slo, preset_for, tpot_ms
 from dio.ops.stats import reason_key
 from dio.ops.traces import BUNDLED, TraceRequest, bundled, load_trace, rescale_arrivals
 from dio.protocol.connection import connect, connection_options, delete_keys
@@ -52,7 +56,7 @@ class DemoConfig:
     trace: str = "azure-conv"
     load: float = 0.6
     time_scale: float = 10.0
-    slo_k: float = 5.0
+    slo: str | None = None  # a preset or TTFT_MS:TPOT_MS (dio.ops.slo); None: the trace's preset
     seed: int = 0
     model: str = DEFAULT_MODEL
     redis_cluster: bool = False  # start a private three-node Redis Cluster (whatever DIO_REDIS_URL says)
@@ -71,6 +75,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
+def demo_slo(config: DemoConfig) -> Slo:
+    return parse_slo(config.slo or preset_for(config.trace))
+
+
+def fields_for(config: DemoConfig, trace: list[TraceRequest], models: list[str]) -> Any:
+    """The submit fields of request ``i``: the trace's max_tokens cap and the SLO, in wall ms (time-scaled)."""
+    slo, cap = demo_slo(config), max_tokens_cap([r.output_tokens for r in trace])
+
+    def fields(i: int, request: TraceRequest) -> dict[str, Any]:
+        return {**request_fields(request, i, models[i], max_tokens=cap),
+                "ttft_slo_ms": slo.ttft_ms / config.time_scale, "tpot_slo_ms": slo.tpot_ms / config.time_scale}
+
+    return fields
+
+
 def summarize(config: DemoConfig, specs: list[WorkerSpec], trace: list[TraceRequest], results: list[JobResult | None],
               predictors: dict[str, Any], wall_s: float, offered_rps: float,
               ids: list[tuple[str, str]] | None = None) -> dict[str, Any]:
@@ -78,13 +97,13 @@ def summarize(config: DemoConfig, specs: list[WorkerSpec], trace: list[TraceRequ
 
     ``ids``: (profile, worker id) of the workers, when not ``worker_ids(specs)`` (a pool's are prefixed).
     """
-    scale = config.time_scale
+    scale, slo = config.time_scale, demo_slo(config)
     seen = [r for r in results if r is not None and r.status.terminal]
     by_status = Counter(r.status.value for r in seen)
-    latencies, ttfts, met = [], [], 0
+    latencies, ttfts, tpots, met = [], [], [], 0
     per_worker: dict[str, dict[str, Any]] = {wid: {"gpu": p, "jobs": 0, "failed": 0, "lat": []}
                                              for p, wid in (ids or worker_ids(specs))}
-    for request, result in zip(trace, results, strict=True):
+    for result in results:
         if result is None or result.worker is None or result.worker not in per_worker:
             continue
         w = per_worker[result.worker]
@@ -96,9 +115,12 @@ def summarize(config: DemoConfig, specs: list[WorkerSpec], trace: list[TraceRequ
         latency = result.latency_s * 1000.0 * scale
         latencies.append(latency)
         w["lat"].append(latency)
-        if result.ttft_s is not None:
-            ttfts.append(result.ttft_s * 1000.0 * scale)
-        met += latency <= deadline_ms(specs, config.model, request, config.slo_k)
+        ttft = None if result.ttft_s is None else result.ttft_s * 1000.0 * scale
+        if ttft is not None:
+            ttfts.append(ttft)
+            if (tpot := tpot_ms(ttft, latency, result.output_tokens or 0)) is not None:
+                tpots.append(tpot)
+        met += meets(slo, ttft, latency, result.output_tokens or 0)
     workers = {}
     for wid, w in per_worker.items():
         pred = predictors.get(wid, {})
@@ -114,7 +136,8 @@ def summarize(config: DemoConfig, specs: list[WorkerSpec], trace: list[TraceRequ
         "cancelled": by_status.get("cancelled", 0), "lost": len(trace) - len(seen),
         "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90), "p99_ms": percentile(latencies, 99),
         "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
-        "slo_k": config.slo_k, "slo_attainment": round(met / len(trace), 4) if trace else None,
+        "tpot_p50_ms": percentile(tpots, 50), "tpot_p99_ms": percentile(tpots, 99),
+        "slo": slo.brief(), "slo_attainment": round(met / len(trace), 4) if trace else None,
         "rejected_reasons": dict(Counter(reason_key(r.reason) for r in seen if r.status == JobStatus.rejected)),
         "failed_errors": dict(Counter(reason_key(r.error) for r in seen if r.status == JobStatus.failed)),
         "offered_rps_sim": round(offered_rps, 3), "load": config.load, "time_scale": scale, "wall_s": round(wall_s, 2),
@@ -131,8 +154,9 @@ def print_summary(summary: dict[str, Any]) -> None:
                   f"{summary['wall_s']} s wall, Redis {summary.get('redis', 'single')}")
     console.print(f"completed {summary['completed']} · rejected {summary['rejected']} · failed {summary['failed']} · "
                   f"lost {summary['lost']}   latency p50 {summary['p50_ms']} / p90 {summary['p90_ms']} / "
-                  f"p99 {summary['p99_ms']} ms · TTFT p50 {summary['ttft_p50_ms']} ms · SLO ({summary['slo_k']}× "
-                  f"unloaded) attainment {summary['slo_attainment']:.1%}")
+                  f"p99 {summary['p99_ms']} ms · TTFT p50 {summary['ttft_p50_ms']} ms · TPOT p50 "
+                  f"{summary['tpot_p50_ms']} ms · SLO {slo_text(summary['slo'])} attainment "
+                  f"{summary['slo_attainment']:.1%}")
     table = Table(title="per worker (simulated ms)")
     for col in ("worker", "GPU", "jobs", "failed", "p50", "p99", "predictor |error| p50", "completions learned"):
         table.add_column(col)
@@ -143,6 +167,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     for title, counts in (("rejected", summary["rejected_reasons"]), ("failed", summary["failed_errors"])):
         for reason, n in counts.items():
             console.print(f"  {title} ×{n}: {reason}")
+
+
+def slo_text(slo: dict[str, Any]) -> str:
+    return f"{slo['name']} (TTFT ≤ {slo['ttft_ms']:g} ms, TPOT ≤ {slo['tpot_ms']:g} ms)"
 
 
 def redis_kind(client: Any) -> str:
@@ -185,7 +213,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             started = time.monotonic()
             with Client(ClientSettings(**connection.model_dump())) as client:
                 handles = submit_on_schedule(client, trace, config.time_scale,
-                                             lambda i, r: request_fields(r, i, config.model))
+                                             fields_for(config, trace, [config.model] * len(trace)))
                 results = [h.result(timeout=RESULT_GRACE_S, raise_on_error=False) for h in handles]
             wall_s = time.monotonic() - started
         finally:
@@ -231,8 +259,7 @@ def run_pooled_demo(config: DemoConfig) -> dict[str, Any]:
             cluster.start()
             started = time.monotonic()
             with ClientPools(ClientSettings(**connection.model_dump())) as pools:
-                handles = submit_on_schedule(pools, trace, config.time_scale,
-                                             lambda i, r: request_fields(r, i, model_of[i]))
+                handles = submit_on_schedule(pools, trace, config.time_scale, fields_for(config, trace, model_of))
                 results = [h.result(timeout=RESULT_GRACE_S, raise_on_error=False) for h in handles]
             wall_s = time.monotonic() - started
         finally:
@@ -267,7 +294,8 @@ def combine_pools(config: DemoConfig, pools: dict[str, dict[str, Any]], wall_s: 
     met = sum((p["slo_attainment"] or 0) * p["submitted"] for p in pools.values())
     totals["slo_attainment"] = round(met / totals["submitted"], 4) if totals["submitted"] else None
     return {"policy": config.policy, "trace": config.trace, "workers_spec": config.workers, **totals,
-            "slo_k": config.slo_k, "load": config.load, "time_scale": config.time_scale, "wall_s": round(wall_s, 2),
+            "slo": demo_slo(config).brief(), "load": config.load, "time_scale": config.time_scale,
+            "wall_s": round(wall_s, 2),
             "offered_rps_sim": round(offered_rps, 3), "sharded_by_model": True, "pools": pools,
             "workers": {wid: w for p in pools.values() for wid, w in p["workers"].items()}}
 

@@ -27,10 +27,11 @@ from dio.ops.bench.summary import render
 from dio.ops.bench.virtual import VirtualCluster
 from dio.ops.cli import app
 from dio.ops.openloop import LOST, Outcome
+from dio.ops.slo import PRESETS
 from dio.ops.traces import TraceRequest
 
 MODEL = "llama-3.2-3b"
-CHAT = g.PRESETS["chat"]  # TTFT 2000 ms, TPOT 100 ms
+CHAT = PRESETS["chat"]  # TTFT 2000 ms, TPOT 100 ms
 
 
 def done(ttft: float, tpot: float, tokens: int) -> Outcome:
@@ -90,8 +91,8 @@ def test_parse_slo_refuses_what_is_not_a_preset_or_two_positive_numbers(text: st
 
 
 def test_presets_have_sources_and_only_interactive_is_exempt_from_feasibility() -> None:
-    assert {name for name, slo in g.PRESETS.items() if not slo.standard} == {"interactive"}
-    assert all(slo.source for slo in g.PRESETS.values())
+    assert {name for name, slo in PRESETS.items() if not slo.standard} == {"interactive"}
+    assert all(slo.source for slo in PRESETS.values())
 
 
 def test_a_mooncake_format_file_gets_the_long_context_preset(tmp_path: Path) -> None:
@@ -331,7 +332,7 @@ def test_peer_time_scale_is_real_time_unless_the_arrivals_take_too_long() -> Non
     long = [TraceRequest(10.0 * i, 10, 10) for i in range(100)]  # 990 s
     assert g.peer_time_scale(config, short, CHAT) == 1.0
     assert g.peer_time_scale(config, long, CHAT) == 8.0  # ~990 / 120, rounded down to a nice step
-    assert g.peer_time_scale(config, long, g.PRESETS["interactive"]) == 5.0  # bounded as DIO's full runs
+    assert g.peer_time_scale(config, long, PRESETS["interactive"]) == 5.0  # bounded as DIO's full runs
     assert g.peer_time_scale(g.GoodputConfig(trace="azure-conv", peer_time_scale=3.0), short, CHAT) == 3.0
 
 

@@ -74,6 +74,9 @@ from dio.ops.bench.workload import (
 )
 from dio.ops.local_cluster import parse_workers
 from dio.ops.openloop import Outcome
+from dio.ops.slo import CAP_PERCENTILE, MIN_CAP_TOKENS, Slo, max_tokens_cap, meets
+from dio.ops.slo import parse_slo as slo_named
+from dio.ops.slo import tpot_ms as request_tpot_ms
 from dio.ops.stats import percentile, reason_key
 from dio.ops.traces import Trace, detect_format, mean_rate, with_arrivals
 from dio.protocol import defaults as d
@@ -84,8 +87,6 @@ RATE_TOLERANCE = 0.02  # bisection stops when the passing and failing rates are 
 CEILING_OVER_CAPACITY = 1.5  # the sweep's highest rate, as a multiple of capacity_rps
 DOWN_STEPS = 6  # below the start rate, the sweep divides by RATE_STEP at most this often
 START_OVER_CAPACITY = 1 / 50  # a length-only trace has no rate of its own: start at capacity / 50
-MIN_CAP_TOKENS = 256  # the max_tokens cap is never below this
-CAP_PERCENTILE = 99  # ...and is the power of two at or above this percentile of the trace's outputs
 FEASIBLE_SHARE = 0.95  # a standard preset must be met idle by this share of the requests that fit a GPU
 FEASIBILITY_SAMPLE = 500  # requests simulated alone per GPU type (an even sample of the window)
 CONTROL_PLANE_WALL_MS = 5.0  # --full: DIO's own delay per request, wall ms (dio bench pipeline, low load)
@@ -114,32 +115,6 @@ K = TypeVar("K", bound=Hashable)
 # --- SLOs ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Slo:
-    """A per-request SLO: time to first token and mean time per output token after it (ms)."""
-
-    name: str
-    ttft_ms: float
-    tpot_ms: float
-    source: str = ""
-    standard: bool = True  # held to the feasibility rule (every GPU type meets it idle)
-
-    def brief(self) -> dict[str, Any]:
-        return {"name": self.name, "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms}
-
-
-PRESETS: dict[str, Slo] = {s.name: s for s in (
-    Slo("chat", 2000.0, 100.0, "MLPerf Inference v5.1, Llama-3.1-8B, server scenario: TTFT 2 s, TPOT 100 ms "
-        "(Azure conversation, Azure code, ShareGPT)"),
-    Slo("summarization", 15000.0, 150.0, "DistServe (OSDI'24) Table 1, summarization on LongBench: TTFT 15 s, "
-        "TPOT 150 ms (arXiv summarization)"),
-    Slo("long-context", 30000.0, 100.0, "DIO's setting for Mooncake's long contexts (mean ~15k, p99 ~66k prompt "
-        "tokens): TTFT 30 s, TPOT 100 ms"),
-    Slo("interactive", 500.0, 30.0, "MLPerf Inference v5.1, Llama-3.1-8B, interactive scenario: TTFT 500 ms, "
-        "TPOT 30 ms (deliberately tight; not held to the feasibility rule)", standard=False),
-)}
-
-
 def default_preset(trace: str) -> str:
     """Return the preset a trace is measured against: summarization for arXiv, long-context for Mooncake."""
     name = trace_name(trace).lower()
@@ -152,37 +127,19 @@ def default_preset(trace: str) -> str:
 
 def parse_slo(text: str | None, trace: str) -> Slo:
     """Return the SLO of ``--slo``: a preset name, ``TTFT_MS:TPOT_MS``, or None for the trace's preset."""
-    text = (text or default_preset(trace)).strip()
-    if text in PRESETS:
-        return PRESETS[text]
-    ttft, sep, tpot = text.partition(":")
-    try:
-        slo = Slo(f"{float(ttft):g}:{float(tpot):g}", float(ttft), float(tpot), "given on the command line")
-    except ValueError:
-        slo = None
-    if not sep or slo is None or not (0 < slo.ttft_ms <= d.MAX_SLO_MS and 0 < slo.tpot_ms <= d.MAX_SLO_MS):
-        raise ValueError(f"--slo takes a preset ({', '.join(PRESETS)}) or TTFT_MS:TPOT_MS, got {text!r}")
-    return slo
+    return slo_named(text or default_preset(trace))
 
 
 def tpot_ms(outcome: Outcome) -> float | None:
     """Return a completed request's mean time per output token after the first (None: one token or unknown)."""
     if outcome.status != "completed" or outcome.latency_ms is None or outcome.ttft_ms is None:
         return None
-    if outcome.output_tokens <= 1:
-        return None
-    return (outcome.latency_ms - outcome.ttft_ms) / (outcome.output_tokens - 1)
+    return request_tpot_ms(outcome.ttft_ms, outcome.latency_ms, outcome.output_tokens)
 
 
 def meets_slo(outcome: Outcome, slo: Slo) -> bool:
-    """Return whether a request met its SLO: completed, TTFT and TPOT within the limits.
-
-    A one-token output has no TPOT and meets any TPOT limit.
-    """
-    if outcome.status != "completed" or outcome.ttft_ms is None:
-        return False
-    tpot = tpot_ms(outcome)
-    return outcome.ttft_ms <= slo.ttft_ms and (tpot is None or tpot <= slo.tpot_ms)
+    """Return whether a request met its SLO: completed, TTFT and TPOT within the limits."""
+    return outcome.status == "completed" and meets(slo, outcome.ttft_ms, outcome.latency_ms, outcome.output_tokens)
 
 
 def attainment(outcomes: Sequence[Outcome], slo: Slo) -> float:
@@ -191,13 +148,6 @@ def attainment(outcomes: Sequence[Outcome], slo: Slo) -> float:
 
 
 # --- max_tokens -----------------------------------------------------------------------------------
-
-
-def max_tokens_cap(output_tokens: Sequence[int]) -> int:
-    """Return the cap every request is sent with: the power of two at or above the p99 output, at least 256."""
-    p99 = float(np.percentile(np.asarray(output_tokens, dtype=float), CAP_PERCENTILE))
-    cap = max(MIN_CAP_TOKENS, 2 ** math.ceil(math.log2(max(p99, 1.0))))
-    return min(cap, d.MAX_OUTPUT_TOKENS)
 
 
 def parse_max_tokens(text: str, output_tokens: Sequence[int]) -> int | None:
