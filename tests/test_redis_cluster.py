@@ -26,6 +26,7 @@ from dio.ops.redis_server import start_private_cluster
 from dio.protocol.connection import connect, connect_async, delete_keys, is_cluster, server_url
 from dio.protocol.keys import Keys
 from dio.protocol.settings import CommonSettings
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -135,10 +136,10 @@ def test_a_killed_worker_loses_nothing_on_a_cluster(redis_cluster_url: str, clus
         with Client(redis_url=redis_cluster_url, key_prefix=cluster_prefix) as dio:
             handles = dio.submit_many([{"prompt": "x", "num_prompt_tokens": 300, "max_tokens": 1000}
                                        for _ in range(20)])
-            deadline = time.monotonic() + 30
-            while not dio.redis.xlen(Keys(cluster_prefix).queue("L4-1")):  # jobs in flight on the L4
-                assert time.monotonic() < deadline, "no job reached the L4"
-                time.sleep(0.02)
+            # Kill the L4 once it holds some of them (on a loaded machine its registration can lag the burst).
+            keys = Keys(cluster_prefix)
+            wait_for(lambda: any(dio.redis.hget(keys.job(h.id), "worker") == "L4-1" for h in handles),
+                     timeout_s=60, what="a job on the L4")
             os.killpg(running.processes[1].pid, signal.SIGKILL)  # the L4 worker, mid-run
             results = dio.wait_all(handles, timeout=90)
         assert [r.status.value for r in results] == ["completed"] * 20
