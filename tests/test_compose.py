@@ -33,6 +33,12 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return compose["services"]
 
 
+@pytest.fixture(scope="module")
+def sharded() -> dict[str, dict[str, Any]]:
+    """The services docker-compose.sharded.yml adds or changes (an override of the base file)."""
+    return yaml.safe_load((ROOT / "docker-compose.sharded.yml").read_text())["services"]
+
+
 def dio_services(services: dict[str, dict[str, Any]], subcommand: str) -> dict[str, dict[str, Any]]:
     return {name: s for name, s in services.items() if s.get("command", [])[:2] == ["dio", subcommand]}
 
@@ -82,9 +88,9 @@ def test_every_dio_process_waits_for_a_healthy_redis_and_finds_it_by_name(servic
         assert service["image"].startswith("dio"), name
 
 
-def test_every_command_is_a_dio_command_with_options_it_has(services):
+def test_every_command_is_a_dio_command_with_options_it_has(services, sharded):
     commands = typer.main.get_command(app).commands
-    for name, service in services.items():
+    for name, service in [*services.items(), *sharded.items()]:
         command = service.get("command", [])
         if command[:1] != ["dio"]:
             continue
@@ -95,12 +101,25 @@ def test_every_command_is_a_dio_command_with_options_it_has(services):
                 assert arg in options, f"{name}: dio {command[1]} has no option {arg}"
 
 
-def test_every_dio_variable_the_file_sets_is_a_setting(services):
+def test_every_dio_variable_the_file_sets_is_a_setting(services, sharded):
     known = known_variables(settings_classes())
-    for name, service in services.items():
+    for name, service in [*services.items(), *sharded.items()]:
         for variable in service.get("environment", {}):
             if variable.startswith("DIO_"):
                 assert variable in known, f"{name}: {variable} is not a DIO setting"
+
+
+def test_the_sharded_variant_names_a_pool_for_every_dispatcher_and_shards_every_dio_service(services, sharded):
+    merged = {name: {**services.get(name, {}), **service,
+                     "environment": {**services.get(name, {}).get("environment", {}), **service["environment"]}}
+              for name, service in sharded.items()}
+    dio = {name: s for name, s in {**services, **merged}.items()
+           if s.get("command", [])[:1] == ["dio"] and "gpu" not in s.get("profiles", [])}
+    assert all(s["environment"].get("DIO_SHARD_BY_MODEL") == "true" for s in dio.values()), sorted(dio)
+    pools = {s["environment"].get("DIO_MODEL") for s in dio.values() if s["command"][1] == "dispatcher"}
+    assert pools == {"llama-3.2-3b", "tiny-llama-1b"}
+    workers = [s["command"] for s in dio.values() if s["command"][1] == "worker"]
+    assert any("tiny-llama-1b" in command for command in workers)  # each pool has a worker
 
 
 def dockerfile(name: str) -> list[str]:
