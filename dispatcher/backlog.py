@@ -54,11 +54,15 @@ class Pending:
         self.request_json = ""
 
 
-def ttft_used(request: Request, now: float) -> float | None:
-    """The share of its TTFT limit the request has spent waiting (None: it has no TTFT limit)."""
-    if request.ttft_slo_ms is None:
+def ttft_used(item: Pending, now: float) -> float | None:
+    """The share of its TTFT limit the request has spent waiting here (None: it has no TTFT limit).
+
+    Counted from when this dispatcher received it, on its own clock: a client whose clock runs
+    behind cannot make its requests look late (the intake's own delay, milliseconds, is left out).
+    """
+    if item.request.ttft_slo_ms is None:
         return None
-    return (now - request.submitted_at) * 1000.0 / request.ttft_slo_ms
+    return (now - item.received_at) * 1000.0 / item.request.ttft_slo_ms
 
 
 class Lateness:
@@ -81,15 +85,19 @@ class Lateness:
     def __init__(self) -> None:
         self.used_at_dispatch = 0.0  # the average share of their TTFT limit dispatched requests had used
 
-    def dispatched(self, request: Request, now: float) -> None:
-        used = ttft_used(request, now)
+    def dispatched(self, item: Pending, now: float) -> None:
+        used = ttft_used(item, now)
         if used is not None:
             self.used_at_dispatch += self.WEIGHT * (used - self.used_at_dispatch)
 
     @property
+    def overloaded(self) -> bool:
+        return self.used_at_dispatch > self.OVERLOADED_USE
+
+    @property
     def fraction(self) -> float:
         """The share of its TTFT limit after which a waiting request is late."""
-        return self.OVERLOADED_FRACTION if self.used_at_dispatch > self.OVERLOADED_USE else 1.0
+        return self.OVERLOADED_FRACTION if self.overloaded else 1.0
 
 
 class Backlog:
@@ -117,7 +125,7 @@ class Backlog:
         """Move interactive requests that waited past ``fraction`` of their TTFT limit behind the others."""
         if not self.late_last or not self.interactive:
             return
-        late = [p for p in self.interactive if (ttft_used(p.request, now) or 0.0) > fraction]
+        late = [p for p in self.interactive if (ttft_used(p, now) or 0.0) > fraction]
         if not late:
             return
         moved = {id(p) for p in late}

@@ -211,7 +211,7 @@ class Router:
     def _dispatch(self, item: Pending, decision: Decision, now: float) -> Dispatch:
         row = decision.row
         assert row is not None
-        self.lateness.dispatched(item.request, now)
+        self.lateness.dispatched(item, now)
         self.cluster.dispatched(row, item.request, decision.kv_tokens, now, decision.ceiling, decision.prompt_tokens)
         return Dispatch(item, row, self.cluster.ids[row], decision)
 

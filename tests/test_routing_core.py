@@ -169,14 +169,27 @@ def test_one_fifo_line_when_late_last_is_off() -> None:
     assert [p.entry_id for p in router.backlog.in_order()] == ["old", "new"]
 
 
+def _pending(name: str, received_at: float, submitted_at: float | None = None) -> Pending:
+    request = Request(id=name, model=DEFAULT_MODEL, prompt="x", max_tokens=8, ttft_slo_ms=1000.0,
+                      submitted_at=received_at if submitted_at is None else submitted_at)
+    return Pending(entry_id=name, request=request, request_json="", received_at=received_at)
+
+
 def test_an_overloaded_cluster_counts_a_request_late_at_half_its_ttft_limit() -> None:
     lateness = Lateness()
     assert lateness.fraction == 1.0
     for i in range(200):  # dispatched after waiting 95% of their limit: the line's head starts too late
-        lateness.dispatched(Request(id=f"r{i}", model=DEFAULT_MODEL, prompt="x", max_tokens=8, ttft_slo_ms=1000.0,
-                                    submitted_at=0.0), now=0.95)
-    assert lateness.fraction == Lateness.OVERLOADED_FRACTION
+        lateness.dispatched(_pending(f"r{i}", received_at=0.0), now=0.95)
+    assert lateness.overloaded and lateness.fraction == Lateness.OVERLOADED_FRACTION
     for i in range(200):  # then straight away again: the overload is over
-        lateness.dispatched(Request(id=f"s{i}", model=DEFAULT_MODEL, prompt="x", max_tokens=8, ttft_slo_ms=1000.0,
-                                    submitted_at=10.0), now=10.1)
-    assert lateness.fraction == 1.0
+        lateness.dispatched(_pending(f"s{i}", received_at=10.0), now=10.1)
+    assert not lateness.overloaded and lateness.fraction == 1.0
+
+
+def test_lateness_is_counted_on_the_dispatchers_clock_not_the_clients() -> None:
+    router = Router(_settings(True))
+    skewed = _pending("skewed", received_at=100.0, submitted_at=90.0)  # the client's clock 10 s behind
+    assert router.accept(skewed) is None
+    _waiting(router, "later", 100.2)
+    assert router.route(now=100.5) == []
+    assert [p.entry_id for p in router.backlog.in_order()] == ["skewed", "later"]  # waited 0.5 s here: on time
