@@ -267,9 +267,10 @@ class BatchRunner:
         self._seen.add(line.custom_id)
         if self.output.has_custom_id(line.custom_id):
             return False
-        if not self.client._retrying("read the pool registry", lambda _: self.pools.serves(self._model(line))):
+        model = self._model(line)
+        if not self.client._retrying("read the pool registry", lambda _: self.pools.serves(model)):
             self._write(error_record(line_record_id(line_no), line.custom_id, "model_not_found",
-                                     f"line {line_no}: no DIO worker pool serves the model {self._model(line)!r}"))
+                                     f"line {line_no}: no DIO worker pool serves the model {model!r}"))
             return True
         try:
             request = self._request(line)
@@ -306,19 +307,13 @@ class BatchRunner:
             if self.cancelled:
                 return
             self.before_submit(part)
-            handles = self._submit([req for _line, req in part])
+            handles = self.pools.submit_many([req for _line, req in part])  # each through its pool's client
             self._count_submitted(len(part))
             for (line, req), handle in zip(part, handles, strict=True):
                 self._in_flight[handle.id] = (line, req, handle)
                 put_when_done(handle, self._finished)
             self._group = rest
             self.progress.in_flight = len(self._in_flight)
-
-    def _submit(self, requests: list[Request]) -> list[JobHandle]:
-        """Submit each request through its pool's client; return the handles in the requests' order."""
-        if not self.pools.sharded:
-            return self.client.submit_many(requests)  # the client given, whatever its model
-        return self.pools.submit_many(requests)
 
     def _count_submitted(self, count: int) -> None:
         """Add submissions to every runner's counter, so that pacing tells them from interactive arrivals."""

@@ -69,4 +69,4 @@ class DispatcherSettings(CommonSettings):
     @property
     def pool_keys(self) -> Keys:
         """The keys this dispatcher routes in: its model's pool's when sharded, else the deployment's."""
-        return self.keys_for(self.model) if self.shard_by_model and self.model else self.keys
+        return self.keys_for(self.model) if self.model else self.keys  # keys_for: the base keys unsharded
