@@ -86,6 +86,9 @@ class Beat(IntEnum):
     registered = 2  # the alive key or the worker-set membership was gone: registered anew
 
 
+NEEDS_CAPABILITIES = 3  # heartbeat.lua: registering needs the capabilities the renewal did not send
+
+
 @dataclass
 class Finished:
     """A job's end, waiting to be written by the next flush."""
@@ -326,9 +329,14 @@ class WorkerDaemon:
         """Refresh telemetry and the alive key, if this process owns the worker id (``heartbeat.lua``)."""
         assert self.info is not None
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        reply = await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms,
-                                             to_hash(self.info), to_hash(self.telemetry()))
-        assert isinstance(reply, int), reply  # the script returns 0, 1 or 2
+        telemetry = to_hash(self.telemetry())
+        # A renewal sends the telemetry only; the capabilities (a chat template of many KB) go when
+        # the script asks for them, to register.
+        reply = await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms, {}, telemetry)
+        if reply == NEEDS_CAPABILITIES:
+            reply = await self.scripts.heartbeat(self.redis, self.worker_id, self.token, ttl_ms,
+                                                 to_hash(self.info), telemetry)
+        assert isinstance(reply, int) and reply != NEEDS_CAPABILITIES, reply  # 0, 1 or 2 once they were sent
         if self.settings.shard_by_model and (reply == Beat.registered or not self._pool_registered):
             await self._register_pool()
         return Beat(reply)

@@ -161,7 +161,8 @@ class _Transitions(Generic[RunnerT, ReplyT]):
         """Renew (or take) a worker's alive key and write its hash (1 renewed, 2 registered anew, 0 not ours).
 
         ``capabilities`` are written only when the worker registers (or its hash is gone), ``telemetry``
-        on every call.
+        on every call. Sent empty, a call that must register writes nothing and returns 3
+        (``NEEDS_CAPABILITIES``): a renewal need not carry them.
         """
         k = self.keys
         capability_pairs = [item for pair in capabilities.items() for item in pair]

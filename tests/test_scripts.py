@@ -98,3 +98,8 @@ def test_a_heartbeat_writes_capabilities_when_registering_and_only_telemetry_aft
     assert conn.hmget(keys.worker("w1"), ["model", "running"]) == ["m", "3"]
     assert scripts.heartbeat(conn, "w1", "other", 5000, capabilities, {"running": "4"}) == 0
     assert conn.hget(keys.worker("w1"), "running") == "3"
+    assert scripts.heartbeat(conn, "w1", "tok", 5000, {}, {"running": "5"}) == 1  # a renewal needs no capabilities
+    assert conn.hmget(keys.worker("w1"), ["model", "running"]) == ["m", "5"]
+    conn.srem(keys.workers, "w1")  # registering without the capabilities writes nothing and asks for them
+    assert scripts.heartbeat(conn, "w1", "tok", 5000, {}, {"running": "6"}) == 3
+    assert conn.hget(keys.worker("w1"), "running") == "5" and not conn.sismember(keys.workers, "w1")
