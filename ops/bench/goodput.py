@@ -74,7 +74,7 @@ from dio.ops.bench.workload import (
 )
 from dio.ops.local_cluster import parse_workers
 from dio.ops.openloop import Outcome
-from dio.ops.slo import CAP_PERCENTILE, MIN_CAP_TOKENS, Slo, max_tokens_cap, meets
+from dio.ops.slo import CAP_PERCENTILE, MIN_CAP_TOKENS, Slo, max_tokens_cap, meets, preset_for
 from dio.ops.slo import parse_slo as slo_named
 from dio.ops.slo import tpot_ms as request_tpot_ms
 from dio.ops.stats import percentile, reason_key
@@ -116,13 +116,12 @@ K = TypeVar("K", bound=Hashable)
 
 
 def default_preset(trace: str) -> str:
-    """Return the preset a trace is measured against: summarization for arXiv, long-context for Mooncake."""
-    name = trace_name(trace).lower()
-    if "arxiv" in name:
-        return "summarization"
-    if "mooncake" in name or detect_format(trace_path(trace)) == "mooncake":
+    """Return the preset a trace is measured against: by its name (``preset_for``), or long-context for a
+    file in Mooncake's format whatever its name."""
+    preset = preset_for(trace_name(trace))
+    if preset == "chat" and detect_format(trace_path(trace)) == "mooncake":
         return "long-context"
-    return "chat"
+    return preset
 
 
 def parse_slo(text: str | None, trace: str) -> Slo:
