@@ -304,7 +304,12 @@ def test_a_rerun_cancels_the_jobs_a_killed_run_left_in_flight(client_settings, c
     with EchoBackend(client_settings, lambda req: None):  # the killed run's job: it would run on and on
         orphan = client.submit("question 3", max_tokens=16)
     client.redis.hset(client.keys.batch_inflight("b8"), orphan.id, "req-3")  # what the killed run recorded
-    with EchoBackend(client_settings):
+    # The backend reads the intake from its start: the orphan, still running on its worker, must not end there
+    # before the rerun's cancel reaches it (a race the test would otherwise lose at random).
+    def still_running(req):
+        return None if req.id == orphan.id else echo_decide(req)
+
+    with EchoBackend(client_settings, still_running):
         progress = run_batch(input_file, tmp_path / "out.jsonl", client, batch_id="b8")
     assert progress.status == "completed" and client.status(orphan.id).value == "cancelled"
     assert not client.redis.exists(client.keys.batch_inflight("b8"))
